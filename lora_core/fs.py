@@ -1,0 +1,77 @@
+"""Safe file-system primitives: atomic writes and path containment.
+
+Every artifact the pipeline writes goes through `atomic_write_*`, so a crash
+leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = [
+    "PathEscapeError",
+    "atomic_output",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "ensure_inside",
+    "sha256_bytes",
+]
+
+
+class PathEscapeError(ValueError):
+    """A path would leave the folder it must stay in."""
+
+
+@contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it over `path` on success.
+
+    The temporary file lives in the same folder so the final `os.replace` is an
+    atomic rename on POSIX and Windows alike.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically."""
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write UTF-8 `text` to `path` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def ensure_inside(root: Path, path: Path) -> Path:
+    """Return `path` resolved, or raise if it resolves outside `root`.
+
+    Resolution follows symlinks, so a link inside `root` that points elsewhere
+    is caught too.
+    """
+    root_resolved = Path(root).resolve()
+    resolved = Path(path).resolve()
+    if resolved != root_resolved and root_resolved not in resolved.parents:
+        raise PathEscapeError(f"{path} resolves to {resolved}, outside {root_resolved}")
+    return resolved
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex SHA-256 of `data`."""
+    return hashlib.sha256(data).hexdigest()

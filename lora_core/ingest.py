@@ -1,0 +1,449 @@
+"""Ingest: a messy folder or zip of photos in, the seed's training layout out.
+
+The seed's author renames, converts to PNG and makes the folder structure by
+hand. We do the same, and refuse what would hurt training, with a reason per
+file: unreadable, not an image, too small (never upscaled), duplicates and
+near-duplicates, decompression bombs, and anything that points outside the
+input. One bad file never stops the run; too few good ones does, clearly.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import imagehash
+import numpy as np
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from pydantic import BaseModel
+from rich.progress import Progress
+
+from lora_core.config import IngestSettings
+from lora_core.fs import sha256_bytes
+from lora_core.layout import SubjectLayout, repeats_for
+from lora_core.manifest import read_manifest, write_manifest
+from lora_core.sources import CAPTION_SUFFIXES, Entry, InputError, open_input
+
+__all__ = [
+    "DecodedImage",
+    "IngestResult",
+    "InputError",
+    "RejectedImage",
+    "TooFewImagesError",
+    "decode_image",
+    "ingest",
+    "layout_intact",
+    "to_rgb8",
+]
+
+_EXIF_ORIENTATION = 0x0112
+_MAX_CAPTION_BYTES = 16 * 1024
+
+
+class RejectedImage(Exception):
+    """An input file that is not a usable photo; the message is the reason."""
+
+
+class TooFewImagesError(ValueError):
+    """Fewer usable photos than the minimum; carries every row so nothing is lost."""
+
+    def __init__(self, message: str, rows: list[dict]):
+        super().__init__(message)
+        self.rows = rows
+
+
+class IngestResult(BaseModel):
+    """What ingest wrote; later stages start from `manifest` and `class_dir`."""
+
+    token: str
+    subject_dir: Path
+    class_dir: Path
+    manifest: Path
+    repeats: int
+    accepted: int
+    rejected: int
+    ignored: int
+    warnings: list[str]
+    rows: list[dict]
+
+
+@dataclass
+class DecodedImage:
+    """A photo decoded to 8-bit RGB, upright, at most the long-side limit."""
+
+    image: Image.Image
+    source_size: tuple[int, int]
+    source_format: str
+    source_mode: str
+    exif_rotated: bool
+    resized: bool
+
+
+@dataclass
+class _Candidate:
+    rel: str
+    sha256: str
+    pixels_sha256: str
+    phash: imagehash.ImageHash
+    staged: Path
+    source_size: tuple[int, int]
+    nbytes: int
+    row: dict = field(default_factory=dict)
+
+
+def to_rgb8(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB.
+
+    Transparency is flattened onto white, 16/32-bit and float greys are scaled
+    (not clipped) to 8 bits, and an embedded ICC profile (CMYK, Adobe RGB,
+    Display P3) is converted to sRGB so colours survive.
+    """
+    mode = image.mode
+    if mode.startswith("I") or mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        top = values.max(initial=0.0)
+        if mode.startswith("I;16") or top > 255:
+            scale = 65535.0
+        elif mode == "F" and top <= 1.0:
+            scale = 1.0
+        else:
+            scale = 255.0
+        grey = np.clip(values / scale * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode in ("P", "L", "RGB") and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    icc = image.info.get("icc_profile")
+    if icc and mode in ("RGB", "CMYK"):
+        try:
+            source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            return ImageCms.profileToProfile(image, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
+        except (ImageCms.PyCMSError, OSError, ValueError):
+            pass  # a broken profile: fall back to Pillow's plain conversion
+    return image.convert("RGB")
+
+
+def decode_image(data: bytes, settings: IngestSettings) -> DecodedImage:
+    """Decode one photo or raise `RejectedImage` with the reason.
+
+    The size in the header is checked before any pixel is decoded, so a
+    decompression bomb costs nothing and a too-small image is refused cheaply.
+    """
+    with warnings.catch_warnings():
+        # Our own limit (settings.max_pixels) decides; Pillow's warning is noise here.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise RejectedImage("not an image (format not recognised)") from None
+        except Image.DecompressionBombError:
+            raise RejectedImage("decompression bomb: header declares too many pixels; not decoded") from None
+        except Exception as err:  # Pillow raises many types for a broken header
+            raise RejectedImage(f"corrupt image header: {err}") from None
+        width, height = image.size
+        if width * height > settings.max_pixels:
+            raise RejectedImage(
+                f"decompression bomb guard: header declares {width}x{height} "
+                f"({width * height / 1e6:.0f} MP), over the {settings.max_pixels / 1e6:.0f} MP limit; not decoded"
+            )
+        if min(width, height) < settings.min_short_side:
+            raise RejectedImage(
+                f"too small: {width}x{height}, short side under {settings.min_short_side} px (never upscaled)"
+            )
+        try:
+            image.load()
+        except Exception as err:
+            raise RejectedImage(f"truncated or corrupt image data: {err}") from None
+
+    source_format, source_mode = image.format or "", image.mode
+    orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    exif_rotated = orientation in range(2, 9)
+    if exif_rotated:
+        try:
+            image = ImageOps.exif_transpose(image)
+        except Exception:
+            exif_rotated = False  # malformed EXIF: keep the pixels as stored
+    try:
+        rgb = to_rgb8(image)
+    except Exception as err:
+        raise RejectedImage(f"unsupported image mode {source_mode}: {err}") from None
+
+    resized = max(rgb.size) > settings.max_long_side
+    if resized:
+        scale = settings.max_long_side / max(rgb.size)
+        size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
+        rgb = rgb.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return DecodedImage(rgb, (width, height), source_format, source_mode, exif_rotated, resized)
+
+
+def _read_caption(entry: Entry) -> str:
+    """A caption file's text, or "" when it is unreadable or empty."""
+    try:
+        raw = entry.read(_MAX_CAPTION_BYTES) if entry.read else b""
+    except OSError:
+        return ""
+    if len(raw) > _MAX_CAPTION_BYTES:
+        return ""
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    return " ".join(text.split())
+
+
+def _pair_captions(entries: list[Entry]) -> tuple[dict[str, str], dict[str, str]]:
+    """Map image rel -> caption rel, and caption rel -> image rel, by folder and stem."""
+    by_stem: dict[PurePosixPath, list[Entry]] = {}
+    for entry in entries:
+        if entry.verdict is None:
+            rel = PurePosixPath(entry.rel)
+            by_stem.setdefault(rel.with_suffix(""), []).append(entry)
+    caption_of: dict[str, str] = {}
+    image_of: dict[str, str] = {}
+    for group in by_stem.values():
+        captions = sorted(
+            (e for e in group if PurePosixPath(e.rel).suffix.lower() in CAPTION_SUFFIXES),
+            key=lambda e: CAPTION_SUFFIXES.index(PurePosixPath(e.rel).suffix.lower()),
+        )
+        images = [e for e in group if PurePosixPath(e.rel).suffix.lower() not in CAPTION_SUFFIXES]
+        if captions and images:
+            for image in images:
+                caption_of[image.rel] = captions[0].rel
+            for caption in captions:
+                image_of[caption.rel] = images[0].rel
+    return caption_of, image_of
+
+
+def _row(rel: str, status: str, reason: str = "", **values: object) -> dict:
+    return {"source": rel, "status": status, "reason": reason, **values}
+
+
+def _examine(entry: Entry, settings: IngestSettings, staging: Path, seen_bytes: dict[str, str]) -> _Candidate | dict:
+    """Read, hash and decode one entry: a candidate image, or a finished row."""
+    assert entry.read is not None
+    try:
+        data = entry.read(settings.max_file_bytes)
+    except OSError as err:
+        return _row(entry.rel, "rejected", f"cannot read: {err.strerror or err}")
+    if not data:
+        return _row(entry.rel, "rejected", "empty file")
+    if len(data) > settings.max_file_bytes:
+        return _row(entry.rel, "rejected", f"file larger than {settings.max_file_bytes} bytes")
+    digest = sha256_bytes(data)
+    if digest in seen_bytes:
+        first = seen_bytes[digest]
+        return _row(entry.rel, "rejected", f"exact duplicate of {first}", sha256=digest, duplicate_of=first)
+    seen_bytes[digest] = entry.rel
+    try:
+        decoded = decode_image(data, settings)
+    except RejectedImage as err:
+        return _row(entry.rel, "rejected", str(err), sha256=digest)
+
+    staged = staging / f"{len(seen_bytes):06d}.png"
+    decoded.image.save(staged, format="PNG", compress_level=4)
+    row = _row(
+        entry.rel,
+        "accepted",
+        sha256=digest,
+        width=decoded.image.width,
+        height=decoded.image.height,
+        source_width=decoded.source_size[0],
+        source_height=decoded.source_size[1],
+        source_format=decoded.source_format,
+        source_mode=decoded.source_mode,
+        resized=decoded.resized,
+        exif_rotated=decoded.exif_rotated,
+    )
+    pixels = sha256_bytes(f"{decoded.image.size}".encode() + decoded.image.tobytes())
+    return _Candidate(
+        entry.rel, digest, pixels, imagehash.phash(decoded.image), staged, decoded.source_size, len(data), row
+    )
+
+
+def _deduplicate(candidates: list[_Candidate], max_distance: int) -> list[_Candidate]:
+    """Keep one photo of each group of same-pixel or near-identical photos: the best.
+
+    Greedy over candidates from most to fewest source pixels, then largest
+    file (least compressed), so a resized or re-encoded copy loses to its
+    original whatever the file names.
+    """
+    kept: list[_Candidate] = []
+    for cand in sorted(candidates, key=lambda c: (-c.source_size[0] * c.source_size[1], -c.nbytes, c.rel)):
+        same = next((k for k in kept if k.pixels_sha256 == cand.pixels_sha256), None)
+        if same is not None:
+            cand.row.update(status="rejected", reason=f"same pixels as {same.rel}", duplicate_of=same.rel)
+            continue
+        near = min(kept, key=lambda k: k.phash - cand.phash, default=None)
+        if near is not None and near.phash - cand.phash <= max_distance:
+            cand.row.update(
+                status="rejected",
+                reason=f"near-duplicate of {near.rel} (perceptual hash distance {near.phash - cand.phash})",
+                duplicate_of=near.rel,
+            )
+            continue
+        kept.append(cand)
+    return sorted(kept, key=lambda c: c.rel)
+
+
+def _clear_for_rejected(rows: list[dict]) -> None:
+    for row in rows:
+        if row["status"] != "accepted":
+            for key in ("width", "height", "source_width", "source_height"):
+                row.pop(key, None)
+            row.update(resized=False, exif_rotated=False)
+
+
+def _carry_sidecars(layout: SubjectLayout, new_dir: Path, new_name_by_sha: dict[str, str]) -> None:
+    """Move files beside old images (captions, cached latents) to the same photo's new name.
+
+    Adding one photo renumbers the others; without this, an edited caption
+    would end up beside another photo or be lost.
+    """
+    if not layout.manifest.exists():
+        return
+    try:
+        old = read_manifest(layout.manifest)
+    except Exception:
+        return
+    for _, row in old[old["status"] == "accepted"].iterrows():
+        new_name = new_name_by_sha.get(row["sha256"])
+        old_image = layout.root / row["image"]
+        if new_name is None or not old_image.parent.is_dir():
+            continue
+        for sidecar in old_image.parent.glob(f"{old_image.stem}.*"):
+            if sidecar.name != old_image.name and sidecar.is_file() and not sidecar.is_symlink():
+                shutil.move(sidecar, new_dir / f"{Path(new_name).stem}{sidecar.name[len(old_image.stem) :]}")
+
+
+def _install(layout: SubjectLayout, kept: list[_Candidate], repeats: int, staging_root: Path) -> None:
+    """Number the kept images in source order and swap them in as the class folder."""
+    new_dir = staging_root / f"{repeats}_{layout.token}"
+    new_dir.mkdir()
+    new_name_by_sha = {}
+    for number, cand in enumerate(kept, start=1):
+        name = f"{number:04d}.png"
+        cand.staged.rename(new_dir / name)
+        cand.row["image"] = f"training_images/{new_dir.name}/{name}"
+        new_name_by_sha[cand.sha256] = name
+    _carry_sidecars(layout, new_dir, new_name_by_sha)
+
+    trash = staging_root / "previous"
+    trash.mkdir()
+    for old in layout.training_images.iterdir():
+        if old.is_dir() and not old.name.startswith(".") and old.name.endswith(f"_{layout.token}"):
+            old.rename(trash / old.name)
+    new_dir.rename(layout.class_dir(repeats))
+
+
+def ingest(
+    photos: Path,
+    layout: SubjectLayout,
+    settings: IngestSettings | None = None,
+    *,
+    num_repeats: int | None = None,
+    show_progress: bool = True,
+) -> IngestResult:
+    """Ingest `photos` (a folder, recursive, or a `.zip`) into `layout`.
+
+    Returns what was written; raises `TooFewImagesError` (with every row)
+    when fewer than `settings.min_images` photos are usable, and `InputError`
+    when the input itself is missing or not a folder or zip.
+    """
+    settings = settings or IngestSettings()
+    layout.create()
+    for leftover in layout.training_images.glob(".ingest-*"):
+        shutil.rmtree(leftover, ignore_errors=True)  # from a killed run
+    staging_root = Path(tempfile.mkdtemp(prefix=".ingest-", dir=layout.training_images))
+    staging = staging_root / "decoded"
+    staging.mkdir()
+    try:
+        with open_input(photos, exclude=Path(layout.workdir)) as entries:
+            rows, candidates = _examine_all(entries, settings, staging, show_progress)
+        kept = _deduplicate(candidates, settings.near_duplicate_distance)
+        rows += [c.row for c in candidates]
+        rows.sort(key=lambda r: r["source"])
+        _clear_for_rejected(rows)
+        by_status = {s: sum(r["status"] == s for r in rows) for s in ("accepted", "rejected", "ignored")}
+        if len(kept) < settings.min_images:
+            raise TooFewImagesError(_too_few_message(photos, rows, settings.min_images), rows)
+        repeats = repeats_for(len(kept), num_repeats)
+        _install(layout, kept, repeats, staging_root)
+        write_manifest(layout.manifest, rows)
+    finally:
+        shutil.rmtree(staging_root, ignore_errors=True)
+
+    notes = []
+    if len(kept) > settings.warn_above_images:
+        notes.append(
+            f"{len(kept)} images accepted: more than {settings.warn_above_images} is, in the seed's "
+            "words, a waste of work; consider keeping the best 20-50"
+        )
+    return IngestResult(
+        token=layout.token,
+        subject_dir=layout.root,
+        class_dir=layout.class_dir(repeats),
+        manifest=layout.manifest,
+        repeats=repeats,
+        accepted=by_status["accepted"],
+        rejected=by_status["rejected"],
+        ignored=by_status["ignored"],
+        warnings=notes,
+        rows=rows,
+    )
+
+
+def _examine_all(
+    entries: list[Entry], settings: IngestSettings, staging: Path, show_progress: bool
+) -> tuple[list[dict], list[_Candidate]]:
+    caption_of, image_of = _pair_captions(entries)
+    by_rel = {e.rel: e for e in entries}
+    rows: list[dict] = []
+    candidates: list[_Candidate] = []
+    seen_bytes: dict[str, str] = {}
+    with Progress(disable=not show_progress, transient=True) as progress:
+        task = progress.add_task("ingest: decoding photos", total=len(entries))
+        for entry in entries:
+            progress.advance(task)
+            if entry.verdict is not None:
+                rows.append(_row(entry.rel, *entry.verdict))
+            elif entry.rel in image_of:
+                rows.append(_row(entry.rel, "ignored", f"caption file of {image_of[entry.rel]}"))
+            else:
+                outcome = _examine(entry, settings, staging, seen_bytes)
+                if isinstance(outcome, _Candidate):
+                    if entry.rel in caption_of:
+                        outcome.row["user_caption"] = _read_caption(by_rel[caption_of[entry.rel]])
+                    candidates.append(outcome)
+                else:
+                    rows.append(outcome)
+    return rows, candidates
+
+
+def _too_few_message(photos: Path, rows: list[dict], minimum: int) -> str:
+    accepted = sum(r["status"] == "accepted" for r in rows)
+    lines = [f"only {accepted} usable photo(s) in {photos}; at least {minimum} are needed (the seed's minimum)."]
+    problems = [r for r in rows if r["status"] != "accepted"]
+    if problems:
+        lines.append("Files not used:")
+        lines += [f"  {r['source']}: {r['status']}: {r['reason']}" for r in problems]
+    return "\n".join(lines)
+
+
+def layout_intact(layout: SubjectLayout) -> bool:
+    """True when the manifest is valid and every accepted image is on disk.
+
+    A cached ingest is only trusted when this holds; otherwise it is redone.
+    """
+    if not layout.manifest.is_file():
+        return False
+    try:
+        frame = read_manifest(layout.manifest)
+    except Exception:
+        return False
+    images = frame.loc[frame["status"] == "accepted", "image"]
+    return all((layout.root / image).is_file() for image in images)

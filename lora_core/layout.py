@@ -1,0 +1,93 @@
+"""The seed's folder layout for one subject, and the trigger token that names it.
+
+<workdir>/<token>/
+    training_images/<repeats>_<token>/   the images kohya reads (repeats in the name)
+    result_current/                      LoRA files, one per epoch
+    txt2img-images/                      images generated with the LoRA
+    manifest.csv                         what ingest did with every input file
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from lora_core.fs import ensure_inside
+
+__all__ = ["InvalidTokenError", "SubjectLayout", "repeats_for", "validate_token"]
+
+_TOKEN_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+# The seed: "400 / number of images ... will be the number of repeats".
+SEED_REPEAT_BUDGET = 400
+
+
+class InvalidTokenError(ValueError):
+    """The trigger token cannot name a folder safely."""
+
+
+def validate_token(token: str) -> str:
+    """Return `token` if it is 1-64 letters, digits, `_` or `-`, starting with a letter or digit.
+
+    The token names folders and files, so anything that could be a path
+    separator, a dot-folder or a command-line flag is refused.
+    """
+    if not isinstance(token, str) or not _TOKEN_RE.fullmatch(token):
+        raise InvalidTokenError(
+            f"invalid token {token!r}: use 1-64 letters, digits, '_' or '-', "
+            "starting with a letter or digit (no spaces, dots or path separators)"
+        )
+    return token
+
+
+def repeats_for(n_images: int, num_repeats: int | None = None) -> int:
+    """Kohya repeats per image: the config's value, else 400 / N (at least 1), as the seed does."""
+    if num_repeats is not None:
+        return max(1, int(num_repeats))
+    return max(1, SEED_REPEAT_BUDGET // max(1, n_images))
+
+
+@dataclass(frozen=True)
+class SubjectLayout:
+    """Paths of one subject's folder under the work folder."""
+
+    workdir: Path
+    token: str
+
+    def __post_init__(self) -> None:
+        validate_token(self.token)
+        ensure_inside(self.workdir, self.root)
+
+    @property
+    def root(self) -> Path:
+        return Path(self.workdir) / self.token
+
+    @property
+    def training_images(self) -> Path:
+        return self.root / "training_images"
+
+    def class_dir(self, repeats: int) -> Path:
+        """`training_images/<repeats>_<token>/`, the folder name kohya parses repeats from."""
+        return self.training_images / f"{repeats}_{self.token}"
+
+    @property
+    def result_current(self) -> Path:
+        return self.root / "result_current"
+
+    @property
+    def txt2img_images(self) -> Path:
+        return self.root / "txt2img-images"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.csv"
+
+    @property
+    def prefect_results(self) -> Path:
+        """Where Prefect persists task results and cache records for this subject."""
+        return self.root / ".prefect-results"
+
+    def create(self) -> None:
+        """Create the folders that exist before any training (idempotent)."""
+        for folder in (self.training_images, self.result_current, self.txt2img_images):
+            folder.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,58 @@
+"""The ingest stage as a Prefect task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+
+import lora_core.ingest
+import lora_core.manifest
+import lora_core.sources
+from lora_core.config import IngestSettings
+from lora_core.ingest import IngestResult, TooFewImagesError, ingest
+from lora_core.layout import SubjectLayout
+from tasks.artifacts import ingest_summary, publish_ingest
+from tasks.caching import CodeVersion, InputContent
+from tasks.retries import retry_transient
+
+INGEST_CACHE = (
+    TASK_SOURCE
+    + INPUTS
+    + InputContent(parameter="photos", exclude_parameter="workdir")
+    + CodeVersion(modules=(lora_core.ingest, lora_core.sources, lora_core.manifest))
+)
+
+
+@task(
+    name="ingest",
+    cache_policy=INGEST_CACHE,
+    persist_result=True,
+    result_serializer="json",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_transient,
+)
+def ingest_photos(
+    photos: Path, token: str, workdir: Path, settings: IngestSettings, num_repeats: int | None = None
+) -> IngestResult:
+    """Decode, check and copy the photos into the seed's layout; write manifest.csv."""
+    logger = get_run_logger()
+    try:
+        result = ingest(photos, SubjectLayout(workdir, token), settings, num_repeats=num_repeats)
+    except TooFewImagesError as err:
+        publish_ingest(token, err.rows, ingest_summary(token, err.rows, None, [], error=str(err)))
+        raise
+    for note in result.warnings:
+        logger.warning(note)
+    logger.info(
+        "ingest: %d accepted, %d rejected, %d ignored; %d repeats -> %s",
+        result.accepted,
+        result.rejected,
+        result.ignored,
+        result.repeats,
+        result.class_dir,
+    )
+    publish_ingest(token, result.rows, ingest_summary(token, result.rows, result.repeats, result.warnings))
+    return result

@@ -1,0 +1,30 @@
+"""Which failures deserve a retry: transient ones, never a verdict on the user's input."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lora_core.config import ConfigError
+from lora_core.fs import PathEscapeError
+from lora_core.ingest import InputError, TooFewImagesError
+from lora_core.layout import InvalidTokenError
+
+# Errors that say the input or settings are wrong: running again cannot help.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError,
+    InputError,
+    InvalidTokenError,
+    PathEscapeError,
+    TooFewImagesError,
+)
+
+
+def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect `retry_condition_fn`: retry I/O hiccups, not bad input."""
+    try:
+        state.result()
+    except USER_ERRORS:
+        return False
+    except Exception:
+        return True
+    return False

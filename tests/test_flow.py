@@ -1,0 +1,136 @@
+"""The flow and its command line: caching on content, artifacts, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+from flows.train_subject import build_parser, train_subject
+from tests.conftest import ROOT, encode, photo
+
+
+def _ingest_state(photos: Path, workdir: Path, token: str = "t0k3n") -> tuple[str, str]:
+    """Run the flow; return the ingest task run's state name and the flow run id."""
+    state = train_subject(photos=photos, token=token, workdir=workdir, return_state=True)
+    assert state.is_completed(), state
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    ingest_runs = [r for r in runs if r.task_key.startswith("ingest") or r.name.startswith("ingest")]
+    assert len(ingest_runs) == 1
+    return ingest_runs[0].state.name, str(flow_run_id)
+
+
+def test_ingest_is_cached_on_the_photos_content(prefect_harness, good_folder, tmp_path):
+    work = tmp_path / "work"
+    assert _ingest_state(good_folder, work)[0] == "Completed"
+    assert _ingest_state(good_folder, work)[0] == "Cached"  # unchanged folder
+    (good_folder / "img-new.png").write_bytes(encode(photo((700, 500), 4242), "PNG"))
+    assert _ingest_state(good_folder, work)[0] == "Completed"  # one more photo
+    assert len(list((work / "t0k3n" / "training_images" / "57_t0k3n").glob("*.png"))) == 7
+    assert _ingest_state(good_folder, work)[0] == "Cached"
+
+
+def test_damaged_output_is_rebuilt_not_served_from_cache(prefect_harness, good_folder, tmp_path):
+    work = tmp_path / "work"
+    _ingest_state(good_folder, work)
+    victim = next((work / "t0k3n" / "training_images" / "66_t0k3n").glob("*.png"))
+    victim.unlink()
+    assert _ingest_state(good_folder, work)[0] == "Completed"
+    assert victim.exists()
+
+
+def test_flow_publishes_artifacts_and_the_kohya_json(prefect_harness, good_folder, tmp_path):
+    work = tmp_path / "work"
+    _, flow_run_id = _ingest_state(good_folder, work, token="Art_Token")
+    with get_client(sync_client=True) as client:
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["art-token-ingest", "art-token-ingest-summary"]))
+        )
+    by_key = {a.key: a for a in artifacts if str(a.flow_run_id) == flow_run_id}
+    table = by_key["art-token-ingest"].data
+    table = json.loads(table) if isinstance(table, str) else table
+    assert {row["source"] for row in table} == {f"img{i}.jpg" for i in range(6)}
+    assert "accepted: **6**" in by_key["art-token-ingest-summary"].data
+    exported = json.loads((work / "Art_Token" / "result_current" / "kohya_ss_config.json").read_text())
+    assert exported["output_name"] == "Art_Token" and exported["train_data_dir"].endswith("training_images")
+
+
+def test_help_explains_every_option():
+    text = build_parser().format_help()
+    for option in ("photos", "--token", "--workdir", "--config", "--preset", "--stop-after"):
+        assert option in text
+
+
+def _cli(*args: str, home: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "flows.train_subject", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_cli_on_a_messy_folder_exits_zero(demo_copy, tmp_path):
+    (demo_copy / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (demo_copy / "notes.txt").write_text("not a photo")
+    (demo_copy / "empty.jpg").write_bytes(b"")
+    (demo_copy / "tiny.png").write_bytes(encode(photo((120, 90), 1), "PNG"))
+    (demo_copy / "obama-1.txt").write_text("a man in a suit with arms crossed")
+    work = tmp_path / "W"
+    done = _cli(
+        str(demo_copy), "--token", "t0k3n", "--workdir", str(work), "--stop-after", "ingest", home=tmp_path / "home"
+    )
+    assert done.returncode == 0, done.stderr
+    manifest = (work / "t0k3n" / "manifest.csv").read_text()
+    for name in ("notes.txt", "empty.jpg", "tiny.png", ".DS_Store", "obama-1.txt"):
+        assert name in manifest
+    assert "ingest: 5 accepted" in done.stdout
+
+
+def test_cli_with_three_photos_fails_clearly(tmp_path):
+    folder = tmp_path / "three"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"p{i}.jpg").write_bytes(encode(photo((640, 480), i)))
+    done = _cli(
+        str(folder),
+        "--token",
+        "t0k3n",
+        "--workdir",
+        str(tmp_path / "W"),
+        "--stop-after",
+        "ingest",
+        home=tmp_path / "home",
+    )
+    assert done.returncode != 0
+    assert "only 3 usable photo(s)" in done.stderr and "at least 5" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--token", "../evil"], "invalid token"),
+        (["--token", "ok", "--config", "{cfg}"], "bad.json: field 'networkDim' (network_dim)"),
+    ],
+)
+def test_cli_rejects_bad_arguments_before_running(tmp_path, good_folder, args, message):
+    cfg = tmp_path / "bad.json"
+    cfg.write_text(json.dumps({"networkDim": "wide"}))
+    args = [a.replace("{cfg}", str(cfg)) for a in args]
+    done = _cli(str(good_folder), *args, "--workdir", str(tmp_path / "W"), home=tmp_path / "home")
+    assert done.returncode == 2 and message in done.stderr
+    assert not (tmp_path / "W").exists()
