@@ -151,6 +151,11 @@ class LoraConfig(BaseModel):
     # Network
     network_dim: int = Field(32, ge=1, le=1024, description="LoRA rank.")
     network_alpha: float = Field(16, gt=0, description="LoRA alpha; the update is scaled by alpha / dim.")
+    network_weights: str | None = Field(
+        None,
+        description="Existing LoRA to continue training from (kohya_ss GUI: lora_network_weights), "
+        "the seed's way to resume an undertrained run.",
+    )
     train_text_encoder: bool = Field(
         True, description="Train LoRA on the text encoder(s) too (kohya: not network_train_unet_only)."
     )
@@ -304,7 +309,14 @@ _CIVITAI_KEYS: dict[str, str] = {
 _CIVITAI_DERIVED = {"targetSteps", "loraType"}
 
 # kohya_ss GUI keys whose name differs from ours, or that carry a run's paths.
-_KOHYA_RENAMED = {"epoch", "max_resolution", "learning_rate", "network_train_unet_only", "LoRA_type"}
+_KOHYA_RENAMED = {
+    "epoch",
+    "max_resolution",
+    "learning_rate",
+    "network_train_unet_only",
+    "LoRA_type",
+    "lora_network_weights",
+}
 _KOHYA_RUN_PATHS = {
     "train_data_dir",
     "output_dir",
@@ -370,6 +382,8 @@ def _from_kohya_gui(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str
     if "network_train_unet_only" in data and "train_text_encoder" not in data:
         fields["train_text_encoder"] = not data["network_train_unet_only"]
         origin["train_text_encoder"] = "network_train_unet_only"
+    if "lora_network_weights" in data and "network_weights" not in data:
+        fields["network_weights"], origin["network_weights"] = data["lora_network_weights"], "lora_network_weights"
     if "max_resolution" in data:
         sides = [s.strip() for s in str(data["max_resolution"]).split(",")]
         if len(sides) == 2 and sides[0] != sides[1]:
@@ -454,6 +468,7 @@ def to_kohya_gui(
         out[name] = value
     out["optimizer_args"] = format_optimizer_args(config.optimizer_args)
     out["pretrained_model_name_or_path"] = config.pretrained_model_name_or_path or ""
+    out["network_weights"] = out["lora_network_weights"] = config.network_weights or ""
     out["epoch"] = config.max_train_epochs
     out["learning_rate"] = config.unet_lr
     out["max_resolution"] = f"{config.resolution},{config.resolution}"

@@ -196,8 +196,11 @@ def fingerprint_input(photos: Path, exclude: Path | None = None) -> str:
             if path.is_symlink():
                 digest.update(b"link:" + os.readlink(path).encode() + b"\0")
             elif path.is_file():
-                with open(path, "rb") as handle:
-                    for block in iter(lambda h=handle: h.read(1 << 20), b""):
-                        digest.update(block)
+                try:
+                    with open(path, "rb") as handle:
+                        for block in iter(lambda h=handle: h.read(1 << 20), b""):
+                            digest.update(block)
+                except OSError as err:  # unreadable now: ingest will say so; the key still changes
+                    digest.update(f"unreadable:{err.errno}".encode())
             digest.update(b"\1")
     return digest.hexdigest()

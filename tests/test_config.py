@@ -97,6 +97,7 @@ def test_kohya_gui_json_imports_strings_and_renamed_keys():
     assert config.optimizer_args == {"weight_decay": 0.1, "betas": (0.9, 0.99)}
     assert config.pretrained_model_name_or_path == "/models/realisticVisionV51.safetensors"
     assert config.sample_prompts == "t0k3n, portrait photo --n low quality"
+    assert config.network_weights == "/data/t0k3n/result_current/t0k3n-000006-resume.safetensors"
 
 
 def test_kohya_gui_json_round_trips(tmp_path):

@@ -17,6 +17,7 @@ from lora_core.config import IngestSettings
 from lora_core.ingest import InputError, TooFewImagesError, decode_image, ingest, layout_intact, to_rgb8
 from lora_core.layout import InvalidTokenError, SubjectLayout
 from lora_core.manifest import MANIFEST_COLUMNS, read_manifest
+from lora_core.sources import fingerprint_input
 from tests.conftest import encode, photo
 
 
@@ -184,6 +185,20 @@ def test_large_images_are_downscaled_not_rejected(tmp_path, good_folder):
     row = row_of(run(good_folder, tmp_path / "work"), "big.jpg")
     assert row["status"] == "accepted" and row["resized"] is True
     assert (row["width"], row["height"], row["source_width"], row["source_height"]) == (2048, 1365, 3000, 2000)
+
+
+def test_special_files_are_never_opened(tmp_path, good_folder):
+    os.mkfifo(good_folder / "pipe.jpg")  # reading it would block forever
+    row = row_of(run(good_folder, tmp_path / "work"), "pipe.jpg")
+    assert row["status"] == "rejected" and "not a regular file" in row["reason"]
+
+
+def test_fingerprint_follows_content_not_timestamps(tmp_path, good_folder):
+    first = fingerprint_input(good_folder)
+    os.utime(good_folder / "img0.jpg", (1, 1))
+    assert fingerprint_input(good_folder) == first
+    (good_folder / "img0.jpg").write_bytes((good_folder / "img0.jpg").read_bytes() + b"\0")
+    assert fingerprint_input(good_folder) != first
 
 
 def test_hidden_and_system_files_are_ignored(tmp_path, good_folder):
