@@ -1,0 +1,7 @@
+"""The pure library behind the pipeline: no Prefect here, so every stage is testable alone.
+
+One module per concept: `config` (the settings), `layout` (the seed's folders),
+`sources` (reading an input safely), `ingest`, `manifest`, `fs` (atomic writes).
+"""
+
+__all__ = ["config", "fs", "ingest", "layout", "manifest", "sources"]
