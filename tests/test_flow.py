@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
 
 from flows.train_subject import build_parser, train_subject
 from tests.conftest import ROOT, encode, photo
@@ -51,8 +51,6 @@ def test_flow_publishes_artifacts_and_the_kohya_json(prefect_harness, good_folde
     work = tmp_path / "work"
     _, flow_run_id = _ingest_state(good_folder, work, token="Art_Token")
     with get_client(sync_client=True) as client:
-        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["art-token-ingest", "art-token-ingest-summary"]))
         )
