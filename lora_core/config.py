@@ -20,6 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lora_core.fs import atomic_write_text
 
 __all__ = [
+    "DEFAULT_CAPTION_MODEL",
+    "DEFAULT_STRIP_PHRASES",
+    "CaptionSettings",
     "ConfigError",
     "ConfigWarning",
     "IngestSettings",
@@ -135,6 +138,71 @@ class IngestSettings(BaseModel):
     max_file_bytes: int = Field(200 * 2**20, ge=1, description="Refuse input files larger than this many bytes.")
 
 
+DEFAULT_CAPTION_MODEL = "Salesforce/blip-image-captioning-large"
+
+# Things BLIP says that are rarely true of a portrait (the seed: it "LOVES adding
+# phrases like 'holding a remote control'"), and the nonsense words blip-large is
+# known for ("arafed man in a suit"). Matched as whole words, any case.
+DEFAULT_STRIP_PHRASES: tuple[str, ...] = (
+    "holding a remote control",
+    "with a remote control",
+    "holding a remote",
+    "with a microphone in his hand",
+    "with a microphone in her hand",
+    "with a microphone in the hand",
+    "with a microphone in hand",
+    "holding a microphone",
+    "arafed",
+    "araffed",
+    "araffe",
+    "arafe",
+)
+
+
+class CaptionSettings(BaseModel):
+    """BLIP captioning, with the seed's kohya_ss settings as defaults (names from kohya's BLIP tool)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(
+        DEFAULT_CAPTION_MODEL,
+        min_length=1,
+        description="BLIP captioning model: hub id, local folder, or builtin:tiny-blip (offline, for tests).",
+    )
+    prefix: str = Field("{token}, ", description="Put before every caption; {token} is the trigger token.")
+    postfix: str = Field("", description="Put after every BLIP caption.")
+    prompt: str = Field(
+        "a picture of ",
+        description="Text BLIP continues, removed from the caption (kohya's BLIP does the same).",
+    )
+    beam_search: bool = Field(True, description="Beam search; off means nucleus sampling with top_p.")
+    num_beams: int = Field(9, ge=1, le=64, description="Beams (the seed: 9).")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus-sampling probability, when beam_search is off.")
+    min_length: int = Field(15, ge=0, description="Shortest caption in tokens (the seed: 15).")
+    max_length: int = Field(75, ge=1, le=512, description="Longest caption in tokens.")
+    batch_size: int = Field(4, ge=1, description="Images per BLIP batch (the seed: 4).")
+    strip_phrases: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_STRIP_PHRASES),
+        description="Phrases removed from BLIP captions (whole words, any case); each removal is reported.",
+    )
+    recaption: bool = Field(False, description="Caption with BLIP even where a caption came with the photo.")
+
+    @field_validator("prefix", "postfix")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        try:
+            value.format(token="t")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"only {{token}} may appear in braces ({err})") from None
+        return value
+
+    @model_validator(mode="after")
+    def _lengths(self) -> CaptionSettings:
+        if self.min_length > self.max_length:
+            raise ValueError(f"min_length {self.min_length} is above max_length {self.max_length}")
+        return self
+
+
 class LoraConfig(BaseModel):
     """Every training setting of the seed's recipe; defaults are its SD1.5 values."""
 
@@ -224,6 +292,7 @@ class LoraConfig(BaseModel):
     sample_sampler: str = Field("euler_a", description="Sampler of the sample images.")
 
     ingest: IngestSettings = Field(default_factory=IngestSettings, description="Photo acceptance rules.")
+    captioning: CaptionSettings = Field(default_factory=CaptionSettings, description="BLIP captioning.")
 
     @field_validator("optimizer", mode="before")
     @classmethod

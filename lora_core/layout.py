@@ -5,6 +5,8 @@
     result_current/                      LoRA files, one per epoch
     txt2img-images/                      images generated with the LoRA
     manifest.csv                         what ingest did with every input file
+    buckets.csv                          each image's bucket, resize and crop
+    captions.csv                         each image's caption and where it came from
 """
 
 from __future__ import annotations
@@ -81,6 +83,19 @@ class SubjectLayout:
     @property
     def manifest(self) -> Path:
         return self.root / "manifest.csv"
+
+    @property
+    def buckets_csv(self) -> Path:
+        return self.root / "buckets.csv"
+
+    @property
+    def captions_csv(self) -> Path:
+        return self.root / "captions.csv"
+
+    @property
+    def caption_cache(self) -> Path:
+        """BLIP's output per image, model and settings, so no image is captioned twice."""
+        return self.root / ".caption-cache"
 
     @property
     def prefect_results(self) -> Path:

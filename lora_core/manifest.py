@@ -7,6 +7,7 @@ accepted).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import pandas as pd
@@ -14,7 +15,15 @@ import pandera.pandas as pa
 
 from lora_core.fs import atomic_output
 
-__all__ = ["MANIFEST_COLUMNS", "MANIFEST_SCHEMA", "STATUSES", "read_manifest", "write_manifest"]
+__all__ = [
+    "MANIFEST_COLUMNS",
+    "MANIFEST_SCHEMA",
+    "STATUSES",
+    "AcceptedImage",
+    "accepted_images",
+    "read_manifest",
+    "write_manifest",
+]
 
 STATUSES = ("accepted", "rejected", "ignored")
 
@@ -117,3 +126,23 @@ def read_manifest(path: Path) -> pd.DataFrame:
         na_values={c: [""] for c in _INT_COLUMNS},
     )
     return MANIFEST_SCHEMA.validate(frame)
+
+
+@dataclass(frozen=True)
+class AcceptedImage:
+    """A training image as later stages see it: where it is, its size, the caption it came with."""
+
+    image: str  # relative to <workdir>/<token>/
+    width: int
+    height: int
+    user_caption: str
+
+
+def accepted_images(path: Path) -> list[AcceptedImage]:
+    """The accepted rows of the manifest at `path`, in image order."""
+    frame = read_manifest(path)
+    frame = frame[frame["status"] == "accepted"].sort_values("image")
+    return [
+        AcceptedImage(str(r.image), int(r.width), int(r.height), str(r.user_caption))
+        for r in frame.itertuples(index=False)
+    ]

@@ -2,11 +2,38 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lora_core.buckets import bucket_resolutions, nearest_bucket
+from lora_core.buckets import (
+    BucketPlan,
+    apply_bucket,
+    bucket_counts,
+    bucket_resolutions,
+    nearest_bucket,
+    read_buckets,
+    short_buckets,
+    write_buckets,
+)
+from tests.conftest import photo
+
+SD_SCRIPTS = json.loads((Path(__file__).parent / "data" / "sd_scripts_buckets.json").read_text())
+
+
+@pytest.mark.parametrize("case", SD_SCRIPTS["cases"], ids=lambda c: f"{c['resolution']}-{c['max_reso']}")
+def test_same_buckets_and_choices_as_sd_scripts(case):
+    """Golden data from sd-scripts' own functions (see the file's `source`), SD1.5 and SDXL settings."""
+    buckets = bucket_resolutions(case["resolution"], case["min_reso"], case["max_reso"], case["step"])
+    assert buckets == [tuple(b) for b in case["buckets"]]
+    plan = BucketPlan(case["resolution"], case["min_reso"], case["max_reso"], case["step"], no_upscale=False)
+    for size, bucket, resized in case["assignments"]:
+        chosen = plan.assign("x.png", tuple(size))
+        assert chosen.bucket == tuple(bucket), size
+        assert (chosen.resized_width, chosen.resized_height) == tuple(resized), size
 
 
 @pytest.mark.parametrize(("resolution", "max_reso"), [(512, 1024), (1024, 2048)])
@@ -54,3 +81,94 @@ def test_nearest_bucket_minimises_aspect_error(width, height, resolution):
 def test_inconsistent_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         bucket_resolutions(**kwargs)
+
+
+RESOLUTIONS = st.sampled_from([(512, 1024), (768, 1536), (1024, 2048)])
+
+
+@given(st.integers(64, 5000), st.integers(64, 5000), RESOLUTIONS, st.booleans())
+def test_assignment_obeys_every_rule(width, height, reso, no_upscale):
+    resolution, max_reso = reso
+    plan = BucketPlan(resolution, 256, max_reso, 64, no_upscale=no_upscale)
+    a = plan.assign("x.png", (width, height))
+    bw, bh = a.bucket
+    assert bw % 64 == 0 and bh % 64 == 0
+    assert 256 <= bw <= max_reso and 256 <= bh <= max_reso
+    assert bw * bh <= resolution * resolution
+    # The resize covers the bucket and keeps the aspect ratio to the rounding pixel.
+    assert a.resized_width >= bw and a.resized_height >= bh
+    assert abs(a.resized_width - width * a.scale) <= 1 and abs(a.resized_height - height * a.scale) <= 1
+    assert min(a.resized_width - bw, a.resized_height - bh) <= 1  # one side fits exactly: no needless crop
+    # The crop is the bucket, centred, and never leaves the resized image.
+    assert a.crop_left >= 0 and a.crop_right <= a.resized_width and a.crop_right - a.crop_left == bw
+    assert a.crop_top >= 0 and a.crop_bottom <= a.resized_height and a.crop_bottom - a.crop_top == bh
+    assert abs((a.resized_width - a.crop_right) - a.crop_left) <= 1
+    if not no_upscale:
+        assert a.bucket == nearest_bucket((width, height), plan.buckets)
+    elif width >= 256 and height >= 256:
+        # Never enlarged; an image that can fill its nearest shared bucket goes there.
+        assert a.scale <= 1.0
+        nearest = nearest_bucket((width, height), plan.buckets)
+        if width >= nearest[0] and height >= nearest[1]:
+            assert a.bucket == nearest
+
+
+def test_small_image_gets_its_own_bucket_instead_of_being_enlarged():
+    plan = BucketPlan(512, 256, 1024, 64, no_upscale=True)
+    a = plan.assign("small.png", (300, 420))
+    assert a.bucket == (256, 384) and a.scale <= 1.0
+    enlarged = BucketPlan(512, 256, 1024, 64, no_upscale=False).assign("small.png", (300, 420))
+    assert enlarged.bucket in bucket_resolutions(512) and enlarged.scale > 1.0
+
+
+def test_disabled_bucketing_uses_one_square():
+    plan = BucketPlan(512, 256, 1024, 64, enabled=False)
+    assert plan.assign("wide.png", (1600, 900)).bucket == (512, 512)
+
+
+@given(st.integers(256, 1200), st.integers(256, 1200))
+def test_apply_bucket_yields_the_bucket_and_the_centre(width, height):
+    plan = BucketPlan(512, 256, 1024, 64)
+    a = plan.assign("x.png", (width, height))
+    image = photo((width, height), seed=1)
+    out = apply_bucket(image, a)
+    assert out.size == a.bucket
+
+
+def test_apply_bucket_keeps_the_centre_of_the_picture():
+    # A wide picture, black with a white centre column: the crop must keep the column centred.
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (1500, 500), "black")
+    ImageDraw.Draw(image).rectangle((740, 0, 760, 499), fill="white")
+    a = BucketPlan(512, 256, 1024, 64).assign("x.png", image.size)
+    out = apply_bucket(image, a)
+    row = [out.getpixel((x, out.height // 2))[0] for x in range(out.width)]
+    white = [x for x, v in enumerate(row) if v > 128]
+    assert abs((white[0] + white[-1]) / 2 - out.width / 2) <= 2
+
+
+def test_apply_bucket_refuses_a_changed_image():
+    a = BucketPlan().assign("x.png", (600, 800))
+    with pytest.raises(ValueError, match="re-run the buckets stage"):
+        apply_bucket(photo((800, 600), seed=1), a)
+
+
+def test_buckets_csv_round_trip_and_short_buckets(tmp_path):
+    plan = BucketPlan(512, 256, 1024, 64)
+    sizes = [(512, 512), (1024, 1024), (600, 600), (640, 384), (1280, 768), (384, 640)]
+    assignments = [plan.assign(f"{i:04d}.png", size) for i, size in enumerate(sizes, 1)]
+    write_buckets(tmp_path / "buckets.csv", assignments)
+    assert read_buckets(tmp_path / "buckets.csv") == assignments
+    assert bucket_counts(assignments) == {(512, 512): 3, (640, 384): 2, (384, 640): 1}
+    assert short_buckets(assignments, batch_size=2) == {(384, 640): 1}
+    assert short_buckets(assignments, batch_size=1) == {}
+
+
+def test_buckets_csv_with_a_crop_outside_is_refused(tmp_path):
+    import dataclasses
+
+    a = BucketPlan().assign("x.png", (800, 600))
+    bad = dataclasses.replace(a, crop_left=a.crop_left + 10_000, crop_right=a.crop_right + 10_000)
+    with pytest.raises(Exception, match="crop leaves"):
+        write_buckets(tmp_path / "buckets.csv", [bad])

@@ -1,0 +1,411 @@
+"""BLIP captions beside every training image, starting with the trigger token.
+
+The seed runs kohya_ss's BLIP tool with a prefix of "<token>, ", 9 beams and a
+minimum length of 15, then fixes what BLIP invents. Here:
+
+- BLIP (transformers' `BlipForConditionalGeneration`) continues a prompt
+  ("a picture of ", as kohya's BLIP does) and the prompt is removed.
+- Phrases BLIP likes to invent are stripped, and each removal is reported.
+- A caption that came with a photo wins over BLIP, unless `recaption`.
+- The prefix appears exactly once, at the start.
+- BLIP's output is cached per image content, model and settings, so adding a
+  photo captions only that photo; a caption file the user edited is kept.
+
+`captions.csv` records what was written and why; a caption file whose text
+differs from its record was edited by hand and is never overwritten (except by
+`recaption`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+import pandera.pandas as pa
+from PIL import Image
+from pydantic import BaseModel
+from rich.progress import Progress
+
+from lora_core.config import CaptionSettings
+from lora_core.fs import atomic_output, atomic_write_text, ensure_inside
+from lora_core.layout import SubjectLayout
+from lora_core.manifest import accepted_images
+from lora_core.tiny_models import is_builtin, materialize
+
+__all__ = [
+    "CAPTIONS_COLUMNS",
+    "BlipCaptioner",
+    "CaptionModelError",
+    "CaptionRecord",
+    "CaptionResult",
+    "caption_subject",
+    "clean_caption",
+    "read_captions",
+    "strip_phrases",
+    "with_prefix",
+]
+
+Source = Literal["blip", "user", "edited"]
+
+
+class CaptionModelError(RuntimeError):
+    """The captioning model cannot be loaded; the message says how to fix it."""
+
+
+# --- Text rules --------------------------------------------------------------
+
+
+def clean_caption(text: str) -> str:
+    """One line, single spaces: kohya reads only a caption file's first line."""
+    return " ".join(text.split())
+
+
+_CONNECTORS = r"(?:and|with|while|who is|that is|is)"
+
+
+def strip_phrases(text: str, phrases: Sequence[str]) -> tuple[str, list[str]]:
+    """Remove each phrase (whole words, any case); return the text and what was removed.
+
+    Longer phrases go first, so "holding a remote control" wins over "holding a
+    remote". A connector left dangling at an end ("a man smiling and") goes too,
+    and "an" before what is now a consonant becomes "a".
+    """
+    removed: list[str] = []
+    for phrase in sorted({p.strip() for p in phrases if p.strip()}, key=len, reverse=True):
+        pattern = re.compile(r"(?<![\w-])" + r"\s+".join(map(re.escape, phrase.split())) + r"(?![\w-])", re.I)
+        found = pattern.findall(text)
+        if found:
+            removed.extend(found)
+            text = pattern.sub(" ", text)
+    if not removed:
+        return text, removed
+    text = clean_caption(text)
+    text = re.sub(r"\s+([,.])", r"\1", text)
+    text = re.sub(r"(,\s*)+,", ",", text)
+    text = re.sub(rf"^(?:[,\s]|{_CONNECTORS}\b)+", "", text, flags=re.I)
+    text = re.sub(rf"(?:[,\s]|\b{_CONNECTORS})+$", "", text, flags=re.I)
+    text = re.sub(r"\b([Aa])n (?=[b-df-gj-np-tv-z])", r"\1 ", text)
+    return clean_caption(text), removed
+
+
+def with_prefix(text: str, token: str, prefix: str = "{token}, ", postfix: str = "") -> str:
+    """`prefix` + `text` + `postfix`, with the prefix exactly once at the start.
+
+    A caption that already starts with the prefix or the token (a user wrote
+    "t0k3n, a man" or "t0k3n a man") does not get it twice.
+    """
+    head, tail = prefix.format(token=token), postfix.format(token=token)
+    body = clean_caption(text)
+    starts = [re.escape(token) + r"(?![\w-])"] + ([re.escape(head.strip())] if head.strip() else [])
+    body = re.sub(rf"^(?:(?:{'|'.join(starts)})[\s,:;]*)+", "", body, flags=re.I)
+    if tail and body.endswith(tail.strip()):
+        tail = ""
+    return clean_caption(head + body + tail).rstrip(" ,;:") if body or tail else clean_caption(head).rstrip(" ,;:")
+
+
+# --- The model ----------------------------------------------------------------
+
+
+def _hub_reachable(repo_id: str, timeout: float = 5.0) -> str | None:
+    """None when the hub answers; else why not, in one line. One quick try, no retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    try:
+        request = urllib.request.Request(f"{endpoint}/api/models/{repo_id}", method="HEAD")
+        urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as err:
+        return None if err.code in (401, 403) else f"{endpoint} answered {err.code} for {repo_id}"
+    except (OSError, ValueError) as err:
+        return f"{endpoint} cannot be reached ({getattr(err, 'reason', err)})"
+    return None
+
+
+class BlipCaptioner:
+    """A BLIP captioning model named by a hub id, a local folder, or `builtin:tiny-blip`.
+
+    Nothing is loaded until the first caption is asked for, so a run whose
+    captions are all cached never loads the model.
+    """
+
+    def __init__(self, spec: str, device: str | None = None) -> None:
+        self.spec = spec
+        self._device = device
+        self._loaded: tuple[Any, Any] | None = None
+
+    @property
+    def identity(self) -> str:
+        """What makes this model's output what it is, known without loading it."""
+        if is_builtin(self.spec):
+            return materialize(self.spec).name  # the builtin's name carries its version
+        folder = Path(self.spec).expanduser()
+        if folder.is_dir():
+            digest = hashlib.sha256()
+            for path in sorted(folder.iterdir()):
+                if path.is_file():
+                    stat = path.stat()
+                    digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+            return f"{folder.resolve()}@{digest.hexdigest()[:16]}"
+        return self.spec
+
+    def _folder_or_id(self) -> tuple[str, bool]:
+        """Where to load from, and whether it is a local folder."""
+        if is_builtin(self.spec):
+            return str(materialize(self.spec)), True
+        path = Path(self.spec).expanduser()
+        if path.exists():
+            if not (path.is_dir() and (path / "config.json").is_file()):
+                raise CaptionModelError(
+                    f"caption model {self.spec!r}: not a BLIP model folder (want a folder with config.json, "
+                    "as `save_pretrained` or `hf download` writes it)"
+                )
+            return str(path), True
+        if self.spec.startswith((".", "/", "~")) or self.spec.count("/") > 1:
+            raise CaptionModelError(f"caption model {self.spec!r}: no such folder")
+        return self.spec, False
+
+    def load(self) -> tuple[Any, Any]:
+        """(processor, model) on the device: fp16 on a GPU, fp32 on the CPU."""
+        if self._loaded is not None:
+            return self._loaded
+        import torch
+        from transformers import AutoTokenizer, BlipForConditionalGeneration, BlipImageProcessorPil, BlipProcessor
+
+        source, local = self._folder_or_id()
+        device = self._device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.float16 if device.startswith("cuda") else torch.float32
+
+        def from_pretrained(**kwargs: Any) -> tuple[Any, Any]:
+            # The PIL image processor: the default one wants torchvision, which we don't need.
+            processor = BlipProcessor(
+                image_processor=BlipImageProcessorPil.from_pretrained(source, **kwargs),
+                tokenizer=AutoTokenizer.from_pretrained(source, **kwargs),
+            )
+            model = BlipForConditionalGeneration.from_pretrained(source, dtype=dtype, use_safetensors=True, **kwargs)
+            return processor, model
+
+        try:
+            processor, model = from_pretrained(local_files_only=True)
+        except OSError as err:
+            if local:
+                raise CaptionModelError(f"caption model {self.spec!r}: cannot load it: {err}") from err
+            why = _hub_reachable(source)
+            if why:
+                raise CaptionModelError(
+                    f"caption model {self.spec!r} is not in the local Hugging Face cache and the hub is "
+                    f"unreachable: {why}. On a machine with network, run `hf download {source} --local-dir "
+                    f"DIR`, copy DIR here, and pass `--caption-model DIR` (or set captioning.model in the "
+                    "config). For a run with no model at all, use `--caption-model builtin:tiny-blip`."
+                ) from None
+            processor, model = from_pretrained()
+        self._loaded = (processor, model.to(device).eval())
+        return self._loaded
+
+    def caption(self, images: Sequence[Image.Image], settings: CaptionSettings) -> list[str]:
+        """BLIP's captions of `images` in one batch, the prompt removed."""
+        import torch
+
+        processor, model = self.load()
+        prompt = settings.prompt
+        inputs = processor(images=list(images), text=[prompt] * len(images) if prompt else None, return_tensors="pt")
+        inputs = {k: v.to(model.device) for k, v in inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        if settings.beam_search:
+            options: dict[str, Any] = {"num_beams": settings.num_beams, "do_sample": False}
+        else:
+            options = {"do_sample": True, "top_p": settings.top_p, "num_beams": 1}
+        with torch.inference_mode():
+            out = model.generate(**inputs, min_length=settings.min_length, max_length=settings.max_length, **options)
+        texts = processor.batch_decode(out, skip_special_tokens=True)
+        head = clean_caption(prompt).lower()
+        return [clean_caption(t[len(head) :] if head and t.lower().startswith(head) else t) for t in texts]
+
+
+# --- Records --------------------------------------------------------------------
+
+CAPTIONS_COLUMNS = ["image", "image_sha256", "source", "caption", "blip_caption", "removed"]
+
+CAPTIONS_SCHEMA = pa.DataFrameSchema(
+    {
+        "image": pa.Column(str, pa.Check.str_length(min_value=1), unique=True),
+        "image_sha256": pa.Column(str, pa.Check.str_matches(r"^[0-9a-f]{64}$")),
+        "source": pa.Column(str, pa.Check.isin(["blip", "user", "edited"])),
+        "caption": pa.Column(str),
+        "blip_caption": pa.Column(str),
+        "removed": pa.Column(str),
+    },
+    strict=True,
+    ordered=True,
+    coerce=True,
+)
+
+
+@dataclass(frozen=True)
+class CaptionRecord:
+    """One row of `captions.csv`: the caption file's text and where it came from."""
+
+    image: str
+    image_sha256: str
+    source: Source
+    caption: str
+    blip_caption: str = ""  # BLIP's words before stripping and prefix; empty when BLIP was not asked
+    removed: str = ""  # phrases stripped from BLIP's words, "; "-separated
+
+
+def read_captions(path: Path) -> list[CaptionRecord]:
+    frame = CAPTIONS_SCHEMA.validate(pd.read_csv(path, dtype=str, keep_default_na=False))
+    return [CaptionRecord(**row) for row in frame.to_dict(orient="records")]
+
+
+def _write_captions(path: Path, records: list[CaptionRecord]) -> None:
+    frame = CAPTIONS_SCHEMA.validate(pd.DataFrame([asdict(r) for r in records], columns=CAPTIONS_COLUMNS))
+    with atomic_output(path) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+class CaptionResult(BaseModel):
+    """What the captions stage wrote; `records` feeds the review artifact."""
+
+    captions_csv: Path
+    generated: int  # images BLIP ran on in this run
+    by_source: dict[str, int]
+    records: list[dict]
+
+
+# --- The stage ------------------------------------------------------------------
+
+
+def _cache_key(image_sha: str, identity: str, settings: CaptionSettings) -> str:
+    knobs = settings.model_dump(include={"prompt", "beam_search", "num_beams", "top_p", "min_length", "max_length"})
+    payload = json.dumps({"image": image_sha, "model": identity, **knobs}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _file_sha(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def caption_subject(
+    layout: SubjectLayout,
+    settings: CaptionSettings,
+    *,
+    caption_extension: str = ".txt",
+    captioner: BlipCaptioner | None = None,
+    show_progress: bool = True,
+) -> CaptionResult:
+    """Write a caption file beside every accepted image of `layout`'s manifest, and `captions.csv`."""
+    token = layout.token
+    captioner = captioner or BlipCaptioner(settings.model)
+    cache = _BlipCache(layout.caption_cache, captioner.identity, settings)
+    previous = {r.image_sha256: r for r in read_captions(layout.captions_csv)} if layout.captions_csv.is_file() else {}
+
+    def blip_text(raw: str) -> tuple[str, list[str]]:
+        body, removed = strip_phrases(raw, settings.strip_phrases)
+        return with_prefix(body, token, settings.prefix, settings.postfix), removed
+
+    def source_of(user_caption: str, sha: str, on_disk: str | None) -> Source:
+        wanted: Source = "blip" if settings.recaption or not user_caption else "user"
+        if settings.recaption or on_disk is None:
+            return wanted
+        if sha in previous:  # we wrote this file: kept unless it changed since
+            last = previous[sha]
+            return "edited" if last.caption != on_disk or last.source == "edited" else wanted
+        # A caption file with no record (a run cut short, or the user's own): ours only if it is what we'd write.
+        if wanted == "user":
+            return "user" if with_prefix(user_caption, token, settings.prefix) == on_disk else "edited"
+        raw = cache.get(sha)
+        return "blip" if raw is not None and blip_text(raw)[0] == on_disk else "edited"
+
+    plans = []
+    for item in accepted_images(layout.manifest):
+        path = ensure_inside(layout.root, layout.root / item.image)
+        caption_path = path.with_suffix(caption_extension)
+        on_disk = clean_caption(caption_path.read_text(encoding="utf-8")) if caption_path.is_file() else None
+        sha = _file_sha(path)
+        plans.append((item, sha, caption_path, on_disk, source_of(item.user_caption, sha, on_disk)))
+
+    wanted = {sha: item.image for item, sha, _, _, source in plans if source == "blip"}
+    blip, generated = cache.fill(wanted, layout.root, captioner, show_progress)
+
+    records: list[CaptionRecord] = []
+    for item, sha, caption_path, on_disk, source in plans:
+        if source == "edited":
+            record = CaptionRecord(item.image, sha, source, on_disk or "")
+        elif source == "user":
+            record = CaptionRecord(item.image, sha, source, with_prefix(item.user_caption, token, settings.prefix))
+        else:
+            text, removed = blip_text(blip[sha])
+            record = CaptionRecord(item.image, sha, source, text, blip[sha], "; ".join(removed))
+        if record.caption != on_disk:
+            atomic_write_text(caption_path, record.caption + "\n")
+        records.append(record)
+    _write_captions(layout.captions_csv, records)
+    return CaptionResult(
+        captions_csv=layout.captions_csv,
+        generated=generated,
+        by_source={s: sum(r.source == s for r in records) for s in ("blip", "user", "edited")},
+        records=[asdict(r) for r in records],
+    )
+
+
+def _file_sha(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class _BlipCache:
+    """BLIP's words per image content, model and generation settings: one small JSON file each.
+
+    One file per image means a run cut short keeps every caption it made.
+    """
+
+    def __init__(self, folder: Path, identity: str, settings: CaptionSettings) -> None:
+        self.folder, self.identity, self.settings = folder, identity, settings
+        knobs = settings.model_dump(include={"prompt", "beam_search", "num_beams", "top_p", "min_length", "max_length"})
+        self._salt = json.dumps({"model": identity, **knobs}, sort_keys=True)
+
+    def _file(self, sha: str) -> Path:
+        return self.folder / f"{hashlib.sha256((sha + self._salt).encode()).hexdigest()}.json"
+
+    def get(self, sha: str) -> str | None:
+        try:
+            return json.loads(self._file(sha).read_text(encoding="utf-8"))["blip_caption"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # missing or damaged: captioned again
+
+    def fill(
+        self, wanted: dict[str, str], root: Path, captioner: BlipCaptioner, show_progress: bool
+    ) -> tuple[dict[str, str], int]:
+        """BLIP's words for each `{sha: image}`: cached, else generated in batches and cached at once."""
+        out = {sha: text for sha in wanted if (text := self.get(sha)) is not None}
+        todo = [(sha, image) for sha, image in wanted.items() if sha not in out]
+        size = self.settings.batch_size
+        with Progress(disable=not show_progress or not todo, transient=True) as progress:
+            bar = progress.add_task(f"captions: BLIP on {len(todo)} image(s)", total=len(todo))
+            for start in range(0, len(todo), size):
+                batch = todo[start : start + size]
+                pictures = []
+                for _, image in batch:
+                    with Image.open(root / image) as picture:
+                        pictures.append(picture.convert("RGB"))
+                for (sha, _), text in zip(batch, captioner.caption(pictures, self.settings), strict=True):
+                    atomic_write_text(self._file(sha), json.dumps({"blip_caption": text, "model": self.identity}))
+                    out[sha] = text
+                progress.advance(bar, len(batch))
+        return out, len(todo)
