@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(PY) -m flows.train_subject demo/photos --token t0k3n --workdir work/demo
+	$(PY) -m flows.train_subject demo/photos --token t0k3n --workdir work/demo --caption-model builtin:tiny-blip
 
 lint: install
 	$(PY) -m ruff check .

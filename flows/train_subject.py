@@ -3,9 +3,11 @@
 The seed's author does these steps by hand; each is a cached, retryable stage:
 
 1. ingest   - rename, convert to PNG, make the folder structure (`<token>/training_images/...`)
+2. buckets  - put each image in an aspect-ratio bucket, as kohya does (`buckets.csv`)
+3. captions - caption each image with BLIP, prefixed "<token>, " (a `.txt` beside it)
 
-Later stages (orientation checks, crop, buckets, captions, training, samples,
-selection) plug in after ingest, each with its own `--stop-after` name.
+Later stages (orientation checks, crop, training, samples, selection) plug in
+between these, each with its own `--stop-after` name.
 
 Run it with no server (Prefect's embedded default):
 
@@ -19,16 +21,21 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
-from prefect import flow
+from prefect import Task, flow
 
+from lora_core.buckets import BucketPlan, buckets_intact
+from lora_core.captioning import BlipCaptioner, CaptionModelError, captions_intact
 from lora_core.config import ConfigError, LoraConfig, load_config, preset_config, write_kohya_gui
 from lora_core.fs import PathEscapeError
 from lora_core.ingest import InputError, TooFewImagesError, layout_intact
 from lora_core.layout import InvalidTokenError, SubjectLayout, validate_token
+from tasks.buckets import bucket_images
+from tasks.captions import caption_images
 from tasks.ingest import ingest_photos
 
-STAGES = ("ingest",)
+STAGES = ("ingest", "buckets", "captions")
 
 
 @flow(name="train-subject")
@@ -45,11 +52,21 @@ def train_subject(
     config = config or preset_config()
     layout = SubjectLayout(Path(workdir), token)
 
+    storage = layout.prefect_results.resolve()
+
+    cached: list[str] = []
+
+    def run(task: Task, refresh: bool, *args: Any) -> Any:
+        """Run a stage with its results under the subject folder; note when it came from the cache."""
+        state = task.with_options(result_storage=storage, refresh_cache=refresh)(*args, return_state=True)
+        if state.name == "Cached":
+            cached.append(task.name)
+        return state.result()
+
     # 1. Ingest. Cached on the photos' content; redone if its output was damaged.
-    ingested = ingest_photos.with_options(
-        result_storage=layout.prefect_results.resolve(),
-        refresh_cache=not layout_intact(layout),
-    )(Path(photos), token, Path(workdir), config.ingest, config.num_repeats)
+    ingested = run(
+        ingest_photos, not layout_intact(layout), Path(photos), token, Path(workdir), config.ingest, config.num_repeats
+    )
     write_kohya_gui(
         layout.result_current / "kohya_ss_config.json",
         config,
@@ -57,8 +74,34 @@ def train_subject(
         output_dir=layout.result_current.resolve(),
         output_name=token,
     )
-    summary = {"stage": "ingest", "ingest": ingested.model_dump(mode="json", exclude={"rows"})}
-    # Later stages go here, each followed by `if stop_after == "<stage>": return summary`.
+    summary: dict = {"stage": "ingest", "cached": cached, "ingest": ingested.model_dump(mode="json", exclude={"rows"})}
+    if stop_after == "ingest":
+        return summary
+
+    # 2. Buckets, as kohya makes them; batches never mix buckets.
+    bucketed = run(
+        bucket_images,
+        not buckets_intact(layout),
+        ingested,
+        Path(workdir),
+        BucketPlan.from_config(config),
+        config.train_batch_size,
+    )
+    summary |= {"stage": "buckets", "buckets": bucketed.model_dump(mode="json", exclude={"rows"})}
+    if stop_after == "buckets":
+        return summary
+
+    # 3. Captions. BLIP's words are cached per image; an edited caption file is kept.
+    captioned = run(
+        caption_images,
+        not captions_intact(layout, config.caption_extension),
+        ingested,
+        Path(workdir),
+        config.captioning,
+        config.caption_extension,
+        BlipCaptioner(config.captioning.model).identity,
+    )
+    summary |= {"stage": "captions", "captions": captioned.model_dump(mode="json", exclude={"records"})}
     return summary
 
 
@@ -88,6 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="starting settings from the seed's recipe (default: sd15, or sdxl when the config file is SDXL)",
     )
     parser.add_argument(
+        "--caption-model",
+        help="BLIP captioning model: hub id, local folder, or builtin:tiny-blip (no download; nonsense words) "
+        f"(default: {preset_config().captioning.model})",
+    )
+    parser.add_argument(
+        "--recaption",
+        action="store_true",
+        help="caption every image with BLIP, replacing captions that came with the photos and edited ones",
+    )
+    parser.add_argument(
         "--stop-after", choices=STAGES, default=STAGES[-1], help=f"stop after this stage (stages: {', '.join(STAGES)})"
     )
     return parser
@@ -102,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             config = load_config(args.config, args.preset) if args.config else preset_config(args.preset or "sd15")
+        if args.caption_model or args.recaption:
+            captioning = config.captioning.model_copy(
+                update={"model": args.caption_model or config.captioning.model, "recaption": args.recaption}
+            )
+            config = config.model_copy(update={"captioning": captioning})
         for warning in caught:
             print(f"warning: {warning.message}", file=sys.stderr)
     except (ConfigError, InvalidTokenError) as err:
@@ -111,15 +169,37 @@ def main(argv: list[str] | None = None) -> int:
         summary = train_subject(
             photos=args.photos, token=args.token, workdir=args.workdir, config=config, stop_after=args.stop_after
         )
-    except (TooFewImagesError, InputError, PathEscapeError, InvalidTokenError) as err:
+    except (TooFewImagesError, InputError, PathEscapeError, InvalidTokenError, CaptionModelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    print_summary(summary)
+    return 0
+
+
+def print_summary(summary: dict) -> None:
+    """One line per stage that ran, naming the files a user opens next."""
+
+    def name(stage: str) -> str:
+        return f"{stage} (cached)" if stage in summary["cached"] else stage
+
     ingest = summary["ingest"]
     print(
-        f"ingest: {ingest['accepted']} accepted, {ingest['rejected']} rejected, {ingest['ignored']} ignored "
+        f"{name('ingest')}: {ingest['accepted']} accepted, {ingest['rejected']} rejected, {ingest['ignored']} ignored "
         f"-> {ingest['class_dir']} (manifest: {ingest['manifest']})"
     )
-    return 0
+    if "buckets" in summary:
+        buckets = summary["buckets"]
+        counts = ", ".join(f"{bucket}: {n}" for bucket, n in buckets["counts"].items())
+        print(f"{name('buckets')}: {counts} (buckets.csv: {buckets['buckets_csv']})")
+        if buckets["short"]:
+            print(f"buckets: fewer images than a batch in {', '.join(buckets['short'])}")
+    if "captions" in summary:
+        captions = summary["captions"]
+        sources = ", ".join(f"{n} {source}" for source, n in captions["by_source"].items() if n)
+        print(
+            f"{name('captions')}: {sources}; BLIP ran on {captions['generated']} image(s) "
+            f"(captions.csv: {captions['captions_csv']})"
+        )
 
 
 if __name__ == "__main__":

@@ -28,16 +28,22 @@ from pathlib import Path
 import pandas as pd
 import pandera.pandas as pa
 from PIL import Image
+from pydantic import BaseModel
 
-from lora_core.fs import atomic_output
+from lora_core.fs import atomic_output, ensure_inside
+from lora_core.layout import SubjectLayout
+from lora_core.manifest import accepted_images
 
 __all__ = [
     "BUCKETS_COLUMNS",
     "BucketAssignment",
     "BucketPlan",
+    "BucketResult",
     "apply_bucket",
     "bucket_counts",
     "bucket_resolutions",
+    "bucket_subject",
+    "buckets_intact",
     "nearest_bucket",
     "read_buckets",
     "short_buckets",
@@ -252,3 +258,54 @@ def read_buckets(path: Path) -> list[BucketAssignment]:
     """Read and validate `buckets.csv`."""
     frame = BUCKETS_SCHEMA.validate(pd.read_csv(path, dtype={"image": str}, keep_default_na=False))
     return [BucketAssignment(**row) for row in frame.to_dict(orient="records")]
+
+
+# --- The stage ------------------------------------------------------------------
+
+
+def _label(bucket: tuple[int, int]) -> str:
+    return f"{bucket[0]}x{bucket[1]}"
+
+
+class BucketResult(BaseModel):
+    """What the buckets stage wrote; counts are keyed "WIDTHxHEIGHT"."""
+
+    buckets_csv: Path
+    counts: dict[str, int]
+    short: dict[str, int]  # buckets with fewer images than a batch
+    own_buckets: int  # images too small for the shared set (bucket_no_upscale)
+    upscaled: int
+    rows: list[dict]
+
+
+def bucket_subject(layout: SubjectLayout, plan: BucketPlan, batch_size: int) -> BucketResult:
+    """Assign every accepted image of `layout`'s manifest to a bucket; write `buckets.csv`.
+
+    Sizes are read from the images themselves (headers only), so a stale
+    manifest cannot put an image in the wrong bucket.
+    """
+    assignments = []
+    for item in accepted_images(layout.manifest):
+        path = ensure_inside(layout.root, layout.root / item.image)
+        with Image.open(path) as image:
+            assignments.append(plan.assign(item.image, image.size))
+    write_buckets(layout.buckets_csv, assignments)
+    shared = set(plan.buckets)
+    return BucketResult(
+        buckets_csv=layout.buckets_csv,
+        counts={_label(b): n for b, n in bucket_counts(assignments).items()},
+        short={_label(b): n for b, n in short_buckets(assignments, batch_size).items()},
+        own_buckets=sum(a.bucket not in shared for a in assignments),
+        upscaled=sum(a.upscaled for a in assignments),
+        rows=[asdict(a) for a in assignments],
+    )
+
+
+def buckets_intact(layout: SubjectLayout) -> bool:
+    """True when `buckets.csv` is valid and lists exactly the accepted images at their sizes."""
+    try:
+        rows = {a.image: (a.original_width, a.original_height) for a in read_buckets(layout.buckets_csv)}
+        images = accepted_images(layout.manifest)
+    except Exception:
+        return False
+    return rows == {i.image: (i.width, i.height) for i in images}

@@ -48,6 +48,7 @@ __all__ = [
     "CaptionRecord",
     "CaptionResult",
     "caption_subject",
+    "captions_intact",
     "clean_caption",
     "read_captions",
     "strip_phrases",
@@ -80,12 +81,19 @@ def strip_phrases(text: str, phrases: Sequence[str]) -> tuple[str, list[str]]:
     and "an" before what is now a consonant becomes "a".
     """
     removed: list[str] = []
-    for phrase in sorted({p.strip() for p in phrases if p.strip()}, key=len, reverse=True):
-        pattern = re.compile(r"(?<![\w-])" + r"\s+".join(map(re.escape, phrase.split())) + r"(?![\w-])", re.I)
-        found = pattern.findall(text)
-        if found:
-            removed.extend(found)
-            text = pattern.sub(" ", text)
+    patterns = [
+        re.compile(r"(?<![\w-])" + r"\s+".join(map(re.escape, phrase.split())) + r"(?![\w-])", re.I)
+        for phrase in sorted({p.strip() for p in phrases if p.strip()}, key=len, reverse=True)
+    ]
+    changed = True
+    while changed:  # a removal can join the halves of another phrase
+        changed = False
+        for pattern in patterns:
+            found = pattern.findall(text)
+            if found:
+                removed.extend(found)
+                text = clean_caption(pattern.sub(" ", text))
+                changed = True
     if not removed:
         return text, removed
     text = clean_caption(text)
@@ -106,7 +114,7 @@ def with_prefix(text: str, token: str, prefix: str = "{token}, ", postfix: str =
     head, tail = prefix.format(token=token), postfix.format(token=token)
     body = clean_caption(text)
     starts = [re.escape(token) + r"(?![\w-])"] + ([re.escape(head.strip())] if head.strip() else [])
-    body = re.sub(rf"^(?:(?:{'|'.join(starts)})[\s,:;]*)+", "", body, flags=re.I)
+    body = re.sub(rf"^(?:(?:{'|'.join(starts)})[\s,:;]*)+", "", body, flags=re.I).lstrip(" ,:;")
     if tail and body.endswith(tail.strip()):
         tail = ""
     return clean_caption(head + body + tail).rstrip(" ,;:") if body or tail else clean_caption(head).rstrip(" ,;:")
@@ -284,20 +292,6 @@ class CaptionResult(BaseModel):
 # --- The stage ------------------------------------------------------------------
 
 
-def _cache_key(image_sha: str, identity: str, settings: CaptionSettings) -> str:
-    knobs = settings.model_dump(include={"prompt", "beam_search", "num_beams", "top_p", "min_length", "max_length"})
-    payload = json.dumps({"image": image_sha, "model": identity, **knobs}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def _file_sha(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def caption_subject(
     layout: SubjectLayout,
     settings: CaptionSettings,
@@ -359,6 +353,26 @@ def caption_subject(
         by_source={s: sum(r.source == s for r in records) for s in ("blip", "user", "edited")},
         records=[asdict(r) for r in records],
     )
+
+
+def captions_intact(layout: SubjectLayout, caption_extension: str = ".txt") -> bool:
+    """True when `captions.csv` lists exactly the accepted images and every caption file still says so.
+
+    A cached captions stage is only trusted when this holds; an edited, missing
+    or renumbered caption file makes the stage run again (and keep the edit).
+    """
+    try:
+        records = {r.image: r.caption for r in read_captions(layout.captions_csv)}
+        images = {item.image for item in accepted_images(layout.manifest)}
+    except Exception:
+        return False
+    if set(records) != images:
+        return False
+    for image, caption in records.items():
+        path = (layout.root / image).with_suffix(caption_extension)
+        if not path.is_file() or clean_caption(path.read_text(encoding="utf-8")) != caption:
+            return False
+    return True
 
 
 def _file_sha(path: Path) -> str:

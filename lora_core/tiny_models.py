@@ -19,7 +19,7 @@ __all__ = ["BUILTIN_PREFIX", "builtin_home", "is_builtin", "materialize"]
 
 BUILTIN_PREFIX = "builtin:"
 # Bump when a builder changes, so caches keyed on the model spec are invalidated.
-_VERSION = "v1"
+_VERSION = "v2"
 
 # Words a captioner of portraits would use, so tiny-BLIP output reads like a caption.
 _CAPTION_WORDS = """
@@ -120,6 +120,10 @@ def _build_tiny_blip(folder: Path) -> None:
     )
     torch.manual_seed(0)
     model = BlipForConditionalGeneration(config)
+    # Random weights never choose to stop; make [SEP] likely so captions end near
+    # min_length, as a real BLIP's do, instead of running to max_length.
+    with torch.no_grad():
+        model.text_decoder.cls.predictions.bias[vocab["[SEP]"]] = 12.0
     model.save_pretrained(folder)
     BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
 

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import re
+from pathlib import Path
 
+from PIL import Image
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from lora_core.buckets import BucketResult
+from lora_core.captioning import CaptionResult
 
 _TABLE_COLUMNS = ("source", "status", "reason", "image", "width", "height", "resized", "exif_rotated")
 
@@ -46,3 +53,64 @@ def ingest_summary(token: str, rows: list[dict], repeats: int | None, notes: lis
         lines += ["", "## Rejected", "", "| file | reason |", "|---|---|"]
         lines += [f"| `{r['source']}` | {r['reason']} |" for r in problems]
     return "\n".join(lines) + "\n"
+
+
+def publish_buckets(token: str, result: BucketResult, batch_size: int) -> None:
+    """Images per bucket as a table, and a note on buckets that cannot fill a batch."""
+    create_table_artifact(
+        key=artifact_key(token, "buckets"),
+        table=[
+            {"bucket": bucket, "images": n, "fills a batch": bucket not in result.short}
+            for bucket, n in result.counts.items()
+        ],
+        description=f"Buckets of {token}: images per bucket (a batch never mixes buckets)",
+    )
+    lines = [f"# Buckets of `{token}`", "", f"- {sum(result.counts.values())} images in {len(result.counts)} buckets"]
+    if result.short:
+        short = ", ".join(f"{bucket} ({n})" for bucket, n in result.short.items())
+        lines.append(f"- fewer images than a batch of {batch_size}, so their batches run short: {short}")
+    if result.own_buckets:
+        lines.append(f"- {result.own_buckets} image(s) too small for the shared buckets got their own (never upscaled)")
+    if result.upscaled:
+        lines.append(f"- {result.upscaled} image(s) enlarged to fill a bucket")
+    create_markdown_artifact(key=artifact_key(token, "buckets-summary"), markdown="\n".join(lines) + "\n")
+
+
+def thumbnail_uri(path: Path, size: int = 96) -> str:
+    """A small JPEG as a data URI: the Prefect UI renders it inline in markdown."""
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        image.thumbnail((size, size))
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=70)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def captions_markdown(token: str, result: CaptionResult, subject_dir: Path, caption_extension: str) -> str:
+    """Every image beside its caption, for review; says which file to edit."""
+    by_source = ", ".join(f"{n} {source}" for source, n in result.by_source.items() if n)
+    lines = [
+        f"# Captions of `{token}`",
+        "",
+        f"- {len(result.records)} captions ({by_source}); BLIP ran on {result.generated} image(s) this time",
+        f"- to fix one, edit the `{caption_extension}` file beside the image and run again: an edited caption is kept",
+        "",
+        "| image | caption | source | removed from BLIP's words |",
+        "|---|---|---|---|",
+    ]
+    for record in result.records:
+        picture = f"![{record['image']}]({thumbnail_uri(subject_dir / record['image'])})<br>`{record['image']}`"
+        lines.append(f"| {picture} | {_cell(record['caption'])} | {record['source']} | {_cell(record['removed'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def publish_captions(token: str, result: CaptionResult, subject_dir: Path, caption_extension: str) -> None:
+    create_markdown_artifact(
+        key=artifact_key(token, "captions"),
+        markdown=captions_markdown(token, result, subject_dir, caption_extension),
+        description=f"Captions of {token}, with thumbnails, for review",
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lora_core.captioning import CaptionModelError
 from lora_core.config import ConfigError
 from lora_core.fs import PathEscapeError
 from lora_core.ingest import InputError, TooFewImagesError
@@ -11,6 +12,7 @@ from lora_core.layout import InvalidTokenError
 
 # Errors that say the input or settings are wrong: running again cannot help.
 USER_ERRORS: tuple[type[BaseException], ...] = (
+    CaptionModelError,
     ConfigError,
     InputError,
     InvalidTokenError,

@@ -15,8 +15,11 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_PHOTOS = ROOT / "demo" / "photos"
 
-# The embedded Prefect server must not try the network during tests.
+# The embedded Prefect server must not try the network during tests, and no
+# test may download a model: the hub is off, tiny models are built locally.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ["HF_HUB_OFFLINE"] = "1"
+TINY_BLIP = "builtin:tiny-blip"
 
 
 def photo(size: tuple[int, int] = (640, 480), seed: int = 0) -> Image.Image:
@@ -73,3 +76,37 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def builtin_models_home(tmp_path_factory) -> Path:
+    """Build tiny models once per session, in a temporary home (subprocesses inherit it)."""
+    home = tmp_path_factory.mktemp("subject-lora-home")
+    os.environ["SUBJECT_LORA_HOME"] = str(home)
+    return home
+
+
+@pytest.fixture(scope="session")
+def blip_captioner(builtin_models_home):
+    """One loaded tiny BLIP for every test that captions in-process."""
+    from lora_core.captioning import BlipCaptioner
+
+    captioner = BlipCaptioner(TINY_BLIP, device="cpu")
+    captioner.load()
+    return captioner
+
+
+@pytest.fixture
+def count_blip(monkeypatch) -> list[int]:
+    """Count the images BLIP's generate is called on (one entry per call: its batch size)."""
+    from transformers import BlipForConditionalGeneration
+
+    calls: list[int] = []
+    real = BlipForConditionalGeneration.generate
+
+    def counted(self, pixel_values, *args, **kwargs):
+        calls.append(int(pixel_values.shape[0]))
+        return real(self, pixel_values, *args, **kwargs)
+
+    monkeypatch.setattr(BlipForConditionalGeneration, "generate", counted)
+    return calls

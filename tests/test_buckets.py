@@ -14,11 +14,15 @@ from lora_core.buckets import (
     apply_bucket,
     bucket_counts,
     bucket_resolutions,
+    bucket_subject,
+    buckets_intact,
     nearest_bucket,
     read_buckets,
     short_buckets,
     write_buckets,
 )
+from lora_core.ingest import ingest
+from lora_core.layout import SubjectLayout
 from tests.conftest import photo
 
 SD_SCRIPTS = json.loads((Path(__file__).parent / "data" / "sd_scripts_buckets.json").read_text())
@@ -172,3 +176,29 @@ def test_buckets_csv_with_a_crop_outside_is_refused(tmp_path):
     bad = dataclasses.replace(a, crop_left=a.crop_left + 10_000, crop_right=a.crop_right + 10_000)
     with pytest.raises(Exception, match="crop leaves"):
         write_buckets(tmp_path / "buckets.csv", [bad])
+
+
+def test_bucket_stage_on_an_ingested_subject(tmp_path, make_photo):
+    folder = tmp_path / "photos"
+    sizes = [(640, 480), (640, 480), (480, 640), (1200, 600), (512, 512)]
+    for i, size in enumerate(sizes):
+        make_photo(folder / f"p{i}.jpg", size=size, seed=50 + i)
+    layout = SubjectLayout(tmp_path / "work", "bk")
+    ingest(folder, layout, show_progress=False)
+    assert not buckets_intact(layout)
+    result = bucket_subject(layout, BucketPlan(), batch_size=2)
+    assert result.counts == {"576x448": 2, "448x576": 1, "704x320": 1, "512x512": 1}
+    assert result.short == {"448x576": 1, "704x320": 1, "512x512": 1}
+    assert result.upscaled == 0 and result.own_buckets == 0
+    assert [a.image for a in read_buckets(layout.buckets_csv)] == [r["image"] for r in result.rows]
+    assert buckets_intact(layout)
+    # A training image replaced behind our back (another size) makes the csv stale.
+    victim = layout.root / result.rows[0]["image"]
+    photo((300, 300), 1).save(victim)
+    from lora_core.manifest import read_manifest, write_manifest
+
+    frame = read_manifest(layout.manifest)
+    frame.loc[frame["image"] == result.rows[0]["image"], ["width", "height"]] = 300
+    write_manifest(layout.manifest, frame.to_dict(orient="records"))
+    assert not buckets_intact(layout)
+    assert bucket_subject(layout, BucketPlan(), batch_size=2).own_buckets == 1

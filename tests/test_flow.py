@@ -13,12 +13,13 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
 
 from flows.train_subject import build_parser, train_subject
-from tests.conftest import ROOT, encode, photo
+from lora_core.config import preset_config
+from tests.conftest import ROOT, TINY_BLIP, encode, photo
 
 
 def _ingest_state(photos: Path, workdir: Path, token: str = "t0k3n") -> tuple[str, str]:
     """Run the flow; return the ingest task run's state name and the flow run id."""
-    state = train_subject(photos=photos, token=token, workdir=workdir, return_state=True)
+    state = train_subject(photos=photos, token=token, workdir=workdir, stop_after="ingest", return_state=True)
     assert state.is_completed(), state
     flow_run_id = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
@@ -63,10 +64,60 @@ def test_flow_publishes_artifacts_and_the_kohya_json(prefect_harness, good_folde
     assert exported["output_name"] == "Art_Token" and exported["train_data_dir"].endswith("training_images")
 
 
+def _stage_states(photos: Path, workdir: Path, token: str = "t0k3n", **kwargs) -> dict[str, str]:
+    """Run the flow through captions with the tiny BLIP; return each stage's state name."""
+    config = preset_config().model_copy(update={"captioning": preset_config().captioning.model_copy(update=kwargs)})
+    config.captioning.model = TINY_BLIP
+    state = train_subject(photos=photos, token=token, workdir=workdir, config=config, return_state=True)
+    assert state.is_completed(), state
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
+    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
+
+
+def test_buckets_and_captions_are_cached_stages(prefect_harness, good_folder, tmp_path, count_blip):
+    work = tmp_path / "work"
+    assert _stage_states(good_folder, work) == {"ingest": "Completed", "buckets": "Completed", "captions": "Completed"}
+    assert sum(count_blip) == 6
+    subject = work / "t0k3n"
+    assert (subject / "buckets.csv").is_file() and (subject / "captions.csv").is_file()
+    assert _stage_states(good_folder, work) == {"ingest": "Cached", "buckets": "Cached", "captions": "Cached"}
+    # One more photo: every stage runs again, but BLIP sees only the new photo.
+    count_blip.clear()
+    (good_folder / "img9.png").write_bytes(encode(photo((700, 500), 4242), "PNG"))
+    assert set(_stage_states(good_folder, work).values()) == {"Completed"}
+    assert count_blip == [1]
+    captions = sorted(subject.glob("training_images/*/*.txt"))
+    assert len(captions) == 7 and all(c.read_text().startswith("t0k3n, ") for c in captions)
+    # An edited caption re-runs only the captions stage, which keeps the edit.
+    captions[2].write_text("t0k3n, my own words\n")
+    assert _stage_states(good_folder, work) == {"ingest": "Cached", "buckets": "Cached", "captions": "Completed"}
+    assert captions[2].read_text() == "t0k3n, my own words\n" and count_blip == [1]
+    # A deleted buckets.csv is written again rather than trusted from the cache.
+    (subject / "buckets.csv").unlink()
+    assert _stage_states(good_folder, work)["buckets"] == "Completed" and (subject / "buckets.csv").is_file()
+
+
+def test_bucket_and_caption_artifacts(prefect_harness, good_folder, tmp_path):
+    _stage_states(good_folder, tmp_path / "work", token="Art2")
+    keys = ["art2-buckets", "art2-buckets-summary", "art2-captions"]
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+    by_key = {a.key: a for a in artifacts}
+    table = by_key["art2-buckets"].data
+    table = json.loads(table) if isinstance(table, str) else table
+    assert sum(row["images"] for row in table) == 6
+    markdown = by_key["art2-captions"].data
+    assert markdown.count("data:image/jpeg;base64,") == 6 and markdown.count("| Art2, ") == 6
+
+
 def test_help_explains_every_option():
     text = build_parser().format_help()
-    for option in ("photos", "--token", "--workdir", "--config", "--preset", "--stop-after"):
+    for option in ("photos", "--token", "--workdir", "--config", "--preset", "--stop-after", "--caption-model"):
         assert option in text
+    assert "--recaption" in text and "captions" in text and "buckets" in text
 
 
 def _cli(*args: str, home: Path) -> subprocess.CompletedProcess:
@@ -90,13 +141,34 @@ def test_cli_on_a_messy_folder_exits_zero(demo_copy, tmp_path):
     (demo_copy / "obama-1.txt").write_text("a man in a suit with arms crossed")
     work = tmp_path / "W"
     done = _cli(
-        str(demo_copy), "--token", "t0k3n", "--workdir", str(work), "--stop-after", "ingest", home=tmp_path / "home"
+        str(demo_copy), "--token", "t0k3n", "--workdir", str(work), "--caption-model", TINY_BLIP, home=tmp_path / "home"
     )
     assert done.returncode == 0, done.stderr
     manifest = (work / "t0k3n" / "manifest.csv").read_text()
     for name in ("notes.txt", "empty.jpg", "tiny.png", ".DS_Store", "obama-1.txt"):
         assert name in manifest
     assert "ingest: 5 accepted" in done.stdout
+    assert "captions: 4 blip, 1 user; BLIP ran on 4 image(s)" in done.stdout
+    # Through captions: every image has one, starting with the token once; the user's caption survives.
+    images = sorted((work / "t0k3n" / "training_images" / "80_t0k3n").glob("*.png"))
+    captions = [image.with_suffix(".txt").read_text() for image in images]
+    assert len(captions) == 5 and all(c.startswith("t0k3n, ") and c.count("t0k3n") == 1 for c in captions)
+    assert captions[0] == "t0k3n, a man in a suit with arms crossed\n"  # obama-1 sorts first
+
+
+def test_cli_stops_after_buckets(good_folder, tmp_path):
+    work = tmp_path / "W"
+    done = _cli(str(good_folder), "--token", "b", "--workdir", str(work), "--stop-after", "buckets", home=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "buckets: 576x448: 6" in done.stdout  # 640x480 photos: 4:3 is nearest 576x448
+    assert (work / "b" / "buckets.csv").is_file() and not list(work.glob("b/training_images/*/*.txt"))
+
+
+def test_cli_with_an_unreachable_caption_model_says_what_to_do(good_folder, tmp_path):
+    done = _cli(str(good_folder), "--token", "c", "--workdir", str(tmp_path / "W"), home=tmp_path)
+    assert done.returncode == 1
+    assert "--caption-model DIR" in done.stderr and "builtin:tiny-blip" in done.stderr
+    assert (tmp_path / "W" / "c" / "buckets.csv").is_file()  # the stages before it are done and kept
 
 
 def test_cli_with_three_photos_fails_clearly(tmp_path):

@@ -11,6 +11,7 @@ from prefect import flow
 from prefect.states import Completed, Failed
 
 import tasks.ingest
+from lora_core.captioning import CaptionModelError
 from lora_core.config import ConfigError, IngestSettings
 from lora_core.ingest import TooFewImagesError
 from tasks.artifacts import artifact_key
@@ -24,6 +25,7 @@ from tasks.retries import retry_transient
         (TimeoutError("slow disk"), True),
         (TooFewImagesError("only 3", rows=[]), False),
         (ConfigError("bad.json: field 'x'"), False),
+        (CaptionModelError("hub unreachable"), False),
     ],
 )
 def test_only_transient_failures_are_retried(error, retried):

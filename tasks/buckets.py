@@ -1,0 +1,42 @@
+"""The bucketing stage as a Prefect task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+
+import lora_core.buckets
+import lora_core.manifest
+from lora_core.buckets import BucketPlan, BucketResult, bucket_subject
+from lora_core.ingest import IngestResult
+from lora_core.layout import SubjectLayout
+from tasks.artifacts import publish_buckets
+from tasks.caching import CodeVersion
+from tasks.retries import retry_transient
+
+
+@task(
+    name="buckets",
+    # The ingest result carries every image's hash, so new or changed photos re-run this.
+    cache_policy=TASK_SOURCE + INPUTS + CodeVersion(modules=(lora_core.buckets, lora_core.manifest)),
+    persist_result=True,
+    result_serializer="json",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_transient,
+)
+def bucket_images(ingested: IngestResult, workdir: Path, plan: BucketPlan, batch_size: int) -> BucketResult:
+    """Assign each training image to an aspect-ratio bucket; write buckets.csv."""
+    result = bucket_subject(SubjectLayout(workdir, ingested.token), plan, batch_size)
+    logger = get_run_logger()
+    logger.info("buckets: %s", ", ".join(f"{b}: {n}" for b, n in result.counts.items()))
+    if result.short:
+        logger.warning(
+            "buckets with fewer images than a batch of %d (their batches run short): %s",
+            batch_size,
+            ", ".join(result.short),
+        )
+    publish_buckets(ingested.token, result, batch_size)
+    return result

@@ -1,0 +1,60 @@
+"""The captioning stage as a Prefect task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+
+import lora_core.captioning
+import lora_core.manifest
+import lora_core.tiny_models
+from lora_core.captioning import CaptionResult, caption_subject
+from lora_core.config import CaptionSettings
+from lora_core.ingest import IngestResult
+from lora_core.layout import SubjectLayout
+from tasks.artifacts import publish_captions
+from tasks.caching import CodeVersion
+from tasks.retries import retry_transient
+
+CAPTIONS_CACHE = (
+    TASK_SOURCE + INPUTS + CodeVersion(modules=(lora_core.captioning, lora_core.manifest, lora_core.tiny_models))
+)
+
+
+@task(
+    name="captions",
+    cache_policy=CAPTIONS_CACHE,
+    persist_result=True,
+    result_serializer="json",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_transient,
+)
+def caption_images(
+    ingested: IngestResult,
+    workdir: Path,
+    settings: CaptionSettings,
+    caption_extension: str,
+    model_identity: str,
+) -> CaptionResult:
+    """Write a caption beside every training image (BLIP, or the user's own); captions.csv.
+
+    `model_identity` is part of the cache key: a changed local model folder
+    re-runs the stage even when its path is the same.
+    """
+    layout = SubjectLayout(workdir, ingested.token)
+    result = caption_subject(layout, settings, caption_extension=caption_extension)
+    logger = get_run_logger()
+    logger.info(
+        "captions: %s; BLIP ran on %d image(s) (%s)",
+        ", ".join(f"{n} {source}" for source, n in result.by_source.items()),
+        result.generated,
+        model_identity,
+    )
+    for record in result.records:
+        if record["removed"]:
+            logger.info("captions: %s: removed %s", record["image"], record["removed"])
+    publish_captions(ingested.token, result, layout.root, caption_extension)
+    return result
