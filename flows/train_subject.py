@@ -196,10 +196,8 @@ def print_summary(summary: dict) -> None:
     if "captions" in summary:
         captions = summary["captions"]
         sources = ", ".join(f"{n} {source}" for source, n in captions["by_source"].items() if n)
-        print(
-            f"{name('captions')}: {sources}; BLIP ran on {captions['generated']} image(s) "
-            f"(captions.csv: {captions['captions_csv']})"
-        )
+        ran = "" if "captions" in summary["cached"] else f"; BLIP ran on {captions['generated']} image(s)"
+        print(f"{name('captions')}: {sources}{ran} (captions.csv: {captions['captions_csv']})")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 import lora_core.buckets
@@ -14,19 +14,13 @@ from lora_core.ingest import IngestResult
 from lora_core.layout import SubjectLayout
 from tasks.artifacts import publish_buckets
 from tasks.caching import CodeVersion
-from tasks.retries import retry_transient
+from tasks.stage import stage
+
+# The ingest result carries every image's hash, so new or changed photos re-run this.
+BUCKETS_CACHE = TASK_SOURCE + INPUTS + CodeVersion(modules=(lora_core.buckets, lora_core.manifest))
 
 
-@task(
-    name="buckets",
-    # The ingest result carries every image's hash, so new or changed photos re-run this.
-    cache_policy=TASK_SOURCE + INPUTS + CodeVersion(modules=(lora_core.buckets, lora_core.manifest)),
-    persist_result=True,
-    result_serializer="json",
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_condition_fn=retry_transient,
-)
+@stage("buckets", BUCKETS_CACHE)
 def bucket_images(ingested: IngestResult, workdir: Path, plan: BucketPlan, batch_size: int) -> BucketResult:
     """Assign each training image to an aspect-ratio bucket; write buckets.csv."""
     result = bucket_subject(SubjectLayout(workdir, ingested.token), plan, batch_size)

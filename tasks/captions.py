@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 import lora_core.captioning
@@ -16,22 +16,14 @@ from lora_core.ingest import IngestResult
 from lora_core.layout import SubjectLayout
 from tasks.artifacts import publish_captions
 from tasks.caching import CodeVersion
-from tasks.retries import retry_transient
+from tasks.stage import stage
 
 CAPTIONS_CACHE = (
     TASK_SOURCE + INPUTS + CodeVersion(modules=(lora_core.captioning, lora_core.manifest, lora_core.tiny_models))
 )
 
 
-@task(
-    name="captions",
-    cache_policy=CAPTIONS_CACHE,
-    persist_result=True,
-    result_serializer="json",
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_condition_fn=retry_transient,
-)
+@stage("captions", CAPTIONS_CACHE)
 def caption_images(
     ingested: IngestResult,
     workdir: Path,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 import lora_core.ingest
@@ -15,7 +15,7 @@ from lora_core.ingest import IngestResult, TooFewImagesError, ingest
 from lora_core.layout import SubjectLayout
 from tasks.artifacts import ingest_summary, publish_ingest
 from tasks.caching import CodeVersion, InputContent
-from tasks.retries import retry_transient
+from tasks.stage import stage
 
 INGEST_CACHE = (
     TASK_SOURCE
@@ -25,15 +25,7 @@ INGEST_CACHE = (
 )
 
 
-@task(
-    name="ingest",
-    cache_policy=INGEST_CACHE,
-    persist_result=True,
-    result_serializer="json",
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_condition_fn=retry_transient,
-)
+@stage("ingest", INGEST_CACHE)
 def ingest_photos(
     photos: Path, token: str, workdir: Path, settings: IngestSettings, num_repeats: int | None = None
 ) -> IngestResult:
