@@ -20,6 +20,7 @@ __all__ = ["BUILTIN_PREFIX", "builtin_home", "is_builtin", "materialize"]
 BUILTIN_PREFIX = "builtin:"
 # Bump when a builder changes, so caches keyed on the model spec are invalidated.
 _VERSION = "v2"
+_BUILT = ".built"  # written last: a folder without it is not a finished model
 
 # Words a captioner of portraits would use, so tiny-BLIP output reads like a caption.
 _CAPTION_WORDS = """
@@ -46,24 +47,27 @@ def is_builtin(spec: str) -> bool:
 def materialize(spec: str, home: Path | None = None) -> Path:
     """Build the builtin model `spec` (e.g. ``builtin:tiny-blip``) if needed; return its folder.
 
-    Built into a temporary folder and renamed into place, so a crash never
-    leaves half a model that later loads.
+    Built into a temporary folder, marked finished, and renamed into place, so
+    a crash never leaves half a model that later loads.
     """
     name = spec.removeprefix(BUILTIN_PREFIX)
     if name not in _BUILDERS:
         raise ValueError(f"unknown builtin model {spec!r}; builtin models: {', '.join(_specs())}")
     home = Path(home) if home is not None else builtin_home()
     target = home / f"{name}-{_VERSION}"
-    if (target / "config.json").is_file():
+    if (target / _BUILT).is_file():
         return target
     home.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=home))
     try:
         _BUILDERS[name](staging)
+        (staging / _BUILT).write_text(spec + "\n")
+        if target.exists() and not (target / _BUILT).is_file():
+            shutil.rmtree(target)  # an unfinished build from an older version of this code
         try:
             staging.rename(target)
         except OSError:  # another process finished first
-            if not (target / "config.json").is_file():
+            if not (target / _BUILT).is_file():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -128,4 +132,152 @@ def _build_tiny_blip(folder: Path) -> None:
     BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
 
 
-_BUILDERS: dict[str, Callable[[Path], None]] = {"tiny-blip": _build_tiny_blip}
+def _clip_tokenizer():
+    """A CLIP BPE tokenizer over single bytes, no merges: every character is a token.
+
+    Real CLIP vocabularies come from the hub; this one is made here, with the
+    same special tokens, `</w>` word ends and byte-level alphabet, so the real
+    tokenizer class and truncation to 77 tokens run unchanged.
+    """
+    from transformers import CLIPTokenizer
+
+    # GPT-2's printable stand-ins for the 256 bytes, as CLIP's BPE uses them.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    alphabet, extra = [], 0
+    for byte in range(256):
+        if byte in printable:
+            alphabet.append(chr(byte))
+        else:
+            alphabet.append(chr(256 + extra))
+            extra += 1
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=77)
+
+
+def _clip_text_config(layers: int, vocab_size: int, **extra: int):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+        **extra,
+    )
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    # Four blocks as in SD's VAE, so latents are 1/8 of the image and 4 channels deep.
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+
+
+def _noise_scheduler():
+    from diffusers import DDPMScheduler
+
+    # Stable Diffusion's training schedule.
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        prediction_type="epsilon",
+        steps_offset=1,
+    )
+
+
+def _build_tiny_sd15(folder: Path) -> None:
+    """SD1.5's module tree (4 down/up blocks, 16 transformers, a 12-layer CLIP), 32 channels wide."""
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(0)
+    tokenizer = _clip_tokenizer()
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=2,
+        attention_head_dim=8,
+        cross_attention_dim=32,
+        norm_num_groups=8,
+    )
+    text_encoder = CLIPTextModel(_clip_text_config(12, len(tokenizer)))
+    pipeline = StableDiffusionPipeline(
+        vae=_vae(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=_noise_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(folder, safe_serialization=True)
+
+
+def _build_tiny_sdxl(folder: Path) -> None:
+    """SDXL's module tree (3 blocks with 1/2/10-deep transformers; CLIP-L 12 and bigG 32 layers), narrow."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    tokenizer = _clip_tokenizer()
+    time_dim, pooled_dim = 8, 32
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 64),
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(2, 4, 4),
+        cross_attention_dim=64,  # both text encoders' hidden states side by side, as in SDXL
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + pooled_dim,
+        norm_num_groups=8,
+    )
+    pipeline = StableDiffusionXLPipeline(
+        vae=_vae(),
+        text_encoder=CLIPTextModel(_clip_text_config(12, len(tokenizer))),
+        text_encoder_2=CLIPTextModelWithProjection(_clip_text_config(32, len(tokenizer), projection_dim=pooled_dim)),
+        tokenizer=tokenizer,
+        tokenizer_2=_clip_tokenizer(),
+        unet=unet,
+        scheduler=_noise_scheduler(),
+        force_zeros_for_empty_prompt=True,
+    )
+    pipeline.save_pretrained(folder, safe_serialization=True)
+
+
+_BUILDERS: dict[str, Callable[[Path], None]] = {
+    "tiny-blip": _build_tiny_blip,
+    "tiny-sd15": _build_tiny_sd15,
+    "tiny-sdxl": _build_tiny_sdxl,
+}
