@@ -2,7 +2,22 @@
 
 One module per concept: `config` (the settings), `layout` (the seed's folders),
 `sources` (reading an input safely), `ingest`, `manifest`, `buckets`, `captioning`,
-`tiny_models` (offline models built from configs), `fs` (atomic writes).
+`models` (the base model), `lora_io` (kohya's LoRA files), `training`, `hub` (where
+models come from), `tiny_models` (offline models built from configs), `fs` (atomic writes).
 """
 
-__all__ = ["buckets", "captioning", "config", "fs", "ingest", "layout", "manifest", "sources", "tiny_models"]
+__all__ = [
+    "buckets",
+    "captioning",
+    "config",
+    "fs",
+    "hub",
+    "ingest",
+    "layout",
+    "lora_io",
+    "manifest",
+    "models",
+    "sources",
+    "tiny_models",
+    "training",
+]

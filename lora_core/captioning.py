@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +34,7 @@ from rich.progress import Progress
 
 from lora_core.config import CaptionSettings
 from lora_core.fs import atomic_output, atomic_write_text, ensure_inside
+from lora_core.hub import hub_unreachable, offline_help
 from lora_core.layout import SubjectLayout
 from lora_core.manifest import accepted_images
 from lora_core.tiny_models import is_builtin, materialize
@@ -56,6 +54,7 @@ __all__ = [
 ]
 
 Source = Literal["blip", "user", "edited"]
+TINY = "builtin:tiny-blip"
 
 
 class CaptionModelError(RuntimeError):
@@ -121,21 +120,6 @@ def with_prefix(text: str, token: str, prefix: str = "{token}, ", postfix: str =
 
 
 # --- The model ----------------------------------------------------------------
-
-
-def _hub_reachable(repo_id: str, timeout: float = 5.0) -> str | None:
-    """None when the hub answers; else why not, in one line. One quick try, no retries."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return "HF_HUB_OFFLINE is set"
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    try:
-        request = urllib.request.Request(f"{endpoint}/api/models/{repo_id}", method="HEAD")
-        urllib.request.urlopen(request, timeout=timeout)
-    except urllib.error.HTTPError as err:
-        return None if err.code in (401, 403) else f"{endpoint} answered {err.code} for {repo_id}"
-    except (OSError, ValueError) as err:
-        return f"{endpoint} cannot be reached ({getattr(err, 'reason', err)})"
-    return None
 
 
 class BlipCaptioner:
@@ -206,14 +190,10 @@ class BlipCaptioner:
         except OSError as err:
             if local:
                 raise CaptionModelError(f"caption model {self.spec!r}: cannot load it: {err}") from err
-            why = _hub_reachable(source)
+            why = hub_unreachable(source)
             if why:
-                raise CaptionModelError(
-                    f"caption model {self.spec!r} is not in the local Hugging Face cache and the hub is "
-                    f"unreachable: {why}. On a machine with network, run `hf download {source} --local-dir "
-                    f"DIR`, copy DIR here, and pass `--caption-model DIR` (or set captioning.model in the "
-                    "config). For a run with no model at all, use `--caption-model builtin:tiny-blip`."
-                ) from None
+                message = offline_help("caption model", source, "--caption-model", "captioning.model", TINY)
+                raise CaptionModelError(f"{message} ({why})") from None
             processor, model = from_pretrained()
         self._loaded = (processor, model.to(device).eval())
         return self._loaded

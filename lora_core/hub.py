@@ -1,0 +1,39 @@
+"""Where a model comes from: the Hugging Face hub, a local folder, or a builtin tiny model.
+
+One rule for every model the pipeline loads (BLIP, the base model): look in
+the local cache first, then try the hub once, quickly; when it cannot be
+reached, fail at once with how to use a local copy, never after minutes of
+retries.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+
+__all__ = ["hub_unreachable", "offline_help"]
+
+
+def hub_unreachable(repo_id: str, timeout: float = 5.0) -> str | None:
+    """None when the hub answers for `repo_id`; else why not, in one line. One try, no retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    try:
+        request = urllib.request.Request(f"{endpoint}/api/models/{repo_id}", method="HEAD")
+        urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as err:
+        return None if err.code in (401, 403) else f"{endpoint} answered {err.code} for {repo_id}"
+    except (OSError, ValueError) as err:
+        return f"{endpoint} cannot be reached ({getattr(err, 'reason', err)})"
+    return None
+
+
+def offline_help(what: str, repo_id: str, flag: str, setting: str, builtin: str) -> str:
+    """The message for a model that is neither cached nor downloadable."""
+    return (
+        f"{what} {repo_id!r} is not in the local Hugging Face cache and the hub is unreachable. On a machine "
+        f"with network, run `hf download {repo_id} --local-dir DIR`, copy DIR here, and pass `{flag} DIR` "
+        f"(or set {setting} in the config). For a run with no model at all, use `{flag} {builtin}`."
+    )
