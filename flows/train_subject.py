@@ -79,13 +79,9 @@ def train_subject(
         return summary
 
     # 2. Buckets, as kohya makes them; batches never mix buckets.
+    plan = BucketPlan.from_config(config)
     bucketed = run(
-        bucket_images,
-        not buckets_intact(layout),
-        ingested,
-        Path(workdir),
-        BucketPlan.from_config(config),
-        config.train_batch_size,
+        bucket_images, not buckets_intact(layout, plan), ingested, Path(workdir), plan, config.train_batch_size
     )
     summary |= {"stage": "buckets", "buckets": bucketed.model_dump(mode="json", exclude={"rows"})}
     if stop_after == "buckets":
@@ -94,7 +90,7 @@ def train_subject(
     # 3. Captions. BLIP's words are cached per image; an edited caption file is kept.
     captioned = run(
         caption_images,
-        not captions_intact(layout, config.caption_extension),
+        not captions_intact(layout, config.caption_extension, config.captioning),
         ingested,
         Path(workdir),
         config.captioning,
@@ -138,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--recaption",
         action="store_true",
-        help="caption every image with BLIP, replacing captions that came with the photos and edited ones",
+        help="caption with BLIP even photos that came with a caption (hand-edited caption files are always kept)",
     )
     parser.add_argument(
         "--stop-after", choices=STAGES, default=STAGES[-1], help=f"stop after this stage (stages: {', '.join(STAGES)})"

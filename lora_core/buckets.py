@@ -156,19 +156,24 @@ class BucketPlan:
         if width < 1 or height < 1:
             raise ValueError(f"{image}: image size {width}x{height} is empty")
         bucket = nearest_bucket((width, height), self.buckets)
-        if self.no_upscale and _cover_scale((width, height), bucket) > 1.0:
+        # Without bucketing there is one shape, whatever it costs; with it, never enlarge if asked.
+        if self.enabled and self.no_upscale and _cover_scale((width, height), bucket) > 1.0:
             bucket = self._own_bucket(width, height)
         return _fit(image, (width, height), bucket)
 
     def _own_bucket(self, width: int, height: int) -> tuple[int, int]:
-        """A bucket for an image too small for the shared set: its own size, rounded down to `step`."""
+        """A bucket for an image too small for the shared set: its own size, rounded down to `step`.
+
+        As in sd-scripts' no-upscale mode, a side may fall below `min_reso` when
+        the image itself is that small: never enlarging wins over the minimum.
+        """
         area = self.resolution * self.resolution
         if width * height > area:  # shrink to the area first, keeping the aspect ratio
             factor = math.sqrt(area / (width * height))
             width, height = int(width * factor), int(height * factor)
 
         def side(value: int) -> int:
-            return min(self.max_reso, max(self.min_reso, value // self.step * self.step))
+            return min(self.max_reso, max(self.step, value // self.step * self.step))
 
         return (side(width), side(height))
 
@@ -301,11 +306,15 @@ def bucket_subject(layout: SubjectLayout, plan: BucketPlan, batch_size: int) -> 
     )
 
 
-def buckets_intact(layout: SubjectLayout) -> bool:
-    """True when `buckets.csv` is valid and lists exactly the accepted images at their sizes."""
+def buckets_intact(layout: SubjectLayout, plan: BucketPlan) -> bool:
+    """True when `buckets.csv` holds exactly what `plan` makes of the accepted images now.
+
+    Checked against the current settings, not only the image list, so going
+    back to earlier settings never leaves the other settings' rows in place.
+    """
     try:
-        rows = {a.image: (a.original_width, a.original_height) for a in read_buckets(layout.buckets_csv)}
+        rows = read_buckets(layout.buckets_csv)
         images = accepted_images(layout.manifest)
     except Exception:
         return False
-    return rows == {i.image: (i.width, i.height) for i in images}
+    return rows == [plan.assign(i.image, (i.width, i.height)) for i in images]

@@ -12,8 +12,10 @@ minimum length of 15, then fixes what BLIP invents. Here:
   photo captions only that photo; a caption file the user edited is kept.
 
 `captions.csv` records what was written and why; a caption file whose text
-differs from its record was edited by hand and is never overwritten (except by
-`recaption`).
+differs from its record was edited by hand and is never overwritten, not even
+by `recaption` (delete the file to get BLIP's words back). A stamp of the
+settings beside it lets the flow tell a current set of captions from one made
+with other settings.
 """
 
 from __future__ import annotations
@@ -64,6 +66,19 @@ class CaptionModelError(RuntimeError):
 # --- Text rules --------------------------------------------------------------
 
 
+def read_caption(path: Path) -> tuple[str, bool]:
+    """A caption file's text on one line, and whether it was UTF-8 (kohya reads only UTF-8).
+
+    A file saved in a Windows code page (an editor's "ANSI") is read as cp1252
+    rather than stopping the run; the caller rewrites it as UTF-8.
+    """
+    raw = path.read_bytes()
+    try:
+        return clean_caption(raw.decode("utf-8-sig")), not raw.startswith(b"\xef\xbb\xbf")
+    except UnicodeDecodeError:
+        return clean_caption(raw.decode("cp1252", errors="replace")), False
+
+
 def clean_caption(text: str) -> str:
     """One line, single spaces: kohya reads only a caption file's first line."""
     return " ".join(text.split())
@@ -108,12 +123,16 @@ def with_prefix(text: str, token: str, prefix: str = "{token}, ", postfix: str =
     """`prefix` + `text` + `postfix`, with the prefix exactly once at the start.
 
     A caption that already starts with the prefix or the token (a user wrote
-    "t0k3n, a man" or "t0k3n a man") does not get it twice.
+    "t0k3n, a man" or "t0k3n a man") does not get it twice; "t0k3n's dog" is
+    not taken for the token. The token inside the text is left alone.
     """
     head, tail = prefix.format(token=token), postfix.format(token=token)
     body = clean_caption(text)
-    starts = [re.escape(token) + r"(?![\w-])"] + ([re.escape(head.strip())] if head.strip() else [])
-    body = re.sub(rf"^(?:(?:{'|'.join(starts)})[\s,:;]*)+", "", body, flags=re.I).lstrip(" ,:;")
+    if head.strip():
+        # The prefix, or the bare token when the prefix carries it, followed by a separator or the end.
+        starts = [re.escape(head.strip())] + ([re.escape(token)] if "{token}" in prefix else [])
+        lead = rf"^(?:(?:{'|'.join(starts)})(?=[\s,:;]|$)[\s,:;]*)+"
+        body = re.sub(lead, "", body, flags=re.I).lstrip(" ,:;")
     if tail and body.endswith(tail.strip()):
         tail = ""
     return clean_caption(head + body + tail).rstrip(" ,;:") if body or tail else clean_caption(head).rstrip(" ,;:")
@@ -194,7 +213,10 @@ class BlipCaptioner:
             if why:
                 message = offline_help("caption model", source, "--caption-model", "captioning.model", TINY)
                 raise CaptionModelError(f"{message} ({why})") from None
-            processor, model = from_pretrained()
+            try:
+                processor, model = from_pretrained()
+            except OSError as err:  # a typo'd or private repo: the hub answers, but not with a model
+                raise CaptionModelError(f"caption model {self.spec!r}: cannot download it: {err}") from None
         self._loaded = (processor, model.to(device).eval())
         return self._loaded
 
@@ -292,30 +314,30 @@ def caption_subject(
 
     def source_of(user_caption: str, sha: str, on_disk: str | None) -> Source:
         wanted: Source = "blip" if settings.recaption or not user_caption else "user"
-        if settings.recaption or on_disk is None:
+        if on_disk is None:
             return wanted
         if sha in previous:  # we wrote this file: kept unless it changed since
             last = previous[sha]
             return "edited" if last.caption != on_disk or last.source == "edited" else wanted
-        # A caption file with no record (a run cut short, or the user's own): ours only if it is what we'd write.
-        if wanted == "user":
-            return "user" if with_prefix(user_caption, token, settings.prefix) == on_disk else "edited"
-        raw = cache.get(sha)
-        return "blip" if raw is not None and blip_text(raw)[0] == on_disk else "edited"
+        # A caption file with no record (a run cut short, or the user's own): ours only if we could have written it.
+        ours = {with_prefix(user_caption, token, settings.prefix)} if user_caption else set()
+        if (raw := cache.get(sha)) is not None:
+            ours.add(blip_text(raw)[0])
+        return wanted if on_disk in ours else "edited"
 
     plans = []
     for item in accepted_images(layout.manifest):
         path = ensure_inside(layout.root, layout.root / item.image)
         caption_path = path.with_suffix(caption_extension)
-        on_disk = clean_caption(caption_path.read_text(encoding="utf-8")) if caption_path.is_file() else None
+        on_disk, utf8 = read_caption(caption_path) if caption_path.is_file() else (None, True)
         sha = _file_sha(path)
-        plans.append((item, sha, caption_path, on_disk, source_of(item.user_caption, sha, on_disk)))
+        plans.append((item, sha, caption_path, on_disk, utf8, source_of(item.user_caption, sha, on_disk)))
 
-    wanted = {sha: item.image for item, sha, _, _, source in plans if source == "blip"}
+    wanted = {sha: item.image for item, sha, _, _, _, source in plans if source == "blip"}
     blip, generated = cache.fill(wanted, layout.root, captioner, show_progress)
 
     records: list[CaptionRecord] = []
-    for item, sha, caption_path, on_disk, source in plans:
+    for item, sha, caption_path, on_disk, utf8, source in plans:
         if source == "edited":
             record = CaptionRecord(item.image, sha, source, on_disk or "")
         elif source == "user":
@@ -323,10 +345,11 @@ def caption_subject(
         else:
             text, removed = blip_text(blip[sha])
             record = CaptionRecord(item.image, sha, source, text, blip[sha], "; ".join(removed))
-        if record.caption != on_disk:
+        if record.caption != on_disk or not utf8:
             atomic_write_text(caption_path, record.caption + "\n")
         records.append(record)
     _write_captions(layout.captions_csv, records)
+    atomic_write_text(_stamp_file(layout), settings_stamp(settings, captioner.identity, caption_extension))
     return CaptionResult(
         captions_csv=layout.captions_csv,
         generated=generated,
@@ -335,12 +358,30 @@ def caption_subject(
     )
 
 
-def captions_intact(layout: SubjectLayout, caption_extension: str = ".txt") -> bool:
+def settings_stamp(settings: CaptionSettings, identity: str, caption_extension: str) -> str:
+    """What the caption files depend on besides the images: compared by `captions_intact`."""
+    payload = json.dumps([settings.model_dump(mode="json"), identity, caption_extension], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _stamp_file(layout: SubjectLayout) -> Path:
+    return layout.captions_csv.with_name(".captions-settings")
+
+
+def captions_intact(
+    layout: SubjectLayout, caption_extension: str = ".txt", settings: CaptionSettings | None = None
+) -> bool:
     """True when `captions.csv` lists exactly the accepted images and every caption file still says so.
 
     A cached captions stage is only trusted when this holds; an edited, missing
-    or renumbered caption file makes the stage run again (and keep the edit).
+    or renumbered caption file makes the stage run again (and keep the edit),
+    and so do `settings` other than those of the run that wrote the captions.
     """
+    if settings is not None:
+        identity = BlipCaptioner(settings.model).identity
+        stamp = _stamp_file(layout)
+        if not stamp.is_file() or stamp.read_text() != settings_stamp(settings, identity, caption_extension):
+            return False
     try:
         records = {r.image: r.caption for r in read_captions(layout.captions_csv)}
         images = {item.image for item in accepted_images(layout.manifest)}
@@ -350,7 +391,7 @@ def captions_intact(layout: SubjectLayout, caption_extension: str = ".txt") -> b
         return False
     for image, caption in records.items():
         path = (layout.root / image).with_suffix(caption_extension)
-        if not path.is_file() or clean_caption(path.read_text(encoding="utf-8")) != caption:
+        if not path.is_file() or read_caption(path) != (caption, True):
             return False
     return True
 

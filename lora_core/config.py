@@ -311,6 +311,14 @@ class LoraConfig(BaseModel):
             return {}
         return parse_optimizer_args(value) if isinstance(value, str) else value
 
+    @field_validator("caption_extension")
+    @classmethod
+    def _caption_not_an_image(cls, value: str) -> str:
+        taken = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".safetensors", ".npz", ".json")
+        if value.lower() in taken:
+            raise ValueError(f"{value} is an image or data file extension; captions use .txt or .caption")
+        return value
+
     @field_validator("max_token_length")
     @classmethod
     def _token_length(cls, value: int) -> int:

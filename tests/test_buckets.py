@@ -90,14 +90,17 @@ def test_inconsistent_settings_are_refused(kwargs, message):
 RESOLUTIONS = st.sampled_from([(512, 1024), (768, 1536), (1024, 2048)])
 
 
-@given(st.integers(64, 5000), st.integers(64, 5000), RESOLUTIONS, st.booleans())
-def test_assignment_obeys_every_rule(width, height, reso, no_upscale):
+@given(st.integers(64, 5000), st.integers(64, 5000), RESOLUTIONS, st.sampled_from([256, 512]), st.booleans())
+def test_assignment_obeys_every_rule(width, height, reso, min_reso, no_upscale):
     resolution, max_reso = reso
-    plan = BucketPlan(resolution, 256, max_reso, 64, no_upscale=no_upscale)
+    plan = BucketPlan(resolution, min_reso, max_reso, 64, no_upscale=no_upscale)
     a = plan.assign("x.png", (width, height))
     bw, bh = a.bucket
     assert bw % 64 == 0 and bh % 64 == 0
-    assert 256 <= bw <= max_reso and 256 <= bh <= max_reso
+    assert bw <= max_reso and bh <= max_reso
+    # At least min_reso, unless the image itself is smaller and may not be enlarged.
+    assert bw >= min_reso or (no_upscale and width < min_reso)
+    assert bh >= min_reso or (no_upscale and height < min_reso)
     assert bw * bh <= resolution * resolution
     # The resize covers the bucket and keeps the aspect ratio to the rounding pixel.
     assert a.resized_width >= bw and a.resized_height >= bh
@@ -109,8 +112,9 @@ def test_assignment_obeys_every_rule(width, height, reso, no_upscale):
     assert abs((a.resized_width - a.crop_right) - a.crop_left) <= 1
     if not no_upscale:
         assert a.bucket == nearest_bucket((width, height), plan.buckets)
-    elif width >= 256 and height >= 256:
-        # Never enlarged; an image that can fill its nearest shared bucket goes there.
+    else:
+        # Never enlarged (64 px is one step: nothing is smaller); a picture that fills its nearest shared
+        # bucket goes there.
         assert a.scale <= 1.0
         nearest = nearest_bucket((width, height), plan.buckets)
         if width >= nearest[0] and height >= nearest[1]:
@@ -123,11 +127,15 @@ def test_small_image_gets_its_own_bucket_instead_of_being_enlarged():
     assert a.bucket == (256, 384) and a.scale <= 1.0
     enlarged = BucketPlan(512, 256, 1024, 64, no_upscale=False).assign("small.png", (300, 420))
     assert enlarged.bucket in bucket_resolutions(512) and enlarged.scale > 1.0
+    # Smaller than min_bucket_reso (ingest allows 256 px, SDXL buckets start at 512 here): still not enlarged.
+    sdxl = BucketPlan(1024, 512, 2048, 64, no_upscale=True).assign("small.png", (300, 400))
+    assert sdxl.bucket == (256, 384) and sdxl.scale <= 1.0
 
 
-def test_disabled_bucketing_uses_one_square():
+@pytest.mark.parametrize("size", [(1600, 900), (640, 480), (300, 400)])
+def test_disabled_bucketing_uses_one_square(size):
     plan = BucketPlan(512, 256, 1024, 64, enabled=False)
-    assert plan.assign("wide.png", (1600, 900)).bucket == (512, 512)
+    assert plan.assign("x.png", size).bucket == (512, 512)
 
 
 @given(st.integers(256, 1200), st.integers(256, 1200))
@@ -185,13 +193,14 @@ def test_bucket_stage_on_an_ingested_subject(tmp_path, make_photo):
         make_photo(folder / f"p{i}.jpg", size=size, seed=50 + i)
     layout = SubjectLayout(tmp_path / "work", "bk")
     ingest(folder, layout, show_progress=False)
-    assert not buckets_intact(layout)
+    assert not buckets_intact(layout, BucketPlan())
     result = bucket_subject(layout, BucketPlan(), batch_size=2)
     assert result.counts == {"576x448": 2, "448x576": 1, "704x320": 1, "512x512": 1}
     assert result.short == {"448x576": 1, "704x320": 1, "512x512": 1}
     assert result.upscaled == 0 and result.own_buckets == 0
     assert [a.image for a in read_buckets(layout.buckets_csv)] == [r["image"] for r in result.rows]
-    assert buckets_intact(layout)
+    assert buckets_intact(layout, BucketPlan())
+    assert not buckets_intact(layout, BucketPlan(enabled=False))  # other settings: the csv is stale
     # A training image replaced behind our back (another size) makes the csv stale.
     victim = layout.root / result.rows[0]["image"]
     photo((300, 300), 1).save(victim)
@@ -200,5 +209,5 @@ def test_bucket_stage_on_an_ingested_subject(tmp_path, make_photo):
     frame = read_manifest(layout.manifest)
     frame.loc[frame["image"] == result.rows[0]["image"], ["width", "height"]] = 300
     write_manifest(layout.manifest, frame.to_dict(orient="records"))
-    assert not buckets_intact(layout)
+    assert not buckets_intact(layout, BucketPlan())
     assert bucket_subject(layout, BucketPlan(), batch_size=2).own_buckets == 1

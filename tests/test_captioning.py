@@ -93,8 +93,17 @@ def test_prefix_rule_holds_for_any_text(text):
     assert with_prefix(caption, TOKEN) == caption  # idempotent: a second pass adds nothing
 
 
-def test_token_inside_a_word_is_not_taken_for_the_prefix():
-    assert with_prefix("t0k3nish man", TOKEN) == "t0k3n, t0k3nish man"
+@pytest.mark.parametrize(
+    ("text", "prefix", "expected"),
+    [
+        ("t0k3nish man", "{token}, ", "t0k3n, t0k3nish man"),  # inside a word: not the token
+        ("t0k3n's dog", "{token}, ", "t0k3n, t0k3n's dog"),  # no separator after it: not the prefix
+        ("t0k3n standing in a park", "", "t0k3n standing in a park"),  # no prefix: nothing to strip
+        ("photo of t0k3n, a man", "{token}, ", "t0k3n, photo of t0k3n, a man"),  # the token inside stays
+    ],
+)
+def test_what_is_not_taken_for_the_prefix(text, prefix, expected):
+    assert with_prefix(text, TOKEN, prefix) == expected
 
 
 def test_custom_prefix_and_postfix():
@@ -165,6 +174,19 @@ def test_unreachable_hub_fails_fast_and_says_how_to_use_a_local_copy(monkeypatch
     assert "--caption-model DIR" in message and "hf download Salesforce/blip-image-captioning-large" in message
 
 
+def test_a_repo_the_hub_does_not_serve_is_a_model_error(monkeypatch, tmp_path):
+    """The hub answers (say 401 for a typo'd id) but gives no model: a clear error, not an OSError retried."""
+    import huggingface_hub.constants
+
+    import lora_core.captioning
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(lora_core.captioning, "hub_unreachable", lambda repo: None)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # the download itself fails here
+    with pytest.raises(CaptionModelError, match="cannot download it"):
+        BlipCaptioner("Salesforce/blip-image-captioning-typo").load()
+
+
 # --- The stage ------------------------------------------------------------------------
 
 
@@ -204,11 +226,44 @@ def test_every_image_gets_a_prefixed_caption_and_a_user_caption_wins(subject, bl
     assert all(r.blip_caption for r in records[1:]) and captions_intact(subject)
 
 
-def test_recaption_replaces_the_user_caption(subject, blip_captioner):
+def test_recaption_replaces_the_user_caption_but_never_an_edit(subject, blip_captioner):
     _caption(subject, blip_captioner)
+    edited = next(subject.training_images.glob("*/0004.txt"))
+    edited.write_text("t0k3n, my words\n")
     result = _caption(subject, blip_captioner, recaption=True)
-    assert result.by_source["blip"] == 6
+    assert result.by_source == {"blip": 5, "user": 0, "edited": 1}
     assert "a man with a hat" not in _files(subject)["0001"]
+    assert edited.read_text() == "t0k3n, my words\n"
+    # And back: without recaption the user's caption returns.
+    _caption(subject, blip_captioner)
+    assert _files(subject)["0001"] == "t0k3n, a man with a hat smiling\n"
+
+
+def test_a_caption_edited_in_another_encoding_is_kept_and_made_utf8(subject, blip_captioner):
+    _caption(subject, blip_captioner)
+    edited = next(subject.training_images.glob("*/0002.txt"))
+    edited.write_bytes("t0k3n, un café à Paris\r\n".encode("cp1252"))
+    assert not captions_intact(subject)
+    result = _caption(subject, blip_captioner)
+    assert result.by_source["edited"] == 1
+    assert edited.read_bytes() == "t0k3n, un café à Paris\n".encode()
+    assert captions_intact(subject)
+
+
+def test_captions_made_with_other_settings_are_not_intact(subject, blip_captioner):
+    settings = CaptionSettings(model=TINY_BLIP)
+    caption_subject(subject, settings, captioner=blip_captioner, show_progress=False)
+    assert captions_intact(subject, ".txt", settings)
+    assert not captions_intact(subject, ".txt", settings.model_copy(update={"recaption": True}))
+    assert not captions_intact(subject, ".txt", settings.model_copy(update={"num_beams": 2}))
+
+
+@pytest.mark.parametrize("extension", [".png", ".JPG", ".safetensors"])
+def test_a_caption_extension_that_names_an_image_is_refused(extension):
+    from lora_core.config import LoraConfig
+
+    with pytest.raises(ValueError, match=r"captions use \.txt"):
+        LoraConfig(caption_extension=extension)
 
 
 def test_cache_captions_each_image_once(subject, blip_captioner, count_blip, make_photo, tmp_path):

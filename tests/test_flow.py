@@ -64,10 +64,10 @@ def test_flow_publishes_artifacts_and_the_kohya_json(prefect_harness, good_folde
     assert exported["output_name"] == "Art_Token" and exported["train_data_dir"].endswith("training_images")
 
 
-def _stage_states(photos: Path, workdir: Path, token: str = "t0k3n", **kwargs) -> dict[str, str]:
+def _stage_states(photos: Path, workdir: Path, token: str = "t0k3n", enable_bucket=True, **kwargs) -> dict[str, str]:
     """Run the flow through captions with the tiny BLIP; return each stage's state name."""
-    config = preset_config().model_copy(update={"captioning": preset_config().captioning.model_copy(update=kwargs)})
-    config.captioning.model = TINY_BLIP
+    captioning = preset_config().captioning.model_copy(update={"model": TINY_BLIP, **kwargs})
+    config = preset_config().model_copy(update={"captioning": captioning, "enable_bucket": enable_bucket})
     state = train_subject(photos=photos, token=token, workdir=workdir, config=config, return_state=True)
     assert state.is_completed(), state
     with get_client(sync_client=True) as client:
@@ -98,6 +98,23 @@ def test_buckets_and_captions_are_cached_stages(prefect_harness, good_folder, tm
     # A deleted buckets.csv is written again rather than trusted from the cache.
     (subject / "buckets.csv").unlink()
     assert _stage_states(good_folder, work)["buckets"] == "Completed" and (subject / "buckets.csv").is_file()
+
+
+def test_going_back_to_earlier_settings_rewrites_the_outputs(prefect_harness, good_folder, tmp_path):
+    """Prefect still holds the first settings' cached result; the files must follow the settings anyway."""
+    (good_folder / "img0.txt").write_text("a man with a hat")
+    work = tmp_path / "work"
+    subject = work / "t0k3n"
+    first = _stage_states(good_folder, work)
+    assert first["captions"] == "Completed"
+    caption = next(subject.glob("training_images/*/0001.txt"))
+    rows = (subject / "buckets.csv").read_text()
+    assert caption.read_text() == "t0k3n, a man with a hat\n"
+    _stage_states(good_folder, work, enable_bucket=False, recaption=True)
+    assert "a man with a hat" not in caption.read_text() and (subject / "buckets.csv").read_text() != rows
+    again = _stage_states(good_folder, work)
+    assert again["buckets"] == "Completed" and again["captions"] == "Completed"
+    assert caption.read_text() == "t0k3n, a man with a hat\n" and (subject / "buckets.csv").read_text() == rows
 
 
 def test_bucket_and_caption_artifacts(prefect_harness, good_folder, tmp_path):
