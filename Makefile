@@ -20,7 +20,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(PY) -m flows.train_subject demo/photos --token t0k3n --workdir work/demo --caption-model builtin:tiny-blip
+	$(PY) -m flows.train_subject demo/photos --token t0k3n --workdir work/demo \
+		--caption-model builtin:tiny-blip --base-model builtin:tiny-sd15 --config demo/config.json
 
 lint: install
 	$(PY) -m ruff check .

@@ -5,6 +5,7 @@ The seed's author does these steps by hand; each is a cached, retryable stage:
 1. ingest   - rename, convert to PNG, make the folder structure (`<token>/training_images/...`)
 2. buckets  - put each image in an aspect-ratio bucket, as kohya does (`buckets.csv`)
 3. captions - caption each image with BLIP, prefixed "<token>, " (a `.txt` beside it)
+4. train    - train the LoRA one epoch per task: `result_current/<token>-000001.safetensors` ...
 
 Later stages (orientation checks, crop, training, samples, selection) plug in
 between these, each with its own `--stop-after` name.
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import Task, flow
+from pydantic import ValidationError
 
 from lora_core.buckets import BucketPlan, buckets_intact
 from lora_core.captioning import BlipCaptioner, CaptionModelError, captions_intact
@@ -31,11 +33,15 @@ from lora_core.config import ConfigError, LoraConfig, load_config, preset_config
 from lora_core.fs import PathEscapeError
 from lora_core.ingest import InputError, TooFewImagesError, layout_intact
 from lora_core.layout import InvalidTokenError, SubjectLayout, validate_token
+from lora_core.lora_io import LoraFileError, read_lora
+from lora_core.models import BaseModelError, model_identity
+from lora_core.training import epoch_done, publish_final, run_key
 from tasks.buckets import bucket_images
 from tasks.captions import caption_images
 from tasks.ingest import ingest_photos
+from tasks.train import TrainRequest, train_epoch
 
-STAGES = ("ingest", "buckets", "captions")
+STAGES = ("ingest", "buckets", "captions", "train")
 
 
 @flow(name="train-subject")
@@ -98,6 +104,35 @@ def train_subject(
         BlipCaptioner(config.captioning.model).identity,
     )
     summary |= {"stage": "captions", "captions": captioned.model_dump(mode="json", exclude={"records"})}
+    if stop_after == "captions":
+        return summary
+
+    # 4. Train, one task per epoch; a killed run continues at its first unfinished epoch.
+    if config.network_weights:  # the seed's resume: start from a LoRA, at its rank and alpha
+        rank = read_lora(Path(config.network_weights)).rank
+        alpha = next(iter(read_lora(Path(config.network_weights)).modules.values()))[2]
+        config = config.model_copy(update={"network_dim": rank, "network_alpha": alpha})
+    key = run_key(config, model_identity(config.pretrained_model_name_or_path or ""), layout)
+    request = TrainRequest(token=token, workdir=Path(workdir), config=config, run_key=key)
+    epochs = [
+        run(train_epoch, not epoch_done(layout, key, epoch), request, epoch)
+        for epoch in range(1, config.max_train_epochs + 1)
+    ]
+    final = publish_final(layout, epochs[-1].epoch)
+    write_kohya_gui(
+        layout.result_current / "kohya_ss_config.json",
+        config,
+        train_data_dir=layout.training_images.resolve(),
+        output_dir=layout.result_current.resolve(),
+        output_name=token,
+    )
+    summary |= {
+        "stage": "train",
+        "train": {
+            "epochs": [e.model_dump(mode="json", exclude={"losses", "lrs"}) for e in epochs],
+            "final": str(final),
+        },
+    }
     return summary
 
 
@@ -137,6 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="caption with BLIP even photos that came with a caption (hand-edited caption files are always kept)",
     )
     parser.add_argument(
+        "--base-model",
+        help="base model: hub id, local diffusers folder, .safetensors checkpoint, "
+        "or builtin:tiny-sd15 / builtin:tiny-sdxl (no download; for trying the pipeline)",
+    )
+    parser.add_argument(
+        "--network-weights",
+        type=Path,
+        help="start from this kohya-format LoRA (ours or kohya's): the seed's way to train an undertrained LoRA more",
+    )
+    parser.add_argument("--epochs", type=int, help="epochs to train (kohya: max_train_epochs; the seed starts with 6)")
+    parser.add_argument(
         "--stop-after", choices=STAGES, default=STAGES[-1], help=f"stop after this stage (stages: {', '.join(STAGES)})"
     )
     return parser
@@ -151,6 +197,14 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             config = load_config(args.config, args.preset) if args.config else preset_config(args.preset or "sd15")
+        updates = {
+            "pretrained_model_name_or_path": args.base_model,
+            "network_weights": str(args.network_weights) if args.network_weights else None,
+            "max_train_epochs": args.epochs,
+        }
+        updates = {key: value for key, value in updates.items() if value is not None}
+        if updates:
+            config = LoraConfig.model_validate(config.model_dump() | updates)
         if args.caption_model or args.recaption:
             captioning = config.captioning.model_copy(
                 update={"model": args.caption_model or config.captioning.model, "recaption": args.recaption}
@@ -158,14 +212,22 @@ def main(argv: list[str] | None = None) -> int:
             config = config.model_copy(update={"captioning": captioning})
         for warning in caught:
             print(f"warning: {warning.message}", file=sys.stderr)
-    except (ConfigError, InvalidTokenError) as err:
+    except (ConfigError, InvalidTokenError, ValidationError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
         summary = train_subject(
             photos=args.photos, token=args.token, workdir=args.workdir, config=config, stop_after=args.stop_after
         )
-    except (TooFewImagesError, InputError, PathEscapeError, InvalidTokenError, CaptionModelError) as err:
+    except (
+        TooFewImagesError,
+        InputError,
+        PathEscapeError,
+        InvalidTokenError,
+        CaptionModelError,
+        BaseModelError,
+        LoraFileError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print_summary(summary)
@@ -194,6 +256,10 @@ def print_summary(summary: dict) -> None:
         sources = ", ".join(f"{n} {source}" for source, n in captions["by_source"].items() if n)
         ran = "" if "captions" in summary["cached"] else f"; BLIP ran on {captions['generated']} image(s)"
         print(f"{name('captions')}: {sources}{ran} (captions.csv: {captions['captions_csv']})")
+    if "train" in summary:
+        for epoch in summary["train"]["epochs"]:
+            print(f"train: epoch {epoch['epoch']}: mean loss {epoch['mean_loss']:.4f} -> {epoch['lora']}")
+        print(f"train: final LoRA {summary['train']['final']}")
 
 
 if __name__ == "__main__":

@@ -97,6 +97,18 @@ class SubjectLayout:
         """BLIP's output per image, model and settings, so no image is captioned twice."""
         return self.root / ".caption-cache"
 
+    def epoch_lora(self, epoch: int) -> Path:
+        """`result_current/<token>-000001.safetensors`, kohya's name for an epoch's LoRA."""
+        return self.result_current / f"{self.token}-{epoch:06d}.safetensors"
+
+    @property
+    def final_lora(self) -> Path:
+        return self.result_current / f"{self.token}.safetensors"
+
+    def train_state(self, run_key: str) -> Path:
+        """Where one run keeps what a new process needs to continue it, per epoch."""
+        return self.root / ".train-state" / run_key[:16]
+
     @property
     def prefect_results(self) -> Path:
         """Where Prefect persists task results and cache records for this subject."""

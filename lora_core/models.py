@@ -19,8 +19,6 @@ from lora_core.tiny_models import is_builtin, materialize
 
 __all__ = ["BaseModel", "BaseModelError", "load_base_model", "model_identity"]
 
-DEFAULT_BASE = {False: "builtin:tiny-sd15", True: "builtin:tiny-sdxl"}
-
 
 class BaseModelError(RuntimeError):
     """The base model cannot be loaded; the message says how to fix it."""
@@ -83,7 +81,12 @@ def load_base_model(spec: str | None, sdxl: bool | None = None, config_folder: s
     """
     from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    spec = spec or DEFAULT_BASE[bool(sdxl)]
+    if not spec:
+        raise BaseModelError(
+            "no base model: pass --base-model (a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5, "
+            "a local diffusers folder or a .safetensors checkpoint), or builtin:tiny-sd15 / builtin:tiny-sdxl "
+            "for a run with no model at all"
+        )
     source: str = str(materialize(spec)) if is_builtin(spec) else spec
     path = Path(source).expanduser()
     kwargs: dict[str, Any] = {}

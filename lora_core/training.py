@@ -8,15 +8,44 @@ file kohya would write.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+import math
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from safetensors.torch import save as save_bytes
 
-from lora_core.lora_io import LoraFile, LoraTarget, kohya_targets
+from lora_core.buckets import BucketAssignment, apply_bucket, read_buckets
+from lora_core.captioning import read_caption
+from lora_core.config import LoraConfig, Optimizer, format_optimizer_args
+from lora_core.fs import atomic_write_bytes, ensure_inside
+from lora_core.layout import SubjectLayout
+from lora_core.lora_io import LoraFile, LoraTarget, kohya_targets, save_lora, tag_frequency
 from lora_core.models import BaseModel
 
-__all__ = ["LoadReport", "LoraNetwork"]
+__all__ = [
+    "EpochStats",
+    "LoadReport",
+    "LoraNetwork",
+    "TrainItem",
+    "Trainer",
+    "epoch_batches",
+    "epoch_done",
+    "publish_final",
+    "run_info",
+    "run_key",
+    "save_epoch",
+    "shuffle_tags",
+    "state_file",
+    "training_items",
+]
 
 
 @dataclass(frozen=True)
@@ -94,3 +123,493 @@ class LoraNetwork:
                 loaded.add(target.name)
         missing = [t.name for t in self.targets if t.name not in loaded]
         return LoadReport(len(loaded), missing, sorted(unexpected))
+
+
+# --- Data -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainItem:
+    """One training image: its bucket cut, its caption, and how often an epoch shows it."""
+
+    assignment: BucketAssignment
+    caption: str
+    repeats: int
+
+
+def training_items(layout: SubjectLayout, caption_extension: str = ".txt") -> list[TrainItem]:
+    """The images of `buckets.csv` with their captions; repeats from the folder name, as kohya reads them."""
+    items = []
+    for assignment in read_buckets(layout.buckets_csv):
+        image = ensure_inside(layout.root, layout.root / assignment.image)
+        caption_path = image.with_suffix(caption_extension)
+        if not caption_path.is_file():
+            raise FileNotFoundError(f"{caption_path}: no caption; run the captions stage first")
+        repeats = int(image.parent.name.split("_", 1)[0]) if image.parent.name.split("_", 1)[0].isdigit() else 1
+        items.append(TrainItem(assignment, read_caption(caption_path)[0], repeats))
+    if not items:
+        raise ValueError(f"{layout.buckets_csv}: no images to train on")
+    return items
+
+
+def shuffle_tags(caption: str, keep_tokens: int, rng: random.Random) -> str:
+    """kohya's shuffle_caption: shuffle the comma-separated tags after the first `keep_tokens`."""
+    tags = [t.strip() for t in caption.split(",")]
+    head, tail = tags[:keep_tokens], tags[keep_tokens:]
+    rng.shuffle(tail)
+    return ", ".join(t for t in head + tail if t)
+
+
+def epoch_batches(items: list[TrainItem], batch_size: int, seed: int) -> list[list[int]]:
+    """Indices of one epoch's batches: each image `repeats` times, batches within one bucket, shuffled.
+
+    Seeded per epoch, so a resumed run sees the same order it would have seen.
+    """
+    rng = random.Random(seed)
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for index, item in enumerate(items):
+        by_bucket.setdefault(item.assignment.bucket, []).extend([index] * item.repeats)
+    batches = []
+    for bucket in sorted(by_bucket):
+        members = by_bucket[bucket]
+        rng.shuffle(members)
+        batches += [members[i : i + batch_size] for i in range(0, len(members), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+# --- The trainer ---------------------------------------------------------------------
+
+
+@dataclass
+class EpochStats:
+    """What one epoch did: per-step loss and learning rate."""
+
+    epoch: int
+    global_step: int
+    losses: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+
+    @property
+    def mean_loss(self) -> float:
+        return sum(self.losses) / max(1, len(self.losses))
+
+
+def _device_and_precision(config: LoraConfig, device: str | None) -> tuple[str, str, list[str]]:
+    notes: list[str] = []
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    precision = config.mixed_precision.value
+    if device == "cpu" and precision != "no":
+        notes.append(f"mixed_precision {precision} needs a GPU: training in fp32 on the CPU")
+        precision = "no"
+    return device, precision, notes
+
+
+class Trainer:
+    """One LoRA run: the base model and data loaded once, trained epoch by epoch.
+
+    State that a new process needs to continue (LoRA weights in fp32, optimizer
+    moments, step, noise RNG) is saved per epoch as safetensors, never pickled;
+    the LR schedule is rebuilt and stepped to the saved step.
+    """
+
+    def __init__(
+        self,
+        config: LoraConfig,
+        base: BaseModel,
+        layout: SubjectLayout,
+        *,
+        device: str | None = None,
+        show_progress: bool = True,
+    ) -> None:
+        from accelerate import Accelerator
+
+        if config.max_token_length != 75:
+            raise ValueError("max_token_length above 75 is not supported yet; use 75")
+        self.config, self.base, self.layout, self.show_progress = config, base, layout, show_progress
+        self.device, self.precision, self.notes = _device_and_precision(config, device)
+        self.accelerator = Accelerator(
+            mixed_precision=self.precision,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            cpu=self.device == "cpu",
+        )
+        torch.manual_seed(config.seed)  # the LoRA's initial weights
+        self.network = LoraNetwork(base, config.network_dim, config.network_alpha, config.train_text_encoder)
+        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision, torch.float32)
+        for component in base.components.values():
+            component.to(self.accelerator.device, dtype=weight_dtype)
+        for param in self.network.parameters():  # the trained weights stay in fp32
+            param.data = param.data.float()
+        base.vae.to(self.accelerator.device, dtype=torch.float32).requires_grad_(False)
+        if config.gradient_checkpointing:
+            base.unet.enable_gradient_checkpointing()
+            for encoder in base.text_encoders:
+                encoder.gradient_checkpointing_enable()
+        if config.v_parameterization:
+            base.noise_scheduler.register_to_config(prediction_type="v_prediction")
+        self.items = training_items(layout, config.caption_extension)
+        self.latents = self._cache_latents()
+        self.steps_per_epoch = math.ceil(
+            len(epoch_batches(self.items, config.train_batch_size, 0)) / config.gradient_accumulation_steps
+        )
+        self.optimizer = self._optimizer()
+        self.total_steps = self.steps_per_epoch * config.max_train_epochs
+        self.lr_scheduler = self._scheduler(start=0)
+        self.noise = torch.Generator().manual_seed(config.seed)
+        self.epoch, self.global_step = 0, 0
+
+    # -- set-up --
+
+    def _cache_latents(self) -> list[torch.Tensor]:
+        """Each image, cut to its bucket and encoded by the VAE once (the distribution's mean)."""
+        from PIL import Image
+
+        vae = self.base.vae
+        out = []
+        for item in self.items:
+            with Image.open(self.layout.root / item.assignment.image) as image:
+                picture = apply_bucket(image.convert("RGB"), item.assignment)
+            pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+            with torch.no_grad():
+                dist = vae.encode(pixels[None].to(self.accelerator.device)).latent_dist
+            out.append((dist.mean * vae.config.scaling_factor)[0].cpu())
+        return out
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        config = self.config
+        groups = [{"params": self.network.parameters("unet"), "lr": config.unet_lr}]
+        text = [p for c in ("text_encoder", "text_encoder_2") for p in self.network.parameters(c)]
+        if text:
+            groups.append({"params": text, "lr": config.text_encoder_lr})
+        args = dict(config.optimizer_args)
+        if config.optimizer == Optimizer.AdamW8bit:
+            if self.device.startswith("cuda"):
+                import bitsandbytes
+
+                return bitsandbytes.optim.AdamW8bit(groups, **args)
+            self.notes.append("AdamW8bit needs a GPU (bitsandbytes): using torch AdamW on the CPU")
+            return torch.optim.AdamW(groups, **args)
+        if config.optimizer == Optimizer.Adafactor:
+            from transformers.optimization import Adafactor
+
+            args = {"scale_parameter": False, "relative_step": False, "warmup_init": False} | args
+            return Adafactor(groups, **args)
+        return torch.optim.AdamW(groups, **args)
+
+    def _scheduler(self, start: int) -> Any:
+        from diffusers.optimization import get_scheduler
+
+        config = self.config
+        scheduler = get_scheduler(
+            config.lr_scheduler.value,
+            self.optimizer,
+            num_warmup_steps=round(self.total_steps * config.lr_warmup / 100),
+            num_training_steps=self.total_steps,
+            num_cycles=config.lr_scheduler_num_cycles,
+        )
+        with warnings.catch_warnings():  # replaying steps without optimizer steps is the point here
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(start):  # the schedule is a pure function of the step: replay it
+                scheduler.step()
+        return scheduler
+
+    # -- one step --
+
+    def _encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        base, device = self.base, self.accelerator.device
+        ids = [
+            tok(
+                captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+            ).input_ids.to(device)
+            for tok in base.tokenizers
+        ]
+        if not base.sdxl:
+            encoder = base.text_encoders[0]
+            out = encoder(ids[0], output_hidden_states=True)
+            if self.config.clip_skip > 1:
+                hidden = out.hidden_states[-self.config.clip_skip]
+                return getattr(encoder, "text_model", encoder).final_layer_norm(hidden), None
+            return out.last_hidden_state, None
+        # SDXL: the penultimate layer of both encoders side by side, and the second one's pooled output.
+        first = base.text_encoders[0](ids[0], output_hidden_states=True).hidden_states[-2]
+        second = base.text_encoders[1](ids[1], output_hidden_states=True)
+        return torch.cat([first, second.hidden_states[-2]], dim=-1), second.text_embeds
+
+    def _time_ids(self, batch: list[int]) -> torch.Tensor:
+        """SDXL's size conditioning: original size, crop top-left, target size (height first)."""
+        rows = []
+        for index in batch:
+            a = self.items[index].assignment
+            rows.append([a.original_height, a.original_width, a.crop_top, a.crop_left, a.bucket_height, a.bucket_width])
+        return torch.tensor(rows, dtype=torch.float32, device=self.accelerator.device)
+
+    def _loss(self, batch: list[int], caption_rng: random.Random) -> torch.Tensor:
+        config, base, device = self.config, self.base, self.accelerator.device
+        latents = torch.stack([self.latents[i] for i in batch]).to(device)
+        captions = [self.items[i].caption for i in batch]
+        if config.shuffle_caption:
+            captions = [shuffle_tags(c, config.keep_tokens, caption_rng) for c in captions]
+        noise = torch.randn(latents.shape, generator=self.noise).to(device)
+        if config.noise_offset:
+            noise += config.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=self.noise).to(device)
+        schedule = base.noise_scheduler
+        steps = torch.randint(0, schedule.config.num_train_timesteps, (len(batch),), generator=self.noise).to(device)
+        noisy = schedule.add_noise(latents, noise, steps)
+        v_prediction = schedule.config.prediction_type == "v_prediction"
+        target = schedule.get_velocity(latents, noise, steps) if v_prediction else noise
+        with self.accelerator.autocast():
+            hidden, pooled = self._encode_text(captions)
+            extra = (
+                {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": self._time_ids(batch)}} if base.sdxl else {}
+            )
+            prediction = base.unet(noisy, steps, hidden, **extra).sample
+        loss = torch.nn.functional.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if config.min_snr_gamma:
+            alphas = schedule.alphas_cumprod.to(device)[steps]
+            snr = alphas / (1 - alphas)
+            weight = snr.clamp(max=config.min_snr_gamma) / (snr + 1 if v_prediction else snr)
+            loss = loss * weight
+        return loss.mean()
+
+    # -- an epoch --
+
+    def run_epoch(self, epoch: int) -> EpochStats:
+        """Train epoch `epoch` (1-based); the trainer must have finished epoch - 1."""
+        if epoch != self.epoch + 1:
+            raise ValueError(f"epoch {epoch} asked for after epoch {self.epoch}; load that epoch's state first")
+        from rich.progress import Progress
+
+        config = self.config
+        params = self.network.parameters()
+        stats = EpochStats(epoch, self.global_step)
+        caption_rng = random.Random(config.seed * 1000 + epoch)
+        batches = epoch_batches(self.items, config.train_batch_size, config.seed * 1000 + epoch)
+        for module in self.base.components.values():
+            module.train()
+        with Progress(disable=not self.show_progress, transient=True) as progress:
+            bar = progress.add_task(f"train: epoch {epoch}", total=len(batches))
+            for batch in batches:
+                with self.accelerator.accumulate(*self.base.components.values()):
+                    loss = self._loss(batch, caption_rng)
+                    self.accelerator.backward(loss)
+                    if self.accelerator.sync_gradients:
+                        self.accelerator.clip_grad_norm_(params, 1.0)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                if self.accelerator.sync_gradients:
+                    self.lr_scheduler.step()
+                    self.global_step += 1
+                    stats.losses.append(float(loss.detach()))
+                    stats.lrs.append(float(self.lr_scheduler.get_last_lr()[0]))
+                progress.advance(bar)
+        self.epoch, stats.global_step = epoch, self.global_step
+        return stats
+
+    # -- saving and resuming --
+
+    def save_state(self, path: Path) -> None:
+        """Everything a new process needs to continue after this epoch, as one safetensors file."""
+        tensors: dict[str, torch.Tensor] = {}
+        for name, (down, up) in self.network.weights().items():
+            tensors[f"lora.{name}.down"], tensors[f"lora.{name}.up"] = down.float().cpu(), up.float().cpu()
+        state = self.optimizer.state_dict()
+        scalars: dict[str, Any] = {}
+        for index, slots in state["state"].items():
+            for key, value in slots.items():
+                if torch.is_tensor(value):
+                    tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
+                else:
+                    scalars[f"{index}.{key}"] = value
+        tensors["rng.noise"] = self.noise.get_state()
+        meta = {
+            "epoch": str(self.epoch),
+            "global_step": str(self.global_step),
+            "optimizer_scalars": json.dumps(scalars),
+            "param_groups": json.dumps([{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]]),
+        }
+        atomic_write_bytes(Path(path), save_bytes(tensors, meta))
+
+    def load_state(self, path: Path) -> None:
+        """Continue after the epoch saved at `path` (by this code, for this run)."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata()
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        targets = {t.name: t for t in self.network.targets}
+        with torch.no_grad():
+            for name, target in targets.items():
+                down, up = self.network._pair(target)
+                down.copy_(tensors[f"lora.{name}.down"])
+                up.copy_(tensors[f"lora.{name}.up"])
+        state = self.optimizer.state_dict()
+        slots: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, slot = key.split(".", 2)
+                slots.setdefault(int(index), {})[slot] = value.to(self.accelerator.device)
+        for key, value in json.loads(meta["optimizer_scalars"]).items():
+            index, slot = key.split(".", 1)
+            slots.setdefault(int(index), {})[slot] = value
+        groups = json.loads(meta["param_groups"])
+        for group, saved in zip(state["param_groups"], groups, strict=True):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        self.optimizer.load_state_dict({"state": slots, "param_groups": state["param_groups"]})
+        self.noise.set_state(tensors["rng.noise"])
+        self.epoch, self.global_step = int(meta["epoch"]), int(meta["global_step"])
+        self.lr_scheduler = self._scheduler(start=self.global_step)
+
+    # -- kohya's metadata --
+
+    def metadata(self, epoch: int, run_info: dict[str, str]) -> dict[str, str]:
+        """The `ss_*` and `modelspec.*` metadata sd-scripts writes, so tools that read it show our runs."""
+        config, base = self.config, self.base
+        token = self.layout.token
+        folders: dict[str, dict[str, int]] = {}
+        for item in self.items:
+            folder = Path(item.assignment.image).parent.name
+            entry = folders.setdefault(folder, {"n_repeats": item.repeats, "img_count": 0})
+            entry["img_count"] += 1
+        buckets: dict[str, int] = {}
+        for item in self.items:
+            label = f"{item.assignment.bucket_width}x{item.assignment.bucket_height}"
+            buckets[label] = buckets.get(label, 0) + 1
+        optimizer = type(self.optimizer)
+        args = format_optimizer_args(config.optimizer_args)
+        text_lr = config.text_encoder_lr if config.train_text_encoder else None
+        meta: dict[str, Any] = {
+            "ss_session_id": run_info["session_id"],
+            "ss_training_started_at": run_info["started_at"],
+            "ss_training_finished_at": str(time.time()),
+            "ss_output_name": token,
+            "ss_sd_model_name": Path(base.spec).name if Path(base.spec).exists() else base.spec,
+            "ss_base_model_version": base.version,
+            "ss_v2": str(base.version.startswith("sd_v2")),
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": config.network_dim,
+            "ss_network_alpha": float(config.network_alpha),
+            "ss_network_dropout": None,
+            "ss_learning_rate": config.unet_lr,
+            "ss_unet_lr": config.unet_lr,
+            "ss_text_encoder_lr": text_lr,
+            "ss_optimizer": f"{optimizer.__module__}.{optimizer.__name__}" + (f"({args})" if args else ""),
+            "ss_lr_scheduler": config.lr_scheduler.value,
+            "ss_lr_warmup_steps": round(self.total_steps * config.lr_warmup / 100),
+            "ss_max_train_steps": self.total_steps,
+            "ss_num_epochs": config.max_train_epochs,
+            "ss_epoch": epoch,
+            "ss_steps": self.global_step,
+            "ss_num_batches_per_epoch": self.steps_per_epoch,
+            "ss_num_train_images": sum(item.repeats for item in self.items),
+            "ss_num_reg_images": 0,
+            "ss_batch_size_per_device": config.train_batch_size,
+            "ss_total_batch_size": config.train_batch_size * config.gradient_accumulation_steps,
+            "ss_gradient_accumulation_steps": config.gradient_accumulation_steps,
+            "ss_gradient_checkpointing": config.gradient_checkpointing,
+            "ss_mixed_precision": self.precision,
+            "ss_full_fp16": False,
+            "ss_resolution": (config.resolution, config.resolution),
+            "ss_enable_bucket": config.enable_bucket,
+            "ss_min_bucket_reso": config.min_bucket_reso,
+            "ss_max_bucket_reso": config.max_bucket_reso,
+            "ss_bucket_no_upscale": config.bucket_no_upscale,
+            "ss_bucket_info": json.dumps({"buckets": buckets}),
+            "ss_clip_skip": config.clip_skip,
+            "ss_max_token_length": config.max_token_length,
+            "ss_cache_latents": True,
+            "ss_seed": config.seed,
+            "ss_noise_offset": config.noise_offset or None,
+            "ss_min_snr_gamma": config.min_snr_gamma or None,
+            "ss_shuffle_caption": config.shuffle_caption,
+            "ss_keep_tokens": config.keep_tokens,
+            "ss_flip_aug": config.flip_aug,
+            "ss_color_aug": False,
+            "ss_random_crop": False,
+            "ss_dataset_dirs": json.dumps(folders),
+            "ss_tag_frequency": tag_frequency_by_folder(self.items),
+            "ss_training_comment": f"subject-lora; network_weights: {run_info.get('network_weights') or 'None'}",
+            "modelspec.sai_model_spec": "1.0.0",
+            "modelspec.architecture": f"stable-diffusion-{'xl-v1-base' if base.sdxl else 'v1'}/lora",
+            "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
+            if base.sdxl
+            else "diffusers",
+            "modelspec.title": token,
+            "modelspec.resolution": f"{config.resolution}x{config.resolution}",
+            "modelspec.date": run_info.get("date", ""),
+        }
+        return {key: str(value) for key, value in meta.items()}
+
+
+def tag_frequency_by_folder(items: list[TrainItem]) -> str:
+    """`ss_tag_frequency` over the training folders, as sd-scripts counts it."""
+    merged: dict[str, dict[str, int]] = {}
+    for item in items:
+        folder = Path(item.assignment.image).parent.name
+        counts = json.loads(tag_frequency([item.caption], folder))[folder]
+        for tag, n in counts.items():
+            merged.setdefault(folder, {})[tag] = merged.setdefault(folder, {}).get(tag, 0) + n
+    return json.dumps(merged)
+
+
+# --- A run, epoch by epoch ---------------------------------------------------------------
+
+_SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
+
+
+def run_info(layout: SubjectLayout, run_key: str, network_weights: str | None) -> dict[str, str]:
+    """The run's identity for its metadata (session id, start time), made once and kept on disk."""
+    path = layout.train_state(run_key) / "run.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    info = {
+        "session_id": str(random.SystemRandom().randint(0, 2**32 - 1)),
+        "started_at": str(time.time()),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime()),
+        "network_weights": network_weights or "",
+    }
+    atomic_write_bytes(path, json.dumps(info).encode())
+    return info
+
+
+def state_file(layout: SubjectLayout, run_key: str, epoch: int) -> Path:
+    return layout.train_state(run_key) / f"epoch-{epoch:06d}.safetensors"
+
+
+def save_epoch(trainer: Trainer, run_key: str, info: dict[str, str]) -> Path:
+    """Write the finished epoch's LoRA (kohya's file and name) and the state to continue from it.
+
+    The state goes first: an epoch counts as done only when its LoRA file is
+    there too, so a crash between the two redoes the epoch rather than losing it.
+    """
+    epoch = trainer.epoch
+    trainer.save_state(state_file(trainer.layout, run_key, epoch))
+    path = trainer.layout.epoch_lora(epoch)
+    dtype = _SAVE_DTYPES[trainer.config.save_precision.value]
+    save_lora(path, trainer.network.weights(), trainer.config.network_alpha, trainer.metadata(epoch, info), dtype)
+    return path
+
+
+def epoch_done(layout: SubjectLayout, run_key: str, epoch: int) -> bool:
+    """Both the epoch's LoRA and its state are on disk (the state written by this run)."""
+    return layout.epoch_lora(epoch).is_file() and state_file(layout, run_key, epoch).is_file()
+
+
+def run_key(config: LoraConfig, base_identity: str, layout: SubjectLayout) -> str:
+    """What makes a run this run: its settings, base model, training data and starting LoRA.
+
+    Caption and ingest settings are left out: what they produced is in the data.
+    """
+    digest = hashlib.sha256()
+    digest.update(config.model_dump_json(exclude={"captioning", "ingest"}).encode())
+    digest.update(base_identity.encode())
+    for path in (layout.buckets_csv, layout.captions_csv):
+        digest.update(path.read_bytes())
+    if config.network_weights:
+        digest.update(Path(config.network_weights).read_bytes())
+    return digest.hexdigest()
+
+
+def publish_final(layout: SubjectLayout, epoch: int) -> Path:
+    """`result_current/<token>.safetensors`: the chosen epoch under the name users load."""
+    atomic_write_bytes(layout.final_lora, layout.epoch_lora(epoch).read_bytes())
+    return layout.final_lora

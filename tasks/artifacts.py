@@ -7,7 +7,7 @@ import io
 import re
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageDraw
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from lora_core.buckets import BucketResult
@@ -114,3 +114,44 @@ def publish_captions(token: str, result: CaptionResult, subject_dir: Path, capti
         markdown=captions_markdown(token, result, subject_dir, caption_extension),
         description=f"Captions of {token}, with thumbnails, for review",
     )
+
+
+def loss_chart(losses: list[float], lrs: list[float], size: tuple[int, int] = (480, 200)) -> bytes:
+    """A PNG line chart of per-step loss (blue) and learning rate (orange, own scale)."""
+    width, height = size
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    pad = 24
+    draw.rectangle((pad, 8, width - 8, height - pad), outline=(200, 200, 200))
+
+    def line(values: list[float], colour: tuple[int, int, int]) -> None:
+        if len(values) < 2:
+            return
+        low, high = min(values), max(values)
+        span = (high - low) or 1.0
+        points = [
+            (pad + i * (width - pad - 8) / (len(values) - 1), height - pad - (v - low) / span * (height - pad - 8))
+            for i, v in enumerate(values)
+        ]
+        draw.line(points, fill=colour, width=2)
+
+    line(lrs, (230, 140, 30))
+    line(losses, (40, 90, 200))
+    if losses:
+        draw.text((pad + 4, height - pad + 6), f"loss {min(losses):.3f}-{max(losses):.3f}", fill=(40, 90, 200))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def publish_epoch(token: str, epoch: int, losses: list[float], lrs: list[float], lora: Path) -> None:
+    """The epoch's loss curve and file, as a markdown artifact (the chart inline)."""
+    chart = "data:image/png;base64," + base64.b64encode(loss_chart(losses, lrs)).decode("ascii")
+    mean = sum(losses) / max(1, len(losses))
+    markdown = (
+        f"# `{token}` epoch {epoch}\n\n"
+        f"- {len(losses)} steps, mean loss {mean:.4f}, last learning rate {lrs[-1] if lrs else 0:.2e}\n"
+        f"- LoRA: `{lora}`\n\n"
+        f"![loss (blue) and learning rate (orange) per step]({chart})\n"
+    )
+    create_markdown_artifact(key=artifact_key(token, f"epoch-{epoch}"), markdown=markdown)

@@ -1,0 +1,109 @@
+"""The training stage: one Prefect task per epoch, the models kept loaded between epochs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+from pydantic import BaseModel
+
+import lora_core.buckets
+import lora_core.lora_io
+import lora_core.models
+import lora_core.training
+from lora_core.config import LoraConfig
+from lora_core.layout import SubjectLayout
+from lora_core.lora_io import read_lora
+from lora_core.models import load_base_model
+from lora_core.training import Trainer, run_info, save_epoch, state_file
+from tasks.artifacts import publish_epoch
+from tasks.caching import CodeVersion
+from tasks.stage import stage
+
+# One run's loaded models, so epoch N+1 in the same process starts at once.
+_TRAINERS: dict[str, Trainer] = {}
+
+TRAIN_CACHE = (
+    TASK_SOURCE
+    + INPUTS
+    + CodeVersion(modules=(lora_core.training, lora_core.lora_io, lora_core.models, lora_core.buckets))
+)
+
+
+class TrainRequest(BaseModel):
+    """Everything an epoch task needs; `run_key` names the run (settings, model, data)."""
+
+    token: str
+    workdir: Path
+    config: LoraConfig
+    run_key: str
+    device: str | None = None
+
+
+class EpochResult(BaseModel):
+    epoch: int
+    lora: Path
+    global_step: int
+    mean_loss: float
+    losses: list[float]
+    lrs: list[float]
+    notes: list[str]
+
+
+def _trainer(request: TrainRequest, epoch: int) -> Trainer:
+    """The run's trainer, ready for `epoch`: kept from the last epoch, or rebuilt and resumed from disk."""
+    logger = get_run_logger()
+    trainer = _TRAINERS.get(request.run_key)
+    if trainer is not None and trainer.epoch == epoch - 1:
+        return trainer
+    _TRAINERS.clear()  # one run's models in memory at a time
+    layout = SubjectLayout(request.workdir, request.token)
+    config = request.config
+    base = load_base_model(config.pretrained_model_name_or_path, sdxl=config.sdxl)
+    trainer = Trainer(config, base, layout, device=request.device, show_progress=False)
+    if epoch > 1:
+        trainer.load_state(state_file(layout, request.run_key, epoch - 1))
+        logger.info("train: continuing after epoch %d (step %d)", epoch - 1, trainer.global_step)
+    elif config.network_weights:
+        report = trainer.network.load(read_lora(Path(config.network_weights)))
+        logger.info(
+            "train: starting from %s: %d modules loaded, %d new, %d ignored",
+            config.network_weights,
+            report.loaded,
+            len(report.missing),
+            len(report.unexpected),
+        )
+    for note in trainer.notes:
+        logger.warning("train: %s", note)
+    _TRAINERS[request.run_key] = trainer
+    return trainer
+
+
+@stage("train-epoch", TRAIN_CACHE)
+def train_epoch(request: TrainRequest, epoch: int) -> EpochResult:
+    """Train one epoch; write `<token>-00000N.safetensors` and the state to continue from it."""
+    trainer = _trainer(request, epoch)
+    stats = trainer.run_epoch(epoch)
+    path = save_epoch(
+        trainer, request.run_key, run_info(trainer.layout, request.run_key, request.config.network_weights)
+    )
+    get_run_logger().info(
+        "train: epoch %d/%d: %d steps, mean loss %.4f -> %s",
+        epoch,
+        request.config.max_train_epochs,
+        len(stats.losses),
+        stats.mean_loss,
+        path.name,
+    )
+    result = EpochResult(
+        epoch=epoch,
+        lora=path,
+        global_step=stats.global_step,
+        mean_loss=stats.mean_loss,
+        losses=stats.losses,
+        lrs=stats.lrs,
+        notes=trainer.notes,
+    )
+    publish_epoch(request.token, result.epoch, result.losses, result.lrs, path)
+    return result
