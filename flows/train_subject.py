@@ -34,7 +34,7 @@ from lora_core.fs import PathEscapeError
 from lora_core.ingest import InputError, TooFewImagesError, layout_intact
 from lora_core.layout import InvalidTokenError, SubjectLayout, validate_token
 from lora_core.lora_io import LoraFileError, read_lora
-from lora_core.models import BaseModelError, model_identity
+from lora_core.models import BaseModelError, model_identity, require_base_model
 from lora_core.training import epoch_done, publish_final, run_key
 from tasks.buckets import bucket_images
 from tasks.captions import caption_images
@@ -57,6 +57,8 @@ def train_subject(
         raise ValueError(f"stop_after must be one of {', '.join(STAGES)}, got {stop_after!r}")
     config = config or preset_config()
     layout = SubjectLayout(Path(workdir), token)
+    if STAGES.index(stop_after) >= STAGES.index("train"):
+        require_base_model(config.pretrained_model_name_or_path)  # before any work, not after captioning
 
     storage = layout.prefect_results.resolve()
 
@@ -240,6 +242,10 @@ def print_summary(summary: dict) -> None:
     def name(stage: str) -> str:
         return f"{stage} (cached)" if stage in summary["cached"] else stage
 
+    def epoch_name(epoch: dict) -> str:
+        cached = sum(1 for stage in summary["cached"] if stage == "train-epoch") >= epoch["epoch"]
+        return "train (cached)" if cached else "train"
+
     ingest = summary["ingest"]
     print(
         f"{name('ingest')}: {ingest['accepted']} accepted, {ingest['rejected']} rejected, {ingest['ignored']} ignored "
@@ -258,7 +264,7 @@ def print_summary(summary: dict) -> None:
         print(f"{name('captions')}: {sources}{ran} (captions.csv: {captions['captions_csv']})")
     if "train" in summary:
         for epoch in summary["train"]["epochs"]:
-            print(f"train: epoch {epoch['epoch']}: mean loss {epoch['mean_loss']:.4f} -> {epoch['lora']}")
+            print(f"{epoch_name(epoch)}: epoch {epoch['epoch']}: mean loss {epoch['mean_loss']:.4f} -> {epoch['lora']}")
         print(f"train: final LoRA {summary['train']['final']}")
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from lora_core.hub import hub_unreachable, offline_help
 from lora_core.tiny_models import is_builtin, materialize
 
-__all__ = ["BaseModel", "BaseModelError", "load_base_model", "model_identity"]
+__all__ = ["BaseModel", "BaseModelError", "load_base_model", "model_identity", "require_base_model"]
 
 
 class BaseModelError(RuntimeError):
@@ -53,6 +53,17 @@ class BaseModel:
         return f"sd_v{2 if v2 else 1}{'_v' if v_pred else ''}"
 
 
+def require_base_model(spec: str | None) -> str:
+    """`spec`, or a clear error when none was given (checked before any work is done)."""
+    if not spec:
+        raise BaseModelError(
+            "no base model: pass --base-model (a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5, "
+            "a local diffusers folder or a .safetensors checkpoint), or builtin:tiny-sd15 / builtin:tiny-sdxl "
+            "for a run with no model at all"
+        )
+    return spec
+
+
 def model_identity(spec: str) -> str:
     """A short string that changes when the model does, without loading it (for cache keys)."""
     if is_builtin(spec):
@@ -81,12 +92,7 @@ def load_base_model(spec: str | None, sdxl: bool | None = None, config_folder: s
     """
     from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    if not spec:
-        raise BaseModelError(
-            "no base model: pass --base-model (a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5, "
-            "a local diffusers folder or a .safetensors checkpoint), or builtin:tiny-sd15 / builtin:tiny-sdxl "
-            "for a run with no model at all"
-        )
+    spec = require_base_model(spec)
     source: str = str(materialize(spec)) if is_builtin(spec) else spec
     path = Path(source).expanduser()
     kwargs: dict[str, Any] = {}

@@ -371,6 +371,39 @@ class Trainer:
             loss = loss * weight
         return loss.mean()
 
+    # -- measuring --
+
+    @torch.no_grad()
+    def validation_loss(self, timesteps: tuple[int, ...] = (100, 300, 500, 700, 900), seed: int = 0) -> float:
+        """Loss on every training image at fixed timesteps with fixed noise: comparable across epochs.
+
+        The training loss draws timesteps at random and is too noisy to show
+        learning over a few steps; this one is deterministic (no min-SNR weight,
+        no shuffling), as sd-scripts' and OneTrainer's validation loss are.
+        """
+        base, device = self.base, self.accelerator.device
+        for module in base.components.values():
+            module.eval()
+        generator = torch.Generator().manual_seed(seed)
+        schedule = base.noise_scheduler
+        v_prediction = schedule.config.prediction_type == "v_prediction"
+        total, count = 0.0, 0
+        for index, latents in enumerate(self.latents):
+            latents = latents[None].to(device)
+            hidden, pooled = self._encode_text([self.items[index].caption])
+            extra = (
+                {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": self._time_ids([index])}} if base.sdxl else {}
+            )
+            for step in timesteps:
+                noise = torch.randn(latents.shape, generator=generator).to(device)
+                t = torch.tensor([step], device=device)
+                target = schedule.get_velocity(latents, noise, t) if v_prediction else noise
+                with self.accelerator.autocast():
+                    prediction = base.unet(schedule.add_noise(latents, noise, t), t, hidden, **extra).sample
+                total += float(torch.nn.functional.mse_loss(prediction.float(), target.float()))
+                count += 1
+        return total / count
+
     # -- an epoch --
 
     def run_epoch(self, epoch: int) -> EpochStats:

@@ -68,7 +68,9 @@ def _stage_states(photos: Path, workdir: Path, token: str = "t0k3n", enable_buck
     """Run the flow through captions with the tiny BLIP; return each stage's state name."""
     captioning = preset_config().captioning.model_copy(update={"model": TINY_BLIP, **kwargs})
     config = preset_config().model_copy(update={"captioning": captioning, "enable_bucket": enable_bucket})
-    state = train_subject(photos=photos, token=token, workdir=workdir, config=config, return_state=True)
+    state = train_subject(
+        photos=photos, token=token, workdir=workdir, config=config, stop_after="captions", return_state=True
+    )
     assert state.is_completed(), state
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(
@@ -158,7 +160,16 @@ def test_cli_on_a_messy_folder_exits_zero(demo_copy, tmp_path):
     (demo_copy / "obama-1.txt").write_text("a man in a suit with arms crossed")
     work = tmp_path / "W"
     done = _cli(
-        str(demo_copy), "--token", "t0k3n", "--workdir", str(work), "--caption-model", TINY_BLIP, home=tmp_path / "home"
+        str(demo_copy),
+        "--token",
+        "t0k3n",
+        "--workdir",
+        str(work),
+        "--caption-model",
+        TINY_BLIP,
+        "--stop-after",
+        "captions",
+        home=tmp_path / "home",
     )
     assert done.returncode == 0, done.stderr
     manifest = (work / "t0k3n" / "manifest.csv").read_text()
@@ -182,7 +193,9 @@ def test_cli_stops_after_buckets(good_folder, tmp_path):
 
 
 def test_cli_with_an_unreachable_caption_model_says_what_to_do(good_folder, tmp_path):
-    done = _cli(str(good_folder), "--token", "c", "--workdir", str(tmp_path / "W"), home=tmp_path)
+    done = _cli(
+        str(good_folder), "--token", "c", "--workdir", str(tmp_path / "W"), "--stop-after", "captions", home=tmp_path
+    )
     assert done.returncode == 1
     assert "--caption-model DIR" in done.stderr and "builtin:tiny-blip" in done.stderr
     assert (tmp_path / "W" / "c" / "buckets.csv").is_file()  # the stages before it are done and kept

@@ -1,0 +1,252 @@
+"""The training engine on tiny real models: it learns, it resumes exactly, it continues from a kohya LoRA."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lora_core.buckets import BucketAssignment, BucketPlan, bucket_subject
+from lora_core.captioning import caption_subject
+from lora_core.config import IngestSettings, LoraConfig, preset_config
+from lora_core.ingest import ingest
+from lora_core.layout import SubjectLayout
+from lora_core.lora_io import read_lora
+from lora_core.models import load_base_model
+from lora_core.training import Trainer, TrainItem, epoch_batches, save_epoch
+from tests.conftest import ROOT, TINY_BLIP, photo
+
+TINY_SD15 = "builtin:tiny-sd15"
+SMALL = {"resolution": 256, "min_bucket_reso": 128, "max_bucket_reso": 512, "network_dim": 8, "network_alpha": 4}
+
+
+def small_config(**updates) -> LoraConfig:
+    """The seed's recipe at 256 px with a rank-8 network: seconds per epoch on a CPU."""
+    return LoraConfig.model_validate(preset_config().model_dump() | SMALL | updates)
+
+
+def make_subject(root: Path, config: LoraConfig, sizes=((256, 320),), token: str = "t0k3n") -> SubjectLayout:
+    """Photos with their own captions, ingested, bucketed and captioned (no BLIP needed)."""
+    photos = root / "photos"
+    photos.mkdir(parents=True)
+    for i, size in enumerate(sizes):
+        photo(size, 70 + i).save(photos / f"p{i}.png")
+        (photos / f"p{i}.txt").write_text(f"a man in a suit, photo {i}")
+    layout = SubjectLayout(root / "work", token)
+    ingest(photos, layout, IngestSettings(min_images=1), num_repeats=config.num_repeats, show_progress=False)
+    bucket_subject(layout, BucketPlan.from_config(config), config.train_batch_size)
+    caption_subject(layout, config.captioning.model_copy(update={"model": TINY_BLIP}), show_progress=False)
+    return layout
+
+
+def test_loss_falls_when_overfitting_one_image(builtin_models_home, tmp_path):
+    config = small_config(
+        num_repeats=40, unet_lr=3e-3, lr_scheduler="constant", min_snr_gamma=0, train_text_encoder=False
+    )
+    trainer = Trainer(config, load_base_model(TINY_SD15), make_subject(tmp_path, config), show_progress=False)
+    before = trainer.validation_loss()
+    stats = trainer.run_epoch(1)
+    assert len(stats.losses) == 20
+    assert trainer.validation_loss() < 0.85 * before  # learning, not just running
+    assert trainer.validation_loss() == trainer.validation_loss()  # deterministic
+
+
+def test_a_new_process_continues_to_the_same_weights(builtin_models_home, tmp_path):
+    config = small_config(num_repeats=3, max_train_epochs=2)
+    layout = make_subject(tmp_path, config, sizes=((256, 320), (320, 256), (256, 256)))
+    straight = Trainer(config, load_base_model(TINY_SD15), layout, show_progress=False)
+    straight.run_epoch(1)
+    straight.save_state(tmp_path / "state.safetensors")
+    straight.run_epoch(2)
+    resumed = Trainer(config, load_base_model(TINY_SD15), layout, show_progress=False)
+    resumed.load_state(tmp_path / "state.safetensors")
+    assert resumed.epoch == 1 and resumed.global_step == straight.steps_per_epoch
+    resumed.run_epoch(2)
+    a, b = straight.network.weights(), resumed.network.weights()
+    assert all(torch.equal(a[k][0], b[k][0]) and torch.equal(a[k][1], b[k][1]) for k in a)
+    assert resumed.lr_scheduler.get_last_lr() == straight.lr_scheduler.get_last_lr()
+    with pytest.raises(ValueError, match="load that epoch's state"):
+        resumed.run_epoch(4)
+
+
+def test_epoch_file_has_the_metadata_tools_read(builtin_models_home, tmp_path):
+    config = small_config(num_repeats=2, max_train_epochs=3)
+    layout = make_subject(tmp_path, config)
+    trainer = Trainer(config, load_base_model(TINY_SD15), layout, show_progress=False)
+    trainer.run_epoch(1)
+    info = {"session_id": "7", "started_at": "1700000000.0", "date": "2026-11-26T00:00:00"}
+    path = save_epoch(trainer, "k" * 64, info)
+    assert path.name == "t0k3n-000001.safetensors"
+    with safe_open(path, framework="pt") as handle:
+        meta = handle.metadata()
+    expected = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": "8",
+        "ss_network_alpha": "4.0",
+        "ss_base_model_version": "sd_v1",
+        "ss_resolution": "(256, 256)",
+        "ss_num_epochs": "3",
+        "ss_epoch": "1",
+        "ss_steps": str(trainer.global_step),
+        "ss_learning_rate": "0.0004",
+        "ss_unet_lr": "0.0004",
+        "ss_text_encoder_lr": "4e-05",
+        "ss_output_name": "t0k3n",
+        "ss_training_started_at": "1700000000.0",
+    }
+    assert {k: meta[k] for k in expected} == expected
+    assert meta["ss_tag_frequency"] == '{"2_t0k3n": {"t0k3n": 1, "a man in a suit": 1, "photo 0": 1}}'
+    assert len(meta["sshs_model_hash"]) == 64
+    assert all(alpha == 4.0 for _, _, alpha in read_lora(path).modules.values())
+
+
+def test_sdxl_trains_and_writes_kohyas_sdxl_file(builtin_models_home, tmp_path):
+    config = LoraConfig.model_validate(
+        preset_config("sdxl").model_dump() | SMALL | {"num_repeats": 2, "max_train_epochs": 1}
+    )
+    layout = make_subject(tmp_path, config)
+    trainer = Trainer(config, load_base_model("builtin:tiny-sdxl"), layout, show_progress=False)
+    stats = trainer.run_epoch(1)
+    assert stats.losses and all(loss == loss for loss in stats.losses)  # no NaN
+    path = save_epoch(trainer, "s" * 64, {"session_id": "1", "started_at": "0"})
+    lora = read_lora(path)
+    prefixes = {name.split("_")[0] + "_" + name.split("_")[1] for name in lora.modules}
+    assert prefixes == {"lora_unet", "lora_te1", "lora_te2"} and len(lora.modules) == 986
+    with safe_open(path, framework="pt") as handle:
+        assert handle.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
+
+
+def _kohya_file(base, path: Path, rank: int = 8, alpha: float = 8.0) -> int:
+    """A LoRA as sd-scripts names it, written here from its rules (not by our writer)."""
+    tensors = {}
+    generator = torch.Generator().manual_seed(3)
+
+    def add(name: str, layer) -> None:
+        shape_in = layer.in_features if isinstance(layer, torch.nn.Linear) else layer.in_channels
+        shape_out = layer.out_features if isinstance(layer, torch.nn.Linear) else layer.out_channels
+        tail = () if isinstance(layer, torch.nn.Linear) else (1, 1)
+        tensors[f"{name}.lora_down.weight"] = torch.randn((rank, shape_in, *tail), generator=generator).half()
+        tensors[f"{name}.lora_up.weight"] = torch.randn((shape_out, rank, *tail), generator=generator).half() * 0.01
+        tensors[f"{name}.alpha"] = torch.tensor(alpha).half()
+
+    for path_, module in base.unet.named_modules():
+        if type(module).__name__ == "Transformer2DModel":
+            for child, layer in module.named_modules():
+                if type(layer) is torch.nn.Linear or (type(layer) is torch.nn.Conv2d and layer.kernel_size == (1, 1)):
+                    add("lora_unet_" + f"{path_}.{child}".replace(".", "_"), layer)
+    for index in range(12):
+        for part in ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj"):
+            add(
+                f"lora_te_text_model_encoder_layers_{index}_{part}",
+                base.text_encoders[0].encoder.layers[index].self_attn.q_proj,
+            )
+        for part in ("mlp_fc1", "mlp_fc2"):
+            mlp = base.text_encoders[0].encoder.layers[index].mlp
+            add(f"lora_te_text_model_encoder_layers_{index}_{part}", mlp.fc1 if part == "mlp_fc1" else mlp.fc2)
+    save_file(tensors, str(path), metadata={"ss_network_dim": str(rank)})
+    return len(tensors) // 3
+
+
+def test_a_kohya_lora_loads_and_training_continues_from_it(builtin_models_home, tmp_path):
+    base = load_base_model(TINY_SD15)
+    source = tmp_path / "from_kohya.safetensors"
+    assert _kohya_file(base, source) == 264
+    config = small_config(num_repeats=2, network_dim=8, network_alpha=8, network_weights=str(source))
+    trainer = Trainer(config, base, make_subject(tmp_path, config), show_progress=False)
+    report = trainer.network.load(read_lora(source))
+    assert report.loaded == 264 and report.missing == [] and report.unexpected == []
+    name = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_v"
+    start = trainer.network.weights()[name][1].clone()
+    assert torch.allclose(start, read_lora(source).modules[name][1].float())
+    trainer.run_epoch(1)
+    assert not torch.equal(trainer.network.weights()[name][1], start)  # it trained on from there
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([(512, 512), (448, 576), (576, 448)]), st.integers(1, 4)), min_size=1, max_size=8
+    ),
+    st.integers(1, 4),
+    st.integers(0, 10_000),
+)
+def test_batches_never_mix_buckets_and_show_each_image_its_repeats(spec, batch_size, seed):
+    items = [
+        TrainItem(BucketAssignment(f"{i}.png", w, h, w, h, 1.0, w, h, 0, 0, w, h), "c", repeats)
+        for i, ((w, h), repeats) in enumerate(spec)
+    ]
+    batches = epoch_batches(items, batch_size, seed)
+    assert batches == epoch_batches(items, batch_size, seed)  # the seed fixes the order
+    for batch in batches:
+        assert 1 <= len(batch) <= batch_size
+        assert len({items[i].assignment.bucket for i in batch}) == 1
+    shown = [i for batch in batches for i in batch]
+    assert sorted(shown) == sorted(i for i, item in enumerate(items) for _ in range(item.repeats))
+
+
+def test_a_killed_run_resumes_at_its_first_unfinished_epoch(builtin_models_home, tmp_path):
+    """Kill the CLI mid-run, run it again: same final weights as a run never killed."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(5):
+        photo((256 + 32 * i, 320), 90 + i).save(photos / f"p{i}.png")
+        (photos / f"p{i}.txt").write_text(f"a man, photo {i}")
+    config = tmp_path / "config.json"
+    config.write_text(
+        '{"resolution": 256, "min_bucket_reso": 128, "max_bucket_reso": 512, "num_repeats": 3, '
+        '"epoch": 2, "network_dim": 4, "network_alpha": 2}'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {
+        "PREFECT_HOME": str(tmp_path / "home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PYTHONPATH": str(ROOT),
+    }
+
+    def command(work: Path) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "flows.train_subject",
+            str(photos),
+            "--token",
+            "t0k3n",
+            "--workdir",
+            str(work),
+            "--base-model",
+            TINY_SD15,
+            "--caption-model",
+            TINY_BLIP,
+            "--config",
+            str(config),
+        ]
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(command(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = killed / "t0k3n" / "result_current" / "t0k3n-000001.safetensors"
+    deadline = time.monotonic() + 240
+    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert first.exists(), "epoch 1 never finished"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "t0k3n" / "result_current" / "t0k3n-000002.safetensors").exists()  # killed mid-run
+    done = subprocess.run(command(killed), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "train (cached): epoch 1" in done.stdout
+    clean = subprocess.run(command(tmp_path / "clean"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert clean.returncode == 0, clean.stderr
+    resumed = read_lora(killed / "t0k3n" / "result_current" / "t0k3n.safetensors").modules
+    straight = read_lora(tmp_path / "clean" / "t0k3n" / "result_current" / "t0k3n.safetensors").modules
+    assert resumed.keys() == straight.keys()
+    for name, (down, up, _) in straight.items():
+        assert torch.equal(resumed[name][0], down) and torch.equal(resumed[name][1], up), name
