@@ -39,7 +39,7 @@ from lora_core.training import epoch_done, publish_final, run_key
 from tasks.buckets import bucket_images
 from tasks.captions import caption_images
 from tasks.ingest import ingest_photos
-from tasks.train import TrainRequest, train_epoch
+from tasks.train import TrainRequest, release_trainers, train_epoch
 
 STAGES = ("ingest", "buckets", "captions", "train")
 
@@ -116,10 +116,13 @@ def train_subject(
         config = config.model_copy(update={"network_dim": rank, "network_alpha": alpha})
     key = run_key(config, model_identity(config.pretrained_model_name_or_path or ""), layout)
     request = TrainRequest(token=token, workdir=Path(workdir), config=config, run_key=key)
-    epochs = [
-        run(train_epoch, not epoch_done(layout, key, epoch), request, epoch)
-        for epoch in range(1, config.max_train_epochs + 1)
-    ]
+    try:
+        epochs = [
+            run(train_epoch, not epoch_done(layout, key, epoch), request, epoch)
+            for epoch in range(1, config.max_train_epochs + 1)
+        ]
+    finally:
+        release_trainers()
     final = publish_final(layout, epochs[-1].epoch)
     write_kohya_gui(
         layout.result_current / "kohya_ss_config.json",

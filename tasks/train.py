@@ -31,6 +31,15 @@ TRAIN_CACHE = (
 )
 
 
+def release_trainers() -> None:
+    """Free the loaded models once a run's epochs are done (a worker process lives on)."""
+    _TRAINERS.clear()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class TrainRequest(BaseModel):
     """Everything an epoch task needs; `run_key` names the run (settings, model, data)."""
 

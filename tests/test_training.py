@@ -250,3 +250,36 @@ def test_a_killed_run_resumes_at_its_first_unfinished_epoch(builtin_models_home,
     assert resumed.keys() == straight.keys()
     for name, (down, up, _) in straight.items():
         assert torch.equal(resumed[name][0], down) and torch.equal(resumed[name][1], up), name
+
+
+def test_the_train_stage_caches_each_epoch_and_publishes_it(prefect_harness, builtin_models_home, tmp_path):
+    import json
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.train_subject import train_subject
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(5):
+        photo((256, 320), 40 + i).save(photos / f"p{i}.png")
+        (photos / f"p{i}.txt").write_text("a man")
+    config = small_config(num_repeats=2, max_train_epochs=2, pretrained_model_name_or_path=TINY_SD15)
+    config.captioning.model = TINY_BLIP
+    work = tmp_path / "work"
+    first = train_subject(photos=photos, token="Ep", workdir=work, config=config)
+    assert [e["epoch"] for e in first["train"]["epochs"]] == [1, 2] and "train-epoch" not in first["cached"]
+    result = work / "Ep" / "result_current"
+    assert (result / "Ep.safetensors").read_bytes() == (result / "Ep-000002.safetensors").read_bytes()
+    exported = json.loads((result / "kohya_ss_config.json").read_text())
+    assert exported["pretrained_model_name_or_path"] == TINY_SD15 and exported["epoch"] == 2
+    again = train_subject(photos=photos, token="Ep", workdir=work, config=config)
+    assert again["cached"].count("train-epoch") == 2
+    # A deleted epoch file is trained again, not trusted from the cache; the other epoch stays cached.
+    (result / "Ep-000002.safetensors").unlink()
+    third = train_subject(photos=photos, token="Ep", workdir=work, config=config)
+    assert third["cached"].count("train-epoch") == 1 and (result / "Ep-000002.safetensors").is_file()
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["ep-epoch-1"])))
+    assert artifacts and "data:image/png;base64," in artifacts[0].data
