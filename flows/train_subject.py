@@ -35,7 +35,7 @@ from lora_core.ingest import InputError, TooFewImagesError, layout_intact
 from lora_core.layout import InvalidTokenError, SubjectLayout, validate_token
 from lora_core.lora_io import LoraFileError, read_lora
 from lora_core.models import BaseModelError, model_identity, require_base_model
-from lora_core.training import epoch_done, publish_final, run_key
+from lora_core.training import apply_steps, epoch_done, publish_final, read_steps, run_key
 from tasks.buckets import bucket_images
 from tasks.captions import caption_images
 from tasks.ingest import ingest_photos
@@ -124,6 +124,7 @@ def train_subject(
     finally:
         release_trainers()
     final = publish_final(layout, epochs[-1].epoch)
+    config = apply_steps(config, read_steps(layout, key))  # what the run really used, out-of-memory steps included
     write_kohya_gui(
         layout.result_current / "kohya_ss_config.json",
         config,

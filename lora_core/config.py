@@ -291,6 +291,8 @@ class LoraConfig(BaseModel):
     )
     sample_sampler: str = Field("euler_a", description="Sampler of the sample images.")
 
+    training_comment: str = Field("", description="Note stored in the LoRA's ss_training_comment (kohya_ss GUI).")
+
     ingest: IngestSettings = Field(default_factory=IngestSettings, description="Photo acceptance rules.")
     captioning: CaptionSettings = Field(default_factory=CaptionSettings, description="BLIP captioning.")
 

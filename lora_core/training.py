@@ -14,7 +14,7 @@ import math
 import random
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +36,13 @@ __all__ = [
     "LoraNetwork",
     "TrainItem",
     "Trainer",
+    "apply_steps",
     "epoch_batches",
     "epoch_done",
+    "oom_step",
     "publish_final",
+    "read_steps",
+    "record_steps",
     "run_info",
     "run_key",
     "save_epoch",
@@ -244,11 +248,16 @@ class Trainer:
         if config.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
             for encoder in base.text_encoders:
-                encoder.gradient_checkpointing_enable()
+                # transformers 5 renamed it; older releases only have the first name.
+                enable = (
+                    getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable
+                )
+                enable()
         if config.v_parameterization:
             base.noise_scheduler.register_to_config(prediction_type="v_prediction")
         self.items = training_items(layout, config.caption_extension)
         self.latents = self._cache_latents()
+        self.text = self._cache_text()
         self.steps_per_epoch = math.ceil(
             len(epoch_batches(self.items, config.train_batch_size, 0)) / config.gradient_accumulation_steps
         )
@@ -261,19 +270,53 @@ class Trainer:
     # -- set-up --
 
     def _cache_latents(self) -> list[torch.Tensor]:
-        """Each image, cut to its bucket and encoded by the VAE once (the distribution's mean)."""
+        """Each image, cut to its bucket and encoded by the VAE once (the distribution's mean).
+
+        With `cache_latents_to_disk`, each is also kept beside its image as
+        `<image>.latents.safetensors` and reused by later runs while the image,
+        its bucket and the VAE are the same.
+        """
         from PIL import Image
+        from safetensors import safe_open
 
         vae = self.base.vae
+        vae_id = hashlib.sha256(
+            (json.dumps(dict(vae.config), sort_keys=True, default=str) + self.base.spec).encode()
+        ).hexdigest()
         out = []
         for item in self.items:
-            with Image.open(self.layout.root / item.assignment.image) as image:
+            image_path = self.layout.root / item.assignment.image
+            cache = image_path.with_name(image_path.stem + ".latents.safetensors")
+            key = {
+                "image": hashlib.sha256(image_path.read_bytes()).hexdigest(),
+                "vae": vae_id,
+                "bucket": json.dumps(asdict(item.assignment), sort_keys=True),
+            }
+            if self.config.cache_latents_to_disk and cache.is_file():
+                try:
+                    with safe_open(str(cache), framework="pt") as handle:
+                        if handle.metadata() == key:
+                            out.append(handle.get_tensor("latents"))
+                            continue
+                except Exception:
+                    pass  # damaged or foreign: encode again
+            with Image.open(image_path) as image:
                 picture = apply_bucket(image.convert("RGB"), item.assignment)
             pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
             with torch.no_grad():
                 dist = vae.encode(pixels[None].to(self.accelerator.device)).latent_dist
-            out.append((dist.mean * vae.config.scaling_factor)[0].cpu())
+            latents = (dist.mean * vae.config.scaling_factor)[0].float().cpu().contiguous()
+            if self.config.cache_latents_to_disk:
+                atomic_write_bytes(cache, save_bytes({"latents": latents}, key))
+            out.append(latents)
         return out
+
+    def _cache_text(self) -> list[tuple[torch.Tensor, torch.Tensor | None]] | None:
+        """Text-encoder outputs per image, once, when nothing about them changes while training."""
+        if self.config.train_text_encoder or self.config.shuffle_caption:
+            return None
+        with torch.no_grad():
+            return [self._encode_text([item.caption]) for item in self.items]
 
     def _optimizer(self) -> torch.optim.Optimizer:
         config = self.config
@@ -335,6 +378,13 @@ class Trainer:
         second = base.text_encoders[1](ids[1], output_hidden_states=True)
         return torch.cat([first, second.hidden_states[-2]], dim=-1), second.text_embeds
 
+    def _text_for(self, batch: list[int], captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.text is None:
+            return self._encode_text(captions)
+        hidden = torch.cat([self.text[i][0] for i in batch])
+        pooled = torch.cat([self.text[i][1] for i in batch]) if self.base.sdxl else None
+        return hidden, pooled
+
     def _time_ids(self, batch: list[int]) -> torch.Tensor:
         """SDXL's size conditioning: original size, crop top-left, target size (height first)."""
         rows = []
@@ -358,7 +408,7 @@ class Trainer:
         v_prediction = schedule.config.prediction_type == "v_prediction"
         target = schedule.get_velocity(latents, noise, steps) if v_prediction else noise
         with self.accelerator.autocast():
-            hidden, pooled = self._encode_text(captions)
+            hidden, pooled = self._text_for(batch, captions)
             extra = (
                 {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": self._time_ids(batch)}} if base.sdxl else {}
             )
@@ -560,7 +610,8 @@ class Trainer:
             "ss_random_crop": False,
             "ss_dataset_dirs": json.dumps(folders),
             "ss_tag_frequency": tag_frequency_by_folder(self.items),
-            "ss_training_comment": f"subject-lora; network_weights: {run_info.get('network_weights') or 'None'}",
+            "ss_training_comment": config.training_comment
+            or f"subject-lora; network_weights: {run_info.get('network_weights') or 'None'}",
             "modelspec.sai_model_spec": "1.0.0",
             "modelspec.architecture": f"stable-diffusion-{'xl-v1-base' if base.sdxl else 'v1'}/lora",
             "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
@@ -646,3 +697,45 @@ def publish_final(layout: SubjectLayout, epoch: int) -> Path:
     """`result_current/<token>.safetensors`: the chosen epoch under the name users load."""
     atomic_write_bytes(layout.final_lora, layout.epoch_lora(epoch).read_bytes())
     return layout.final_lora
+
+
+# --- Out of memory: the seed's ladder ----------------------------------------------------
+
+
+def oom_step(config: LoraConfig, bf16_ok: bool) -> tuple[dict[str, Any], str] | None:
+    """The next thing to try after CUDA ran out of memory, as the seed does it by hand; None when spent.
+
+    Latents to disk, then half precision (bf16 where the GPU has it), then the
+    batch halved down to 1, then gradient checkpointing.
+    """
+    if not config.cache_latents_to_disk:
+        return {"cache_latents_to_disk": True}, "cache latents to disk"
+    if config.mixed_precision.value == "no":
+        precision = "bf16" if bf16_ok else "fp16"
+        return {"mixed_precision": precision}, f"train in {precision}"
+    if config.train_batch_size > 1:
+        size = config.train_batch_size // 2
+        return {"train_batch_size": size}, f"halve the batch to {size}"
+    if not config.gradient_checkpointing:
+        return {"gradient_checkpointing": True}, "gradient checkpointing"
+    return None
+
+
+def apply_steps(config: LoraConfig, steps: list[dict[str, Any]]) -> LoraConfig:
+    """`config` with the out-of-memory steps taken so far, and a note of them in `training_comment`."""
+    if not steps:
+        return config
+    updates: dict[str, Any] = {}
+    for step in steps:
+        updates |= step["updates"]
+    comment = "out of memory; took: " + ", ".join(step["note"] for step in steps)
+    return LoraConfig.model_validate(config.model_dump() | updates | {"training_comment": comment})
+
+
+def read_steps(layout: SubjectLayout, run_key: str) -> list[dict[str, Any]]:
+    path = layout.train_state(run_key) / "oom-steps.json"
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def record_steps(layout: SubjectLayout, run_key: str, steps: list[dict[str, Any]]) -> None:
+    atomic_write_bytes(layout.train_state(run_key) / "oom-steps.json", json.dumps(steps).encode())

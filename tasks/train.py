@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from prefect import get_run_logger
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from pydantic import BaseModel
@@ -16,7 +17,16 @@ from lora_core.config import LoraConfig
 from lora_core.layout import SubjectLayout
 from lora_core.lora_io import read_lora
 from lora_core.models import load_base_model
-from lora_core.training import Trainer, run_info, save_epoch, state_file
+from lora_core.training import (
+    Trainer,
+    apply_steps,
+    oom_step,
+    read_steps,
+    record_steps,
+    run_info,
+    save_epoch,
+    state_file,
+)
 from tasks.artifacts import publish_epoch
 from tasks.caching import CodeVersion
 from tasks.stage import stage
@@ -34,8 +44,6 @@ TRAIN_CACHE = (
 def release_trainers() -> None:
     """Free the loaded models once a run's epochs are done (a worker process lives on)."""
     _TRAINERS.clear()
-    import torch
-
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -60,15 +68,14 @@ class EpochResult(BaseModel):
     notes: list[str]
 
 
-def _trainer(request: TrainRequest, epoch: int) -> Trainer:
+def _trainer(request: TrainRequest, config: LoraConfig, epoch: int) -> Trainer:
     """The run's trainer, ready for `epoch`: kept from the last epoch, or rebuilt and resumed from disk."""
     logger = get_run_logger()
     trainer = _TRAINERS.get(request.run_key)
-    if trainer is not None and trainer.epoch == epoch - 1:
+    if trainer is not None and trainer.epoch == epoch - 1 and trainer.config == config:
         return trainer
-    _TRAINERS.clear()  # one run's models in memory at a time
+    release_trainers()  # one run's models in memory at a time
     layout = SubjectLayout(request.workdir, request.token)
-    config = request.config
     base = load_base_model(config.pretrained_model_name_or_path, sdxl=config.sdxl)
     trainer = Trainer(config, base, layout, device=request.device, show_progress=False)
     if epoch > 1:
@@ -91,9 +98,29 @@ def _trainer(request: TrainRequest, epoch: int) -> Trainer:
 
 @stage("train-epoch", TRAIN_CACHE)
 def train_epoch(request: TrainRequest, epoch: int) -> EpochResult:
-    """Train one epoch; write `<token>-00000N.safetensors` and the state to continue from it."""
-    trainer = _trainer(request, epoch)
-    stats = trainer.run_epoch(epoch)
+    """Train one epoch; write `<token>-00000N.safetensors` and the state to continue from it.
+
+    On CUDA out-of-memory the epoch is tried again one rung down the seed's
+    ladder (see `lora_core.training.oom_step`); the steps taken are kept for the
+    rest of the run and recorded in its kohya_ss JSON and ss_training_comment.
+    """
+    layout = SubjectLayout(request.workdir, request.token)
+    steps = read_steps(layout, request.run_key)
+    while True:
+        config = apply_steps(request.config, steps)
+        try:
+            trainer = _trainer(request, config, epoch)
+            stats = trainer.run_epoch(epoch)
+            break
+        except torch.OutOfMemoryError:
+            release_trainers()
+            bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+            step = oom_step(config, bf16_ok)
+            if step is None:
+                raise
+            steps.append({"updates": step[0], "note": step[1]})
+            record_steps(layout, request.run_key, steps)
+            get_run_logger().warning("train: epoch %d ran out of GPU memory; trying again: %s", epoch, step[1])
     path = save_epoch(
         trainer, request.run_key, run_info(trainer.layout, request.run_key, request.config.network_weights)
     )

@@ -283,3 +283,71 @@ def test_the_train_stage_caches_each_epoch_and_publishes_it(prefect_harness, bui
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["ep-epoch-1"])))
     assert artifacts and "data:image/png;base64," in artifacts[0].data
+
+
+def test_oom_ladder_follows_the_seed():
+    from lora_core.training import apply_steps, oom_step
+
+    config = small_config(mixed_precision="no", train_batch_size=4)
+    seen = []
+    while (step := oom_step(config, bf16_ok=True)) is not None:
+        seen.append(step[1])
+        config = apply_steps(config, [{"updates": step[0], "note": step[1]}]).model_copy(
+            update={"training_comment": ""}
+        )
+    assert seen == [
+        "cache latents to disk",
+        "train in bf16",
+        "halve the batch to 2",
+        "halve the batch to 1",
+        "gradient checkpointing",
+    ]
+    assert oom_step(small_config(mixed_precision="no", cache_latents_to_disk=True), bf16_ok=False)[1] == "train in fp16"
+
+
+def test_out_of_memory_climbs_the_ladder_and_is_recorded(prefect_harness, builtin_models_home, tmp_path, monkeypatch):
+    import json
+
+    from flows.train_subject import train_subject
+
+    real = Trainer.run_epoch
+    failures = []
+
+    def run_epoch(self, epoch):
+        if len(failures) < 3:
+            failures.append(self.config.train_batch_size)
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(self, epoch)
+
+    monkeypatch.setattr(Trainer, "run_epoch", run_epoch)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(5):
+        photo((256, 320), 60 + i).save(photos / f"p{i}.png")
+        (photos / f"p{i}.txt").write_text("a man")
+    config = small_config(
+        num_repeats=2, max_train_epochs=1, pretrained_model_name_or_path=TINY_SD15, mixed_precision="no"
+    )
+    config.captioning.model = TINY_BLIP
+    work = tmp_path / "work"
+    train_subject(photos=photos, token="oom", workdir=work, config=config)
+    assert failures == [2, 2, 2]  # the batch is halved only at the third rung
+    exported = json.loads((work / "oom" / "result_current" / "kohya_ss_config.json").read_text())
+    assert exported["cache_latents_to_disk"] is True and exported["mixed_precision"] == "fp16"
+    assert exported["train_batch_size"] == 1
+    assert exported["training_comment"] == (
+        "out of memory; took: cache latents to disk, train in fp16, halve the batch to 1"
+    )
+    assert len(list((work / "oom").glob("training_images/*/*.latents.safetensors"))) == 5
+    with safe_open(work / "oom" / "result_current" / "oom.safetensors", framework="pt") as handle:
+        assert handle.metadata()["ss_training_comment"] == exported["training_comment"]
+        assert handle.metadata()["ss_batch_size_per_device"] == "1"
+
+
+def test_gradient_checkpointing_trains_the_same_network(builtin_models_home, tmp_path):
+    config = small_config(num_repeats=2, gradient_checkpointing=True)
+    trainer = Trainer(config, load_base_model(TINY_SD15), make_subject(tmp_path, config), show_progress=False)
+    assert trainer.base.unet.is_gradient_checkpointing
+    stats = trainer.run_epoch(1)
+    assert stats.losses and all(loss == loss for loss in stats.losses)
+    assert any(torch.count_nonzero(up) for _, up in trainer.network.weights().values())  # lora_up moved off zero
