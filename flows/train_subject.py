@@ -35,7 +35,7 @@ from lora_core.ingest import InputError, TooFewImagesError, layout_intact
 from lora_core.layout import InvalidTokenError, SubjectLayout, validate_token
 from lora_core.lora_io import LoraFileError, read_lora
 from lora_core.models import BaseModelError, model_identity, require_base_model
-from lora_core.training import apply_steps, epoch_done, publish_final, read_steps, run_key
+from lora_core.training import apply_steps, begin_run, epoch_done, publish_final, read_steps, run_info, run_key
 from tasks.buckets import bucket_images
 from tasks.captions import caption_images
 from tasks.ingest import ingest_photos
@@ -75,13 +75,14 @@ def train_subject(
     ingested = run(
         ingest_photos, not layout_intact(layout), Path(photos), token, Path(workdir), config.ingest, config.num_repeats
     )
-    write_kohya_gui(
-        layout.result_current / "kohya_ss_config.json",
-        config,
-        train_data_dir=layout.training_images.resolve(),
-        output_dir=layout.result_current.resolve(),
-        output_name=token,
-    )
+    if not any(layout.result_current.glob("*.safetensors")):  # never over a trained run's own JSON
+        write_kohya_gui(
+            layout.result_current / "kohya_ss_config.json",
+            config,
+            train_data_dir=layout.training_images.resolve(),
+            output_dir=layout.result_current.resolve(),
+            output_name=token,
+        )
     summary: dict = {"stage": "ingest", "cached": cached, "ingest": ingested.model_dump(mode="json", exclude={"rows"})}
     if stop_after == "ingest":
         return summary
@@ -115,6 +116,8 @@ def train_subject(
         alpha = next(iter(read_lora(Path(config.network_weights)).modules.values()))[2]
         config = config.model_copy(update={"network_dim": rank, "network_alpha": alpha})
     key = run_key(config, model_identity(config.pretrained_model_name_or_path or ""), layout)
+    start = begin_run(layout, key, config.network_weights)  # earlier results archived, never overwritten
+    config = config.model_copy(update={"network_weights": start})
     request = TrainRequest(token=token, workdir=Path(workdir), config=config, run_key=key)
     try:
         epochs = [
@@ -125,6 +128,7 @@ def train_subject(
         release_trainers()
     final = publish_final(layout, epochs[-1].epoch)
     config = apply_steps(config, read_steps(layout, key))  # what the run really used, out-of-memory steps included
+    config = config.model_copy(update={"network_weights": run_info(layout, key).get("network_weights") or None})
     write_kohya_gui(
         layout.result_current / "kohya_ss_config.json",
         config,

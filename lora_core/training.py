@@ -37,6 +37,7 @@ __all__ = [
     "TrainItem",
     "Trainer",
     "apply_steps",
+    "begin_run",
     "epoch_batches",
     "epoch_done",
     "oom_step",
@@ -640,11 +641,40 @@ def tag_frequency_by_folder(items: list[TrainItem]) -> str:
 _SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
 
 
-def run_info(layout: SubjectLayout, run_key: str, network_weights: str | None) -> dict[str, str]:
-    """The run's identity for its metadata (session id, start time), made once and kept on disk."""
+def begin_run(layout: SubjectLayout, run_key: str, network_weights: str | None) -> str | None:
+    """Make `result_current/` this run's, and keep the LoRA it starts from inside the run.
+
+    Results of a different earlier run are moved to `result_<date-time>/` first,
+    never overwritten: the LoRA being continued often lives in `result_current/`
+    itself. The starting LoRA is copied into the run's state folder and that copy
+    is what training reads, so a resumed run finds it wherever the original went.
+    Returns the copy's path (None without a starting LoRA).
+    """
+    state = layout.train_state(run_key)
+    state.mkdir(parents=True, exist_ok=True)
+    start = state / "start.safetensors"
+    if network_weights and not start.is_file():
+        atomic_write_bytes(start, Path(network_weights).read_bytes())
+        atomic_write_bytes(state / "start.json", json.dumps({"source": str(Path(network_weights).resolve())}).encode())
+    marker = layout.result_current / ".run-key"
+    previous = marker.read_text().strip() if marker.is_file() else None
+    if previous != run_key and any(layout.result_current.glob("*.safetensors")):
+        archive = layout.root / f"result_{time.strftime('%Y%m%d-%H%M%S')}"
+        archive.mkdir(parents=True, exist_ok=False)
+        for item in layout.result_current.iterdir():
+            item.rename(archive / item.name)
+    atomic_write_bytes(marker, run_key.encode())
+    return str(start) if network_weights else None
+
+
+def run_info(layout: SubjectLayout, run_key: str, network_weights: str | None = None) -> dict[str, str]:
+    """The run's identity for its metadata (session id, start time, where it started), made once."""
     path = layout.train_state(run_key) / "run.json"
     if path.is_file():
         return json.loads(path.read_text())
+    origin = layout.train_state(run_key) / "start.json"
+    if origin.is_file():
+        network_weights = json.loads(origin.read_text())["source"]
     info = {
         "session_id": str(random.SystemRandom().randint(0, 2**32 - 1)),
         "started_at": str(time.time()),
@@ -681,10 +711,13 @@ def epoch_done(layout: SubjectLayout, run_key: str, epoch: int) -> bool:
 def run_key(config: LoraConfig, base_identity: str, layout: SubjectLayout) -> str:
     """What makes a run this run: its settings, base model, training data and starting LoRA.
 
-    Caption and ingest settings are left out: what they produced is in the data.
+    Caption and ingest settings are left out: what they produced is in the data;
+    so is the starting LoRA's path: its bytes count, wherever it was moved.
     """
     digest = hashlib.sha256()
-    digest.update(config.model_dump_json(exclude={"captioning", "ingest"}).encode())
+    digest.update(
+        config.model_dump_json(exclude={"captioning", "ingest", "network_weights", "training_comment"}).encode()
+    )
     digest.update(base_identity.encode())
     for path in (layout.buckets_csv, layout.captions_csv):
         digest.update(path.read_bytes())

@@ -351,3 +351,42 @@ def test_gradient_checkpointing_trains_the_same_network(builtin_models_home, tmp
     stats = trainer.run_epoch(1)
     assert stats.losses and all(loss == loss for loss in stats.losses)
     assert any(torch.count_nonzero(up) for _, up in trainer.network.weights().values())  # lora_up moved off zero
+
+
+def test_continuing_a_lora_archives_the_last_run_and_records_the_source(prefect_harness, builtin_models_home, tmp_path):
+    """The seed: download the undertrained LoRA, train 2-3 more epochs from it, keep the old one."""
+    import json
+
+    from flows.train_subject import train_subject
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(5):
+        photo((256, 320), 20 + i).save(photos / f"p{i}.png")
+        (photos / f"p{i}.txt").write_text("a man")
+    config = small_config(num_repeats=2, max_train_epochs=2, pretrained_model_name_or_path=TINY_SD15)
+    config.captioning.model = TINY_BLIP
+    work = tmp_path / "work"
+    train_subject(photos=photos, token="res", workdir=work, config=config)
+    current = work / "res" / "result_current"
+    first_final = (current / "res.safetensors").read_bytes()
+    # Continue from the final LoRA where it lies, in result_current itself.
+    more = config.model_copy(update={"network_weights": str(current / "res.safetensors"), "max_train_epochs": 1})
+    summary = train_subject(photos=photos, token="res", workdir=work, config=more)
+    archives = sorted((work / "res").glob("result_2*"))
+    assert len(archives) == 1 and (archives[0] / "res.safetensors").read_bytes() == first_final
+    assert (archives[0] / "res-000002.safetensors").is_file() and (archives[0] / "kohya_ss_config.json").is_file()
+    assert [e["epoch"] for e in summary["train"]["epochs"]] == [1]
+    exported = json.loads((current / "kohya_ss_config.json").read_text())
+    assert exported["network_weights"] == str((current / "res.safetensors").resolve())  # where it came from
+    with safe_open(current / "res.safetensors", framework="pt") as handle:
+        assert str(current / "res.safetensors") in handle.metadata()["ss_training_comment"]
+    # It started from the old weights, not from zero: its up weights are not those of a fresh start.
+    continued = read_lora(current / "res.safetensors").modules
+    old = read_lora(archives[0] / "res.safetensors").modules
+    name = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q"
+    assert torch.count_nonzero(old[name][1]) and not torch.equal(continued[name][1], old[name][1])
+    # The same starting LoRA, now in the archive, is the same run: served from the cache, nothing archived.
+    same = more.model_copy(update={"network_weights": str(archives[0] / "res.safetensors")})
+    again = train_subject(photos=photos, token="res", workdir=work, config=same)
+    assert again["cached"].count("train-epoch") == 1 and len(sorted((work / "res").glob("result_2*"))) == 1
