@@ -20,6 +20,9 @@ from lora_core.tiny_models import is_builtin, materialize
 __all__ = ["BaseModel", "BaseModelError", "load_base_model", "model_identity", "require_base_model"]
 
 
+_FILE_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")
+
+
 class BaseModelError(RuntimeError):
     """The base model cannot be loaded; the message says how to fix it."""
 
@@ -108,7 +111,7 @@ def load_base_model(spec: str | None, sdxl: bool | None = None, config_folder: s
         loader = "from_single_file"
         if config_folder:
             kwargs["config"] = config_folder
-    elif source.startswith((".", "/", "~")) or source.count("/") > 1:
+    elif source.startswith((".", "/", "~")) or source.count("/") > 1 or path.suffix.lower() in _FILE_SUFFIXES:
         raise BaseModelError(f"base model {spec!r}: no such file or folder")
     else:
         detected = bool(sdxl) or "xl" in source.lower()

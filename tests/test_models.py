@@ -1,0 +1,72 @@
+"""Loading the base model: every kind of source, and failing clearly and safely."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+
+import pytest
+
+from lora_core.models import BaseModelError, load_base_model, model_identity
+from lora_core.tiny_models import materialize
+
+
+class _Payload:
+    """A pickle that would run a command when loaded: what a hostile .ckpt carries."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_ckpt_is_never_unpickled(tmp_path):
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(pickle.dumps({"state_dict": _Payload(str(marker))}))
+    with pytest.raises(BaseModelError, match="Unable to load weights"):  # torch's weights_only loader refused it
+        load_base_model(str(ckpt))
+    assert not marker.exists()
+
+
+def test_a_local_diffusers_folder_loads_and_sdxl_is_detected(builtin_models_home):
+    folder = materialize("builtin:tiny-sdxl")
+    base = load_base_model(str(folder))
+    assert base.sdxl and len(base.text_encoders) == 2
+    with pytest.raises(BaseModelError, match="is SDXL, but the config says sdxl=False"):
+        load_base_model(str(folder), sdxl=False)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [(None, "no base model: pass --base-model"), ("./nowhere", "no such file or folder"), ("x.bin", "no such file")],
+)
+def test_bad_specs_are_named(spec, message):
+    with pytest.raises(BaseModelError, match=message):
+        load_base_model(spec)
+
+
+def test_a_folder_that_is_not_a_diffusers_model_is_named(tmp_path):
+    with pytest.raises(BaseModelError, match=r"no model_index\.json"):
+        load_base_model(str(tmp_path))
+
+
+def test_an_unreachable_hub_id_fails_fast_with_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    start = time.monotonic()
+    with pytest.raises(BaseModelError) as caught:
+        load_base_model("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    assert time.monotonic() - start < 20
+    assert "--base-model DIR" in str(caught.value) and "hf download" in str(caught.value)
+
+
+def test_identity_changes_with_the_file(tmp_path):
+    checkpoint = tmp_path / "m.safetensors"
+    checkpoint.write_bytes(b"1")
+    before = model_identity(str(checkpoint))
+    time.sleep(0.01)
+    checkpoint.write_bytes(b"22")
+    assert model_identity(str(checkpoint)) != before
+    assert model_identity("org/repo") == "org/repo"
