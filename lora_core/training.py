@@ -14,6 +14,7 @@ import math
 import random
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -457,8 +458,11 @@ class Trainer:
 
     # -- an epoch --
 
-    def run_epoch(self, epoch: int) -> EpochStats:
-        """Train epoch `epoch` (1-based); the trainer must have finished epoch - 1."""
+    def run_epoch(self, epoch: int, on_step: Callable[[int, float, float], None] | None = None) -> EpochStats:
+        """Train epoch `epoch` (1-based); the trainer must have finished epoch - 1.
+
+        `on_step(global_step, loss, lr)` is called after every optimizer step.
+        """
         if epoch != self.epoch + 1:
             raise ValueError(f"epoch {epoch} asked for after epoch {self.epoch}; load that epoch's state first")
         from rich.progress import Progress
@@ -485,6 +489,8 @@ class Trainer:
                     self.global_step += 1
                     stats.losses.append(float(loss.detach()))
                     stats.lrs.append(float(self.lr_scheduler.get_last_lr()[0]))
+                    if on_step is not None:
+                        on_step(self.global_step, stats.losses[-1], stats.lrs[-1])
                 progress.advance(bar)
         self.epoch, stats.global_step = epoch, self.global_step
         return stats

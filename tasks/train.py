@@ -96,6 +96,10 @@ def _trainer(request: TrainRequest, config: LoraConfig, epoch: int) -> Trainer:
     return trainer
 
 
+def _log_step(step: int, loss: float, lr: float) -> None:
+    get_run_logger().info("train: step %d loss %.5f lr %.3e", step, loss, lr)
+
+
 @stage("train-epoch", TRAIN_CACHE)
 def train_epoch(request: TrainRequest, epoch: int) -> EpochResult:
     """Train one epoch; write `<token>-00000N.safetensors` and the state to continue from it.
@@ -110,7 +114,7 @@ def train_epoch(request: TrainRequest, epoch: int) -> EpochResult:
         config = apply_steps(request.config, steps)
         try:
             trainer = _trainer(request, config, epoch)
-            stats = trainer.run_epoch(epoch)
+            stats = trainer.run_epoch(epoch, on_step=_log_step)
             break
         except torch.OutOfMemoryError:
             release_trainers()

@@ -55,8 +55,10 @@ def test_loss_falls_when_overfitting_one_image(builtin_models_home, tmp_path):
     )
     trainer = Trainer(config, load_base_model(TINY_SD15), make_subject(tmp_path, config), show_progress=False)
     before = trainer.validation_loss()
-    stats = trainer.run_epoch(1)
+    steps = []
+    stats = trainer.run_epoch(1, on_step=lambda *step: steps.append(step))
     assert len(stats.losses) == 20
+    assert steps == [(i + 1, loss, lr) for i, (loss, lr) in enumerate(zip(stats.losses, stats.lrs, strict=True))]
     assert trainer.validation_loss() < 0.85 * before  # learning, not just running
     assert trainer.validation_loss() == trainer.validation_loss()  # deterministic
 
