@@ -230,8 +230,6 @@ class Trainer:
     ) -> None:
         from accelerate import Accelerator
 
-        if config.max_token_length != 75:
-            raise ValueError("max_token_length above 75 is not supported yet; use 75")
         self.config, self.base, self.layout, self.show_progress = config, base, layout, show_progress
         self.device, self.precision, self.notes = _device_and_precision(config, device)
         self.accelerator = Accelerator(
@@ -360,25 +358,46 @@ class Trainer:
 
     # -- one step --
 
+    def _token_chunks(self, tokenizer: Any, captions: list[str]) -> list[torch.Tensor]:
+        """Captions as 77-token windows: BOS, up to 75 tokens, EOS, padding; one window per 75 tokens.
+
+        `max_token_length` 150 or 225 (kohya's setting) gives 2 or 3 windows, each
+        encoded alone and joined along the sequence, so long captions are not cut at 75.
+        """
+        windows = self.config.max_token_length // 75
+        bodies = [ids[: 75 * windows] for ids in tokenizer(captions, add_special_tokens=False, verbose=False).input_ids]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        chunks = []
+        for window in range(windows):
+            rows = []
+            for body in bodies:
+                piece = body[75 * window : 75 * (window + 1)]
+                rows.append([tokenizer.bos_token_id, *piece, tokenizer.eos_token_id] + [pad] * (75 - len(piece)))
+            chunks.append(torch.tensor(rows, device=self.accelerator.device))
+        return chunks
+
     def _encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        base, device = self.base, self.accelerator.device
-        ids = [
-            tok(
-                captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
-            ).input_ids.to(device)
-            for tok in base.tokenizers
-        ]
+        base = self.base
         if not base.sdxl:
             encoder = base.text_encoders[0]
-            out = encoder(ids[0], output_hidden_states=True)
-            if self.config.clip_skip > 1:
-                hidden = out.hidden_states[-self.config.clip_skip]
-                return getattr(encoder, "text_model", encoder).final_layer_norm(hidden), None
-            return out.last_hidden_state, None
+            states = []
+            for ids in self._token_chunks(base.tokenizers[0], captions):
+                out = encoder(ids, output_hidden_states=True)
+                if self.config.clip_skip > 1:
+                    hidden = out.hidden_states[-self.config.clip_skip]
+                    states.append(getattr(encoder, "text_model", encoder).final_layer_norm(hidden))
+                else:
+                    states.append(out.last_hidden_state)
+            return torch.cat(states, dim=1), None
         # SDXL: the penultimate layer of both encoders side by side, and the second one's pooled output.
-        first = base.text_encoders[0](ids[0], output_hidden_states=True).hidden_states[-2]
-        second = base.text_encoders[1](ids[1], output_hidden_states=True)
-        return torch.cat([first, second.hidden_states[-2]], dim=-1), second.text_embeds
+        states, pooled = [], None
+        chunks = zip(*(self._token_chunks(tok, captions) for tok in base.tokenizers), strict=True)
+        for ids_first, ids_second in chunks:
+            first = base.text_encoders[0](ids_first, output_hidden_states=True).hidden_states[-2]
+            second = base.text_encoders[1](ids_second, output_hidden_states=True)
+            states.append(torch.cat([first, second.hidden_states[-2]], dim=-1))
+            pooled = second.text_embeds if pooled is None else pooled  # the first window's, as kohya does
+        return torch.cat(states, dim=1), pooled
 
     def _text_for(self, batch: list[int], captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.text is None:

@@ -392,3 +392,17 @@ def test_continuing_a_lora_archives_the_last_run_and_records_the_source(prefect_
     same = more.model_copy(update={"network_weights": str(archives[0] / "res.safetensors")})
     again = train_subject(photos=photos, token="res", workdir=work, config=same)
     assert again["cached"].count("train-epoch") == 1 and len(sorted((work / "res").glob("result_2*"))) == 1
+
+
+def test_long_captions_are_encoded_in_75_token_windows(builtin_models_home, tmp_path):
+    config = small_config(num_repeats=1, max_token_length=150, train_text_encoder=False)
+    trainer = Trainer(config, load_base_model(TINY_SD15), make_subject(tmp_path, config), show_progress=False)
+    tokenizer = trainer.base.tokenizers[0]
+    captions = ["t0k3n, a man", "y" * 120]  # the tiny tokenizer spends one token per character
+    first, second = trainer._token_chunks(tokenizer, captions)
+    standard = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    assert torch.equal(first.cpu(), standard.input_ids)  # one window is exactly what CLIP's tokenizer gives
+    assert second[1, 0] == tokenizer.bos_token_id and second[1, 1 + 45] == tokenizer.eos_token_id  # 120 - 75 = 45
+    hidden, _ = trainer._encode_text(captions)
+    assert hidden.shape[:2] == (2, 154)
+    assert trainer.run_epoch(1).losses
