@@ -174,6 +174,40 @@ def test_a_kohya_lora_loads_and_training_continues_from_it(builtin_models_home, 
     assert not torch.equal(trainer.network.weights()[name][1], start)  # it trained on from there
 
 
+def test_a_kohya_lora_continues_through_the_flow_and_sdxl_runs_end_to_end(
+    prefect_harness, builtin_models_home, tmp_path
+):
+    """`--network-weights` with sd-scripts' file on SD1.5, then the same flow with the SDXL preset."""
+    from flows.train_subject import train_subject
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(5):
+        photo((256, 320), 80 + i).save(photos / f"p{i}.png")
+        (photos / f"p{i}.txt").write_text("a man")
+    source = tmp_path / "kohya.safetensors"
+    _kohya_file(load_base_model(TINY_SD15), source, rank=8, alpha=8.0)
+    config = small_config(
+        num_repeats=2, max_train_epochs=1, pretrained_model_name_or_path=TINY_SD15, network_weights=str(source)
+    )
+    config.captioning.model = TINY_BLIP
+    summary = train_subject(photos=photos, token="kh", workdir=tmp_path / "work", config=config)
+    final = Path(summary["train"]["final"])
+    with safe_open(final, framework="pt") as handle:
+        meta = handle.metadata()
+    assert str(source) in meta["ss_training_comment"] and meta["ss_network_dim"] == "8"
+    assert meta["ss_network_alpha"] == "8.0"  # the file's rank and alpha, not the config's 8/4
+    sdxl = LoraConfig.model_validate(
+        preset_config("sdxl").model_dump()
+        | SMALL
+        | {"num_repeats": 2, "max_train_epochs": 1, "pretrained_model_name_or_path": "builtin:tiny-sdxl"}
+    )
+    sdxl.captioning.model = TINY_BLIP
+    summary = train_subject(photos=photos, token="xl", workdir=tmp_path / "work", config=sdxl)
+    lora = read_lora(Path(summary["train"]["final"]))
+    assert len(lora.modules) == 986 and any(name.startswith("lora_te2_") for name in lora.modules)
+
+
 @given(
     st.lists(
         st.tuples(st.sampled_from([(512, 512), (448, 576), (576, 448)]), st.integers(1, 4)), min_size=1, max_size=8
