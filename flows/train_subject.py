@@ -51,6 +51,7 @@ def train_subject(
     workdir: Path = Path("work"),
     config: LoraConfig | None = None,
     stop_after: str = STAGES[-1],
+    base_model_config: str | None = None,
 ) -> dict:
     """Turn `photos` and a trigger `token` into the seed's layout, stage by stage."""
     if stop_after not in STAGES:
@@ -118,7 +119,9 @@ def train_subject(
     key = run_key(config, model_identity(config.pretrained_model_name_or_path or ""), layout)
     start = begin_run(layout, key, config.network_weights)  # earlier results archived, never overwritten
     config = config.model_copy(update={"network_weights": start})
-    request = TrainRequest(token=token, workdir=Path(workdir), config=config, run_key=key)
+    request = TrainRequest(
+        token=token, workdir=Path(workdir), config=config, run_key=key, base_model_config=base_model_config
+    )
     try:
         epochs = [
             run(train_epoch, not epoch_done(layout, key, epoch), request, epoch)
@@ -187,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
         "or builtin:tiny-sd15 / builtin:tiny-sdxl (no download; for trying the pipeline)",
     )
     parser.add_argument(
+        "--base-model-config",
+        help="for a single-file checkpoint: a diffusers folder (or hub id) of the same architecture whose "
+        "configs describe it; needed offline, as diffusers otherwise fetches them from the hub",
+    )
+    parser.add_argument(
         "--network-weights",
         type=Path,
         help="start from this kohya-format LoRA (ours or kohya's): the seed's way to train an undertrained LoRA more",
@@ -227,7 +235,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         summary = train_subject(
-            photos=args.photos, token=args.token, workdir=args.workdir, config=config, stop_after=args.stop_after
+            photos=args.photos,
+            token=args.token,
+            workdir=args.workdir,
+            config=config,
+            stop_after=args.stop_after,
+            base_model_config=args.base_model_config,
         )
     except (
         TooFewImagesError,

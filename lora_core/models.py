@@ -110,7 +110,7 @@ def load_base_model(spec: str | None, sdxl: bool | None = None, config_folder: s
         detected = bool(sdxl)
         loader = "from_single_file"
         if config_folder:
-            kwargs["config"] = config_folder
+            kwargs["config"] = str(materialize(config_folder)) if is_builtin(config_folder) else config_folder
     elif source.startswith((".", "/", "~")) or source.count("/") > 1 or path.suffix.lower() in _FILE_SUFFIXES:
         raise BaseModelError(f"base model {spec!r}: no such file or folder")
     else:
@@ -138,7 +138,14 @@ def load_base_model(spec: str | None, sdxl: bool | None = None, config_folder: s
     except BaseModelError:
         raise
     except Exception as err:
-        raise BaseModelError(f"base model {spec!r}: cannot load it: {err}") from err
+        hint = ""
+        if loader == "from_single_file" and not config_folder:
+            hint = (
+                "; a single-file checkpoint needs its architecture's diffusers configs, which diffusers fetches "
+                "from the hub: pass --base-model-config with a diffusers folder (or cached hub id) of the same "
+                "architecture"
+            )
+        raise BaseModelError(f"base model {spec!r}: cannot load it: {err}{hint}") from err
     text_encoders = [pipeline.text_encoder] + ([pipeline.text_encoder_2] if detected else [])
     tokenizers = [pipeline.tokenizer] + ([pipeline.tokenizer_2] if detected else [])
     return BaseModel(

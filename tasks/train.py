@@ -56,6 +56,7 @@ class TrainRequest(BaseModel):
     config: LoraConfig
     run_key: str
     device: str | None = None
+    base_model_config: str | None = None  # a single-file checkpoint's diffusers config folder or hub id
 
 
 class EpochResult(BaseModel):
@@ -76,7 +77,9 @@ def _trainer(request: TrainRequest, config: LoraConfig, epoch: int) -> Trainer:
         return trainer
     release_trainers()  # one run's models in memory at a time
     layout = SubjectLayout(request.workdir, request.token)
-    base = load_base_model(config.pretrained_model_name_or_path, sdxl=config.sdxl)
+    base = load_base_model(
+        config.pretrained_model_name_or_path, sdxl=config.sdxl, config_folder=request.base_model_config
+    )
     trainer = Trainer(config, base, layout, device=request.device, show_progress=False)
     if epoch > 1:
         trainer.load_state(state_file(layout, request.run_key, epoch - 1))

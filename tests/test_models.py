@@ -70,3 +70,31 @@ def test_identity_changes_with_the_file(tmp_path):
     checkpoint.write_bytes(b"22")
     assert model_identity(str(checkpoint)) != before
     assert model_identity("org/repo") == "org/repo"
+
+
+def test_a_single_file_checkpoint_loads_with_its_config(builtin_models_home, tmp_path):
+    """A CivitAI-style single .safetensors (original layout) gives exactly the folder's weights."""
+    import torch
+
+    from lora_core.training import LoraNetwork
+    from tests.ldm_checkpoint import write_single_file
+
+    checkpoint = tmp_path / "tiny-sd15.safetensors"
+    write_single_file(materialize("builtin:tiny-sd15"), checkpoint)
+    single = load_base_model(str(checkpoint), sdxl=False, config_folder="builtin:tiny-sd15")
+    folder = load_base_model("builtin:tiny-sd15")
+    for name in ("unet", "text_encoder"):
+        a, b = folder.components[name].state_dict(), single.components[name].state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert all(torch.equal(v, single.vae.state_dict()[k]) for k, v in folder.vae.state_dict().items())
+    assert len(LoraNetwork(single, rank=4, alpha=4).targets) == 264
+
+
+def test_a_single_file_without_its_config_says_what_to_pass(builtin_models_home, tmp_path, monkeypatch):
+    from tests.ldm_checkpoint import write_single_file
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    checkpoint = tmp_path / "model.safetensors"
+    write_single_file(materialize("builtin:tiny-sd15"), checkpoint)
+    with pytest.raises(BaseModelError, match="--base-model-config"):
+        load_base_model(str(checkpoint))
