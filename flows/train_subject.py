@@ -76,14 +76,14 @@ def train_subject(
     ingested = run(
         ingest_photos, not layout_intact(layout), Path(photos), token, Path(workdir), config.ingest, config.num_repeats
     )
+
+    def export(config: LoraConfig) -> None:
+        """The run's kohya_ss GUI JSON in result_current/ (the seed loads it in kohya_ss)."""
+        paths = {"train_data_dir": layout.training_images.resolve(), "output_dir": layout.result_current.resolve()}
+        write_kohya_gui(layout.result_current / "kohya_ss_config.json", config, output_name=token, **paths)
+
     if not any(layout.result_current.glob("*.safetensors")):  # never over a trained run's own JSON
-        write_kohya_gui(
-            layout.result_current / "kohya_ss_config.json",
-            config,
-            train_data_dir=layout.training_images.resolve(),
-            output_dir=layout.result_current.resolve(),
-            output_name=token,
-        )
+        export(config)
     summary: dict = {"stage": "ingest", "cached": cached, "ingest": ingested.model_dump(mode="json", exclude={"rows"})}
     if stop_after == "ingest":
         return summary
@@ -132,13 +132,7 @@ def train_subject(
     final = publish_final(layout, epochs[-1].epoch)
     config = apply_steps(config, read_steps(layout, key))  # what the run really used, out-of-memory steps included
     config = config.model_copy(update={"network_weights": run_info(layout, key).get("network_weights") or None})
-    write_kohya_gui(
-        layout.result_current / "kohya_ss_config.json",
-        config,
-        train_data_dir=layout.training_images.resolve(),
-        output_dir=layout.result_current.resolve(),
-        output_name=token,
-    )
+    export(config)
     summary |= {
         "stage": "train",
         "train": {

@@ -35,6 +35,23 @@ def small_config(**updates) -> LoraConfig:
     return LoraConfig.model_validate(preset_config().model_dump() | SMALL | updates)
 
 
+def captioned_photos(root: Path, seed: int, count: int = 5, caption: str = "a man") -> Path:
+    """`count` distinct photos, each with its own caption file."""
+    photos = root / "photos"
+    photos.mkdir()
+    for i in range(count):
+        photo((256, 320), seed + i).save(photos / f"p{i}.png")
+        (photos / f"p{i}.txt").write_text(caption)
+    return photos
+
+
+def flow_config(**updates) -> LoraConfig:
+    """`small_config` for a whole flow run on the tiny models."""
+    config = small_config(**({"pretrained_model_name_or_path": TINY_SD15} | updates))
+    config.captioning.model = TINY_BLIP
+    return config
+
+
 def make_subject(root: Path, config: LoraConfig, sizes=((256, 320),), token: str = "t0k3n") -> SubjectLayout:
     """Photos with their own captions, ingested, bucketed and captioned (no BLIP needed)."""
     photos = root / "photos"
@@ -180,17 +197,10 @@ def test_a_kohya_lora_continues_through_the_flow_and_sdxl_runs_end_to_end(
     """`--network-weights` with sd-scripts' file on SD1.5, then the same flow with the SDXL preset."""
     from flows.train_subject import train_subject
 
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i in range(5):
-        photo((256, 320), 80 + i).save(photos / f"p{i}.png")
-        (photos / f"p{i}.txt").write_text("a man")
+    photos = captioned_photos(tmp_path, seed=80)
     source = tmp_path / "kohya.safetensors"
     _kohya_file(load_base_model(TINY_SD15), source, rank=8, alpha=8.0)
-    config = small_config(
-        num_repeats=2, max_train_epochs=1, pretrained_model_name_or_path=TINY_SD15, network_weights=str(source)
-    )
-    config.captioning.model = TINY_BLIP
+    config = flow_config(num_repeats=2, max_train_epochs=1, network_weights=str(source))
     summary = train_subject(photos=photos, token="kh", workdir=tmp_path / "work", config=config)
     final = Path(summary["train"]["final"])
     with safe_open(final, framework="pt") as handle:
@@ -296,13 +306,8 @@ def test_the_train_stage_caches_each_epoch_and_publishes_it(prefect_harness, bui
 
     from flows.train_subject import train_subject
 
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i in range(5):
-        photo((256, 320), 40 + i).save(photos / f"p{i}.png")
-        (photos / f"p{i}.txt").write_text("a man")
-    config = small_config(num_repeats=2, max_train_epochs=2, pretrained_model_name_or_path=TINY_SD15)
-    config.captioning.model = TINY_BLIP
+    photos = captioned_photos(tmp_path, seed=40)
+    config = flow_config(num_repeats=2, max_train_epochs=2)
     work = tmp_path / "work"
     first = train_subject(photos=photos, token="Ep", workdir=work, config=config)
     assert [e["epoch"] for e in first["train"]["epochs"]] == [1, 2] and "train-epoch" not in first["cached"]
@@ -349,22 +354,15 @@ def test_out_of_memory_climbs_the_ladder_and_is_recorded(prefect_harness, builti
     real = Trainer.run_epoch
     failures = []
 
-    def run_epoch(self, epoch):
+    def run_epoch(self, epoch, **kwargs):
         if len(failures) < 3:
             failures.append(self.config.train_batch_size)
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return real(self, epoch)
+        return real(self, epoch, **kwargs)
 
     monkeypatch.setattr(Trainer, "run_epoch", run_epoch)
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i in range(5):
-        photo((256, 320), 60 + i).save(photos / f"p{i}.png")
-        (photos / f"p{i}.txt").write_text("a man")
-    config = small_config(
-        num_repeats=2, max_train_epochs=1, pretrained_model_name_or_path=TINY_SD15, mixed_precision="no"
-    )
-    config.captioning.model = TINY_BLIP
+    photos = captioned_photos(tmp_path, seed=60)
+    config = flow_config(num_repeats=2, max_train_epochs=1, mixed_precision="no")
     work = tmp_path / "work"
     train_subject(photos=photos, token="oom", workdir=work, config=config)
     assert failures == [2, 2, 2]  # the batch is halved only at the third rung
@@ -395,13 +393,8 @@ def test_continuing_a_lora_archives_the_last_run_and_records_the_source(prefect_
 
     from flows.train_subject import train_subject
 
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i in range(5):
-        photo((256, 320), 20 + i).save(photos / f"p{i}.png")
-        (photos / f"p{i}.txt").write_text("a man")
-    config = small_config(num_repeats=2, max_train_epochs=2, pretrained_model_name_or_path=TINY_SD15)
-    config.captioning.model = TINY_BLIP
+    photos = captioned_photos(tmp_path, seed=20)
+    config = flow_config(num_repeats=2, max_train_epochs=2)
     work = tmp_path / "work"
     train_subject(photos=photos, token="res", workdir=work, config=config)
     current = work / "res" / "result_current"
