@@ -433,3 +433,52 @@ def test_long_captions_are_encoded_in_75_token_windows(builtin_models_home, tmp_
     hidden, _ = trainer._encode_text(captions)
     assert hidden.shape[:2] == (2, 154)
     assert trainer.run_epoch(1).losses
+
+
+def test_shuffle_tags_keeps_the_leading_tokens():
+    import random
+
+    from lora_core.training import shuffle_tags
+
+    caption = "t0k3n, a man, suit, tie, smiling, outdoors"
+    seen = {shuffle_tags(caption, 1, random.Random(seed)) for seed in range(20)}
+    assert len(seen) > 1 and all(s.startswith("t0k3n, ") for s in seen)
+    assert all(sorted(s.split(", ")) == sorted(caption.split(", ")) for s in seen)
+    assert shuffle_tags(caption, 6, random.Random(0)) == caption
+
+
+@pytest.mark.parametrize(
+    "updates",
+    [
+        {"optimizer": "Adafactor", "lr_scheduler": "cosine_with_restarts", "lr_warmup": 50},
+        {"v_parameterization": True, "clip_skip": 2, "noise_offset": 0.1, "shuffle_caption": True, "keep_tokens": 1},
+        {"gradient_accumulation_steps": 2, "optimizer": "AdamW", "lr_scheduler": "linear"},
+    ],
+    ids=["adafactor-warmup", "vpred-clipskip-offset-shuffle", "accumulation"],
+)
+def test_recipe_options_train(builtin_models_home, tmp_path, updates):
+    config = small_config(num_repeats=4, max_train_epochs=1, **updates)
+    layout = make_subject(tmp_path, config, sizes=((256, 320), (256, 320), (320, 256)))
+    trainer = Trainer(config, load_base_model(TINY_SD15), layout, show_progress=False)
+    stats = trainer.run_epoch(1)
+    batches = len(epoch_batches(trainer.items, config.train_batch_size, 0))
+    assert len(stats.losses) == batches // config.gradient_accumulation_steps
+    assert all(loss == loss and loss < 100 for loss in stats.losses)
+    if config.lr_warmup:  # warm-up: the learning rate climbs over the first half
+        assert stats.lrs[0] < stats.lrs[1] <= config.unet_lr
+    if config.v_parameterization:
+        assert trainer.base.noise_scheduler.config.prediction_type == "v_prediction"
+    assert any(torch.count_nonzero(up) for _, up in trainer.network.weights().values())
+
+
+def test_a_trained_epoch_file_changes_a_diffusers_pipeline(builtin_models_home, tmp_path, caplog):
+    from tests.test_lora_io import _diffusers_load
+
+    config = small_config(num_repeats=4, max_train_epochs=1, unet_lr=3e-3)
+    base = load_base_model(TINY_SD15)
+    trainer = Trainer(config, base, make_subject(tmp_path, config), show_progress=False)
+    trainer.run_epoch(1)
+    path = save_epoch(trainer, "e" * 64, {"session_id": "1", "started_at": "0"})
+    _, before, after = _diffusers_load(base, path, caplog)
+    assert "unexpected" not in caplog.text.lower()
+    assert abs(before - after).max() > 1e-4
