@@ -41,6 +41,7 @@ __all__ = [
     "begin_run",
     "epoch_batches",
     "epoch_done",
+    "finished_epoch",
     "oom_step",
     "publish_final",
     "read_steps",
@@ -714,18 +715,41 @@ def state_file(layout: SubjectLayout, run_key: str, epoch: int) -> Path:
     return layout.train_state(run_key) / f"epoch-{epoch:06d}.safetensors"
 
 
-def save_epoch(trainer: Trainer, run_key: str, info: dict[str, str]) -> Path:
+def save_epoch(trainer: Trainer, run_key: str, info: dict[str, str], stats: EpochStats | None = None) -> Path:
     """Write the finished epoch's LoRA (kohya's file and name) and the state to continue from it.
 
-    The state goes first: an epoch counts as done only when its LoRA file is
-    there too, so a crash between the two redoes the epoch rather than losing it.
+    The state and the epoch's numbers go first and the LoRA last: an epoch
+    counts as done only when its LoRA file is there too, so a crash in between
+    redoes the epoch rather than losing it.
     """
     epoch = trainer.epoch
     trainer.save_state(state_file(trainer.layout, run_key, epoch))
+    if stats is not None:
+        numbers = asdict(stats) | {"notes": trainer.notes}
+        atomic_write_bytes(_stats_file(trainer.layout, run_key, epoch), json.dumps(numbers).encode())
     path = trainer.layout.epoch_lora(epoch)
     dtype = _SAVE_DTYPES[trainer.config.save_precision.value]
     save_lora(path, trainer.network.weights(), trainer.config.network_alpha, trainer.metadata(epoch, info), dtype)
     return path
+
+
+def _stats_file(layout: SubjectLayout, run_key: str, epoch: int) -> Path:
+    return layout.train_state(run_key) / f"epoch-{epoch:06d}.json"
+
+
+def finished_epoch(layout: SubjectLayout, run_key: str, epoch: int) -> dict[str, Any] | None:
+    """The numbers of an epoch this run finished before (LoRA, state and numbers on disk), else None.
+
+    A process killed after writing an epoch but before Prefect recorded it
+    must not train that epoch again.
+    """
+    numbers = _stats_file(layout, run_key, epoch)
+    if not (epoch_done(layout, run_key, epoch) and numbers.is_file()):
+        return None
+    try:
+        return json.loads(numbers.read_text())
+    except ValueError:
+        return None
 
 
 def epoch_done(layout: SubjectLayout, run_key: str, epoch: int) -> bool:

@@ -20,6 +20,7 @@ from lora_core.models import load_base_model
 from lora_core.training import (
     Trainer,
     apply_steps,
+    finished_epoch,
     oom_step,
     read_steps,
     record_steps,
@@ -112,6 +113,17 @@ def train_epoch(request: TrainRequest, epoch: int) -> EpochResult:
     rest of the run and recorded in its kohya_ss JSON and ss_training_comment.
     """
     layout = SubjectLayout(request.workdir, request.token)
+    if (done := finished_epoch(layout, request.run_key, epoch)) is not None:
+        get_run_logger().info("train: epoch %d was finished before the last run stopped; kept", epoch)
+        return EpochResult(
+            epoch=epoch,
+            lora=layout.epoch_lora(epoch),
+            global_step=done["global_step"],
+            mean_loss=sum(done["losses"]) / max(1, len(done["losses"])),
+            losses=done["losses"],
+            lrs=done["lrs"],
+            notes=done["notes"],
+        )
     steps = read_steps(layout, request.run_key)
     while True:
         config = apply_steps(request.config, steps)
@@ -128,9 +140,8 @@ def train_epoch(request: TrainRequest, epoch: int) -> EpochResult:
             steps.append({"updates": step[0], "note": step[1]})
             record_steps(layout, request.run_key, steps)
             get_run_logger().warning("train: epoch %d ran out of GPU memory; trying again: %s", epoch, step[1])
-    path = save_epoch(
-        trainer, request.run_key, run_info(trainer.layout, request.run_key, request.config.network_weights)
-    )
+    info = run_info(trainer.layout, request.run_key, request.config.network_weights)
+    path = save_epoch(trainer, request.run_key, info, stats)
     get_run_logger().info(
         "train: epoch %d/%d: %d steps, mean loss %.4f -> %s",
         epoch,
