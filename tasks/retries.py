@@ -21,11 +21,22 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+# Errors that say the code is wrong: running it again gives the same error, later.
+PROGRAMMING_ERRORS: tuple[type[BaseException], ...] = (
+    AssertionError,
+    AttributeError,
+    ImportError,
+    NameError,
+    NotImplementedError,
+    TypeError,
+)
+
+
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect `retry_condition_fn`: retry I/O hiccups, not bad input."""
+    """Prefect `retry_condition_fn`: retry I/O hiccups, not bad input and not bugs."""
     try:
         state.result()
-    except USER_ERRORS:
+    except USER_ERRORS + PROGRAMMING_ERRORS:
         return False
     except Exception:
         return True

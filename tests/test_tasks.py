@@ -26,6 +26,8 @@ from tasks.retries import retry_transient
         (TooFewImagesError("only 3", rows=[]), False),
         (ConfigError("bad.json: field 'x'"), False),
         (CaptionModelError("hub unreachable"), False),
+        (TypeError("run_epoch() got an unexpected keyword argument"), False),
+        (RuntimeError("CUDA error: an illegal memory access"), True),
     ],
 )
 def test_only_transient_failures_are_retried(error, retried):
