@@ -113,8 +113,8 @@ def train_subject(
 
     # 4. Train, one task per epoch; a killed run continues at its first unfinished epoch.
     if config.network_weights:  # the seed's resume: start from a LoRA, at its rank and alpha
-        rank = read_lora(Path(config.network_weights)).rank
-        alpha = next(iter(read_lora(Path(config.network_weights)).modules.values()))[2]
+        source = read_lora(Path(config.network_weights))
+        rank, alpha = source.rank, next(iter(source.modules.values()))[2]
         config = config.model_copy(update={"network_dim": rank, "network_alpha": alpha})
     key = run_key(config, model_identity(config.pretrained_model_name_or_path or ""), layout)
     start = begin_run(layout, key, config.network_weights)  # earlier results archived, never overwritten

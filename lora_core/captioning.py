@@ -36,7 +36,7 @@ from rich.progress import Progress
 
 from lora_core.config import CaptionSettings
 from lora_core.fs import atomic_output, atomic_write_text, ensure_inside
-from lora_core.hub import hub_unreachable, offline_help
+from lora_core.hub import hub_unreachable, model_identity, offline_help
 from lora_core.layout import SubjectLayout
 from lora_core.manifest import accepted_images
 from lora_core.tiny_models import is_builtin, materialize
@@ -156,17 +156,7 @@ class BlipCaptioner:
     @property
     def identity(self) -> str:
         """What makes this model's output what it is, known without loading it."""
-        if is_builtin(self.spec):
-            return materialize(self.spec).name  # the builtin's name carries its version
-        folder = Path(self.spec).expanduser()
-        if folder.is_dir():
-            digest = hashlib.sha256()
-            for path in sorted(folder.iterdir()):
-                if path.is_file():
-                    stat = path.stat()
-                    digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
-            return f"{folder.resolve()}@{digest.hexdigest()[:16]}"
-        return self.spec
+        return model_identity(self.spec)
 
     def _folder_or_id(self) -> tuple[str, bool]:
         """Where to load from, and whether it is a local folder."""

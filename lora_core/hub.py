@@ -8,11 +8,36 @@ retries.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import urllib.error
 import urllib.request
+from pathlib import Path
 
-__all__ = ["hub_unreachable", "offline_help"]
+from lora_core.tiny_models import is_builtin, materialize
+
+__all__ = ["hub_unreachable", "model_identity", "offline_help"]
+
+
+def model_identity(spec: str) -> str:
+    """A short string that changes when the model does, known without loading it (for cache keys).
+
+    A builtin's folder name carries its version; a local file or folder is
+    fingerprinted by its files' names, sizes and times; a hub id is itself.
+    """
+    if is_builtin(spec):
+        return materialize(spec).name
+    path = Path(spec).expanduser()
+    if not path.exists():
+        return spec
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        digest.update(
+            f"{file.relative_to(path) if file != path else file.name}:{stat.st_size}:{stat.st_mtime_ns};".encode()
+        )
+    return f"{path.resolve()}@{digest.hexdigest()[:16]}"
 
 
 def hub_unreachable(repo_id: str, timeout: float = 5.0) -> str | None:

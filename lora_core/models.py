@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_core.hub import hub_unreachable, offline_help
+from lora_core.hub import hub_unreachable, model_identity, offline_help
 from lora_core.tiny_models import is_builtin, materialize
 
 __all__ = ["BaseModel", "BaseModelError", "load_base_model", "model_identity", "require_base_model"]
@@ -64,20 +64,6 @@ def require_base_model(spec: str | None) -> str:
             "a local diffusers folder or a .safetensors checkpoint), or builtin:tiny-sd15 / builtin:tiny-sdxl "
             "for a run with no model at all"
         )
-    return spec
-
-
-def model_identity(spec: str) -> str:
-    """A short string that changes when the model does, without loading it (for cache keys)."""
-    if is_builtin(spec):
-        return materialize(spec).name
-    path = Path(spec).expanduser()
-    if path.is_file():
-        stat = path.stat()
-        return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    if path.is_dir():
-        stamp = max((p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file()), default=0)
-        return f"{path.resolve()}:{stamp}"
     return spec
 
 
