@@ -35,7 +35,7 @@ from pydantic import BaseModel
 from rich.progress import Progress
 
 from lora_core.config import CaptionSettings
-from lora_core.fs import atomic_output, atomic_write_text, ensure_inside
+from lora_core.fs import atomic_output, atomic_write_text, ensure_inside, sha256_file
 from lora_core.hub import hub_unreachable, model_identity, offline_help
 from lora_core.layout import SubjectLayout
 from lora_core.manifest import accepted_images
@@ -320,7 +320,7 @@ def caption_subject(
         path = ensure_inside(layout.root, layout.root / item.image)
         caption_path = path.with_suffix(caption_extension)
         on_disk, utf8 = read_caption(caption_path) if caption_path.is_file() else (None, True)
-        sha = _file_sha(path)
+        sha = sha256_file(path)
         plans.append((item, sha, caption_path, on_disk, utf8, source_of(item.user_caption, sha, on_disk)))
 
     wanted = {sha: item.image for item, sha, _, _, _, source in plans if source == "blip"}
@@ -384,14 +384,6 @@ def captions_intact(
         if not path.is_file() or read_caption(path) != (caption, True):
             return False
     return True
-
-
-def _file_sha(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class _BlipCache:

@@ -20,6 +20,7 @@ __all__ = [
     "atomic_write_text",
     "ensure_inside",
     "sha256_bytes",
+    "sha256_file",
 ]
 
 
@@ -75,3 +76,12 @@ def ensure_inside(root: Path, path: Path) -> Path:
 def sha256_bytes(data: bytes) -> str:
     """Hex SHA-256 of `data`."""
     return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

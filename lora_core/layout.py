@@ -110,6 +110,16 @@ class SubjectLayout:
         return self.root / ".train-state" / run_key[:16]
 
     @property
+    def check_cache(self) -> Path:
+        """The dataset checks' per-image results, by image content, so no photo is analysed twice."""
+        return self.root / ".check-cache"
+
+    @property
+    def image_store(self) -> Path:
+        """Originals of images the checks turned, flipped or set aside (see `lora_core.image_store`)."""
+        return self.root / ".image-store"
+
+    @property
     def prefect_results(self) -> Path:
         """Where Prefect persists task results and cache records for this subject."""
         return self.root / ".prefect-results"

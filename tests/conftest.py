@@ -110,3 +110,45 @@ def count_blip(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(BlipForConditionalGeneration, "generate", counted)
     return calls
+
+
+@pytest.fixture(scope="session")
+def portraits() -> dict[str, Image.Image]:
+    """Real public-domain portraits that ship with the project and its test tools.
+
+    `astronaut` is NASA's portrait of Eileen Collins (scikit-image's sample);
+    `obama-*` are official White House photos from the demo set (demo/CREDITS.md).
+    """
+    from skimage.data import astronaut
+
+    images = {"astronaut": Image.fromarray(astronaut())}
+    for name in ("obama-1", "obama-2", "obama-3"):
+        with Image.open(DEMO_PHOTOS / f"{name}.jpg") as image:
+            images[name] = image.convert("RGB")
+    return images
+
+
+class CountingFaceModels:
+    """The real face models, counting the images they detect faces in (to prove caching)."""
+
+    def __init__(self, models) -> None:
+        self._models = models
+        self.identity = models.identity
+        self.detections = 0
+
+    def detect(self, rgb, *args, **kwargs):
+        self.detections += 1
+        return self._models.detect(rgb, *args, **kwargs)
+
+    def chip(self, *args, **kwargs):
+        return self._models.chip(*args, **kwargs)
+
+    def descriptor(self, *args, **kwargs):
+        return self._models.descriptor(*args, **kwargs)
+
+
+@pytest.fixture
+def counting_faces() -> CountingFaceModels:
+    from lora_core.faces import face_models
+
+    return CountingFaceModels(face_models())

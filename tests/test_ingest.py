@@ -16,7 +16,7 @@ import lora_core.sources
 from lora_core.config import IngestSettings
 from lora_core.ingest import InputError, TooFewImagesError, decode_image, ingest, layout_intact, to_rgb8
 from lora_core.layout import InvalidTokenError, SubjectLayout
-from lora_core.manifest import MANIFEST_COLUMNS, read_manifest
+from lora_core.manifest import ALL_COLUMNS, read_manifest
 from lora_core.sources import fingerprint_input
 from tests.conftest import encode, photo
 
@@ -233,7 +233,7 @@ def test_layout_manifest_and_repeats(tmp_path, good_folder):
     assert sorted(p.name for p in result.class_dir.iterdir()) == [f"{i:04d}.png" for i in range(1, 7)]
     assert (root / "result_current").is_dir() and (root / "txt2img-images").is_dir()
     frame = read_manifest(root / "manifest.csv")
-    assert list(frame.columns) == MANIFEST_COLUMNS
+    assert list(frame.columns) == ALL_COLUMNS  # the check columns stay empty until the checks run
     assert sorted(frame["source"]) == sorted(
         p.relative_to(good_folder).as_posix() for p in good_folder.rglob("*") if p.is_file()
     )

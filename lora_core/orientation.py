@@ -1,0 +1,303 @@
+"""Orientation: sideways photos and mirrored selfies, which the seed asks users to fix by hand.
+
+"Please revise the orientation of your entire dataset!!" A mirrored selfie
+flips the subject's asymmetric features (hair part, moles, scars); a set that
+mixes both sides teaches an average face and training stalls.
+
+Rotation: dlib's HOG detector finds upright faces only, so the rotation
+(0/90/180/270) at which the face is found, with the best score, is the one that
+makes the photo upright. Photos with EXIF orientation were turned by ingest.
+
+Mirroring is a sign-synchronisation problem. For each face we take the
+antisymmetric part of its identity descriptor, `d(face) - d(mirror(face))` on
+the landmark-aligned chip: it changes sign exactly when the photo is mirrored,
+and, because the descriptor is trained to ignore pose and light, what is left
+is the person's own asymmetry. Correlating these vectors between every pair
+of photos gives a matrix whose leading eigenvector holds one orientation per
+photo that agrees best with all the others; no reference photo is needed.
+(Pixel-level antisymmetry was tried first; head turn and side light swamp it.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel
+from rich.progress import Progress
+
+from lora_core.config import CheckSettings, MirrorPolicy, SubjectType
+from lora_core.faces import Face, FaceModels, face_models
+from lora_core.fs import atomic_write_text, sha256_file
+from lora_core.image_store import ImageStore
+from lora_core.layout import SubjectLayout
+from lora_core.manifest import ORIENTATION_COLUMNS, QUALITY_COLUMNS, manifest_rows, write_manifest
+
+__all__ = [
+    "ROTATIONS",
+    "MirrorVerdict",
+    "OrientationResult",
+    "check_orientation",
+    "face_antisymmetry",
+    "find_rotation",
+    "mirror_consensus",
+    "orientation_intact",
+    "turn",
+]
+
+ROTATIONS = (0, 90, 180, 270)  # counter-clockwise degrees
+_CONFIDENT_SCORE = 0.5  # a face this clear at 0 degrees: no need to try other rotations
+_ROTATION_MARGIN = 0.3  # another rotation must beat 0 degrees by this much
+_MIN_MIRROR_VOTES = 0.6  # share of the other faces that must agree a photo is mirrored
+_MIN_SCORE = 0.05  # and the mean disagreement must be at least this (cosine), not noise around 0
+
+
+def turn(image: Image.Image, rotation: int, mirror: bool = False) -> Image.Image:
+    """`image` rotated `rotation` degrees counter-clockwise, then mirrored left-right if asked."""
+    ops = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
+    if rotation in ops:
+        image = image.transpose(ops[rotation])
+    elif rotation != 0:
+        raise ValueError(f"rotation must be one of {ROTATIONS}, got {rotation}")
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mirror else image
+
+
+def find_rotation(image: Image.Image, models: FaceModels) -> tuple[int, list[Face]]:
+    """The rotation that makes the face upright, and the faces found at it.
+
+    0 when no rotation shows a face (the photo is left as it is).
+    """
+    upright = models.detect(np.asarray(image))
+    if upright and upright[0].score >= _CONFIDENT_SCORE:
+        return 0, upright
+    best = (upright[0].score + _ROTATION_MARGIN if upright else -np.inf, 0, upright)
+    for rotation in ROTATIONS[1:]:
+        faces = models.detect(np.asarray(turn(image, rotation)))
+        if faces and faces[0].score > best[0]:
+            best = (faces[0].score, rotation, faces)
+    return best[1], best[2]
+
+
+def face_antisymmetry(models: FaceModels, rgb: np.ndarray, face: Face) -> np.ndarray:
+    """The part of the face's identity descriptor that changes sign when the photo is mirrored."""
+    chip = models.chip(rgb, face)
+    return models.descriptor(chip) - models.descriptor(chip[:, ::-1])
+
+
+@dataclass(frozen=True)
+class MirrorVerdict:
+    """One photo's place in the set's orientation consensus."""
+
+    score: float  # mean agreement with the others' consensus orientation; < 0: mirrored
+    confidence: float  # share of the others whose own evidence agrees with the verdict
+    mirrored: bool
+
+
+def mirror_consensus(vectors: np.ndarray) -> list[MirrorVerdict]:
+    """Which rows of `vectors` (one antisymmetric vector per photo) are mirrored relative to the majority.
+
+    Sign synchronisation: the leading eigenvector of the correlation matrix
+    gives every photo the orientation that agrees best with all the others;
+    the orientation most photos share is taken as the true one.
+    """
+    count = len(vectors)
+    if count < 3:
+        raise ValueError("the mirroring consensus needs at least 3 faces")
+    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    corr = unit @ unit.T
+    np.fill_diagonal(corr, 0.0)
+    signs = np.sign(np.linalg.eigh(corr)[1][:, -1])
+    signs[signs == 0] = 1
+    if (signs > 0).sum() < (signs < 0).sum() or ((signs > 0).sum() == (signs < 0).sum() and signs[0] < 0):
+        signs = -signs  # the majority's orientation is "not mirrored"
+    evidence = corr * signs[None, :]  # what each other photo says about this one, as it is
+    verdicts = []
+    for i in range(count):
+        others = np.delete(evidence[i], i)
+        score = float(others.mean())
+        mirrored = score < 0
+        agree = float(np.mean(others < 0) if mirrored else np.mean(others > 0))
+        verdicts.append(MirrorVerdict(score, agree, mirrored and agree >= _MIN_MIRROR_VOTES and score <= -_MIN_SCORE))
+    return verdicts
+
+
+class OrientationResult(BaseModel):
+    """What the `checks` stage found and did; later stages start from `rows`."""
+
+    token: str
+    rotated: int
+    mirrored: int
+    fixed: int
+    rejected: int
+    mirror_consensus: bool  # False when too few faces to compare
+    notes: list[str]
+    rows: list[dict]
+
+
+def check_orientation(
+    layout: SubjectLayout,
+    rows: list[dict],
+    settings: CheckSettings,
+    subject_type: SubjectType = SubjectType.person,
+    *,
+    models: FaceModels | None = None,
+    show_progress: bool = True,
+) -> OrientationResult:
+    """Find each photo's rotation and mirroring, apply the policy, and record it in the manifest.
+
+    Starts from ingest's `rows` and its images as decoded (kept in the image
+    store once a fix replaces them), so a changed policy is applied to the
+    originals, never on top of an earlier fix. Per-image analysis is cached
+    by content; the consensus is recomputed on every run.
+    """
+    rows = [_fresh(row) for row in rows]
+    accepted = [row for row in rows if row["status"] == "accepted"]
+    store = ImageStore(layout)
+    notes: list[str] = []
+    if subject_type != SubjectType.person:
+        for row in accepted:
+            store.write(row)  # the original: undoes fixes made while it was a person
+            row["decision"] = "keep"
+        write_manifest(layout.manifest, rows)
+        return OrientationResult(
+            token=layout.token,
+            rotated=0,
+            mirrored=0,
+            fixed=0,
+            rejected=0,
+            mirror_consensus=False,
+            notes=[f"orientation checks skipped: they need faces, and the subject type is {subject_type.value}"],
+            rows=rows,
+        )
+
+    models = models or face_models()
+    salt = json.dumps({"models": models.identity, "version": 1})
+    analyses = {}
+    with Progress(disable=not show_progress, transient=True) as progress:
+        bar = progress.add_task("checks: orientation", total=len(accepted))
+        for row in accepted:
+            analyses[row["image"]] = _analyse(layout, store.original(row), salt, models)
+            progress.advance(bar)
+
+    with_face = [row for row in accepted if analyses[row["image"]]["antisymmetry"] is not None]
+    consensus = len(with_face) >= settings.min_mirror_faces
+    verdicts: dict[str, MirrorVerdict] = {}
+    if consensus:
+        vectors = np.array([analyses[row["image"]]["antisymmetry"] for row in with_face], dtype=np.float64)
+        verdicts = dict(zip((row["image"] for row in with_face), mirror_consensus(vectors), strict=True))
+    else:
+        notes.append(
+            f"mirroring not checked: {len(with_face)} photo(s) with a face, "
+            f"the consensus needs {settings.min_mirror_faces}"
+        )
+
+    for row in accepted:
+        analysis = analyses[row["image"]]
+        verdict = verdicts.get(row["image"])
+        rotation = analysis["rotation"] if settings.fix_rotation else 0
+        _decide(row, analysis, verdict, rotation, settings.mirror_policy)
+        if row["decision"] == "rejected":
+            store.set_aside(row)  # after the image is in the store, so a later policy can bring it back
+        else:
+            flip = row["decision"] == "fixed" and _mirrored(row)
+            store.write(row, turn(Image.open(store.original(row)), rotation, flip) if rotation or flip else None)
+    write_manifest(layout.manifest, rows)
+
+    flagged = [row for row in accepted if _mirrored(row)]
+    if flagged:
+        action = {"flag": "kept as they are", "fix": "flipped back", "reject": "left out"}[settings.mirror_policy.value]
+        notes.append(
+            f"{len(flagged)} image(s) look mirrored ({action}): " + ", ".join(row["source"] for row in flagged)
+        )
+    turned = [row for row in accepted if row["rotation"]]
+    if turned:
+        notes.append(f"{len(turned)} image(s) turned upright: " + ", ".join(row["source"] for row in turned))
+    return OrientationResult(
+        token=layout.token,
+        rotated=len(turned),
+        mirrored=len(flagged),
+        fixed=sum(row["decision"] == "fixed" for row in accepted),
+        rejected=sum(row["decision"] == "rejected" for row in accepted),
+        mirror_consensus=consensus,
+        notes=notes,
+        rows=rows,
+    )
+
+
+def _fresh(row: dict) -> dict:
+    """A copy of ingest's row with every check column empty."""
+    row = dict(row)
+    for column in ORIENTATION_COLUMNS + QUALITY_COLUMNS:
+        row[column] = None
+    row.update(flags="", decision="", check_notes="", framing="", checked_sha256="")
+    return row
+
+
+def _mirrored(row: dict) -> bool:
+    return "mirrored" in row["flags"].split(";")
+
+
+def _decide(row: dict, analysis: dict, verdict: MirrorVerdict | None, rotation: int, policy: MirrorPolicy) -> None:
+    flags, notes = [], []
+    row["rotation"], row["rotation_score"] = rotation, analysis["rotation_score"]
+    if rotation:
+        flags.append("rotated")
+        notes.append(f"turned {rotation}° to stand upright (face found only that way)")
+    if verdict is not None:
+        row["mirror_score"], row["mirror_confidence"] = round(verdict.score, 4), round(verdict.confidence, 3)
+        if verdict.mirrored:
+            flags.append("mirrored")
+            notes.append(
+                f"looks mirrored: {verdict.confidence:.0%} of the other photos disagree with its orientation "
+                f"(score {verdict.score:+.3f})"
+            )
+    decision = "fixed" if rotation else "keep"
+    if "mirrored" in flags and policy == MirrorPolicy.fix:
+        decision = "fixed"
+        notes[-1] += "; flipped back"
+    elif "mirrored" in flags and policy == MirrorPolicy.reject:
+        decision = "rejected"
+    row.update(flags=";".join(flags), decision=decision, check_notes="; ".join(notes))
+
+
+def _analyse(layout: SubjectLayout, path: Path, salt: str, models: FaceModels) -> dict:
+    """Rotation and face antisymmetry of one original image, cached by its content."""
+    sha = sha256_file(path)
+    cache = layout.check_cache / "orientation" / f"{hashlib.sha256((sha + salt).encode()).hexdigest()}.json"
+    try:
+        return json.loads(cache.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass  # not analysed yet, or a damaged entry
+    with Image.open(path) as picture:
+        image = picture.convert("RGB")
+    rotation, faces = find_rotation(image, models)
+    antisymmetry = None
+    if faces:
+        upright = np.asarray(turn(image, rotation))
+        antisymmetry = [round(float(v), 6) for v in face_antisymmetry(models, upright, faces[0])]
+    analysis = {
+        "rotation": rotation,
+        "rotation_score": round(faces[0].score, 4) if faces else None,
+        "antisymmetry": antisymmetry,
+    }
+    atomic_write_text(cache, json.dumps(analysis))
+    return analysis
+
+
+def orientation_intact(layout: SubjectLayout) -> bool:
+    """True when the manifest holds the checks' decisions and the training images are the ones they wrote."""
+    try:
+        rows = manifest_rows(layout.manifest)
+    except Exception:
+        return False
+    for row in rows:
+        if row["status"] != "accepted":
+            continue
+        path = layout.root / row["image"]
+        if not row["decision"] or not path.is_file() or sha256_file(path) != row["checked_sha256"]:
+            return False
+    return True
