@@ -3,12 +3,14 @@
 The seed's author does these steps by hand; each is a cached, retryable stage:
 
 1. ingest   - rename, convert to PNG, make the folder structure (`<token>/training_images/...`)
-2. buckets  - put each image in an aspect-ratio bucket, as kohya does (`buckets.csv`)
-3. captions - caption each image with BLIP, prefixed "<token>, " (a `.txt` beside it)
-4. train    - train the LoRA one epoch per task: `result_current/<token>-000001.safetensors` ...
+2. checks   - turn sideways photos upright; find mirrored selfies ("revise the orientation!!")
+3. crop     - one whole, clear face per photo; blur, pixelation, upscaling, another person
+4. buckets  - put each image in an aspect-ratio bucket, as kohya does (`buckets.csv`)
+5. captions - caption each image with BLIP, prefixed "<token>, " (a `.txt` beside it)
+6. train    - train the LoRA one epoch per task: `result_current/<token>-000001.safetensors` ...
 
-Later stages (orientation checks, crop, training, samples, selection) plug in
-between these, each with its own `--stop-after` name.
+Later stages (samples, selection) plug in after these, each with its own
+`--stop-after` name.
 
 Run it with no server (Prefect's embedded default):
 
@@ -30,18 +32,22 @@ from pydantic import ValidationError
 from lora_core.buckets import BucketPlan, buckets_intact
 from lora_core.captioning import BlipCaptioner, CaptionModelError, captions_intact
 from lora_core.config import ConfigError, LoraConfig, load_config, preset_config, write_kohya_gui
+from lora_core.faces import FaceModelError
 from lora_core.fs import PathEscapeError
 from lora_core.ingest import InputError, TooFewImagesError, layout_intact
 from lora_core.layout import InvalidTokenError, SubjectLayout, validate_token
 from lora_core.lora_io import LoraFileError, read_lora
 from lora_core.models import BaseModelError, model_identity, require_base_model
+from lora_core.orientation import orientation_intact
+from lora_core.quality import quality_intact
 from lora_core.training import apply_steps, begin_run, epoch_done, publish_final, read_steps, run_info, run_key
 from tasks.buckets import bucket_images
 from tasks.captions import caption_images
+from tasks.checks import check_images, crop_images
 from tasks.ingest import ingest_photos
 from tasks.train import TrainRequest, release_trainers, train_epoch
 
-STAGES = ("ingest", "buckets", "captions", "train")
+STAGES = ("ingest", "checks", "crop", "buckets", "captions", "train")
 
 
 @flow(name="train-subject")
@@ -88,20 +94,39 @@ def train_subject(
     if stop_after == "ingest":
         return summary
 
-    # 2. Buckets, as kohya makes them; batches never mix buckets.
-    plan = BucketPlan.from_config(config)
-    bucketed = run(
-        bucket_images, not buckets_intact(layout, plan), ingested, Path(workdir), plan, config.train_batch_size
+    # 2. Checks: sideways photos turned upright, mirrored ones found (flagged, fixed or left out, by policy).
+    workdir = Path(workdir)
+    checked = run(check_images, not orientation_intact(layout), ingested, workdir, config.checks, config.subject_type)
+    summary |= {"stage": "checks", "checks": checked.model_dump(mode="json", exclude={"rows"})}
+    if stop_after == "checks":
+        return summary
+
+    # 3. Crop and quality: one whole, clear face of the subject per photo, no blur, pixelation or upscaling.
+    cropped = run(
+        crop_images,
+        not quality_intact(layout),
+        checked,
+        workdir,
+        config.checks,
+        config.subject_type,
+        config.ingest.min_images,
     )
+    summary |= {"stage": "crop", "crop": cropped.model_dump(mode="json", exclude={"rows"})}
+    if stop_after == "crop":
+        return summary
+
+    # 4. Buckets, as kohya makes them; batches never mix buckets.
+    plan = BucketPlan.from_config(config)
+    bucketed = run(bucket_images, not buckets_intact(layout, plan), cropped, workdir, plan, config.train_batch_size)
     summary |= {"stage": "buckets", "buckets": bucketed.model_dump(mode="json", exclude={"rows"})}
     if stop_after == "buckets":
         return summary
 
-    # 3. Captions. BLIP's words are cached per image; an edited caption file is kept.
+    # 5. Captions. BLIP's words are cached per image; an edited caption file is kept.
     captioned = run(
         caption_images,
         not captions_intact(layout, config.caption_extension, config.captioning),
-        ingested,
+        cropped,
         Path(workdir),
         config.captioning,
         config.caption_extension,
@@ -111,7 +136,7 @@ def train_subject(
     if stop_after == "captions":
         return summary
 
-    # 4. Train, one task per epoch; a killed run continues at its first unfinished epoch.
+    # 6. Train, one task per epoch; a killed run continues at its first unfinished epoch.
     if config.network_weights:  # the seed's resume: start from a LoRA, at its rank and alpha
         source = read_lora(Path(config.network_weights))
         rank, alpha = source.rank, next(iter(source.modules.values()))[2]
@@ -169,6 +194,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="starting settings from the seed's recipe (default: sd15, or sdxl when the config file is SDXL)",
     )
     parser.add_argument(
+        "--subject-type",
+        choices=["person", "object", "style"],
+        help="what the LoRA learns (default: person); face-based checks apply to a person only",
+    )
+    parser.add_argument(
+        "--mirror-policy",
+        choices=["flag", "fix", "reject"],
+        help="photos that look mirrored: flag (report, keep; default), fix (flip back) or reject",
+    )
+    parser.add_argument(
+        "--quality-policy",
+        choices=["flag", "reject"],
+        help="photos a quality check flags (blur, pixelation, upscaling, framing): flag (default) or reject",
+    )
+    parser.add_argument(
         "--caption-model",
         help="BLIP captioning model: hub id, local folder, or builtin:tiny-blip (no download; nonsense words) "
         f"(default: {preset_config().captioning.model})",
@@ -200,30 +240,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def config_from_args(args: argparse.Namespace) -> LoraConfig:
+    """The run's config: the preset, then the config file, then the command line's flags.
+
+    Raises ConfigError or ValidationError naming the bad field; prints config warnings.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = load_config(args.config, args.preset) if args.config else preset_config(args.preset or "sd15")
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
+    updates = {
+        "pretrained_model_name_or_path": args.base_model,
+        "network_weights": str(args.network_weights) if args.network_weights else None,
+        "max_train_epochs": args.epochs,
+        "subject_type": args.subject_type,
+    }
+    updates = {key: value for key, value in updates.items() if value is not None}
+    checks = {"mirror_policy": args.mirror_policy, "quality_policy": args.quality_policy}
+    if any(value is not None for value in checks.values()):
+        updates["checks"] = config.checks.model_dump() | {k: v for k, v in checks.items() if v is not None}
+    if args.caption_model or args.recaption:
+        updates["captioning"] = config.captioning.model_dump() | {
+            "model": args.caption_model or config.captioning.model,
+            "recaption": args.recaption,
+        }
+    return LoraConfig.model_validate(config.model_dump() | updates) if updates else config
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # The embedded server has no network here or on most GPU boxes: don't try to phone home.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
         validate_token(args.token)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            config = load_config(args.config, args.preset) if args.config else preset_config(args.preset or "sd15")
-        updates = {
-            "pretrained_model_name_or_path": args.base_model,
-            "network_weights": str(args.network_weights) if args.network_weights else None,
-            "max_train_epochs": args.epochs,
-        }
-        updates = {key: value for key, value in updates.items() if value is not None}
-        if updates:
-            config = LoraConfig.model_validate(config.model_dump() | updates)
-        if args.caption_model or args.recaption:
-            captioning = config.captioning.model_copy(
-                update={"model": args.caption_model or config.captioning.model, "recaption": args.recaption}
-            )
-            config = config.model_copy(update={"captioning": captioning})
-        for warning in caught:
-            print(f"warning: {warning.message}", file=sys.stderr)
+        config = config_from_args(args)
     except (ConfigError, InvalidTokenError, ValidationError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -244,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         CaptionModelError,
         BaseModelError,
         LoraFileError,
+        FaceModelError,
     ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -266,6 +318,18 @@ def print_summary(summary: dict) -> None:
         f"{name('ingest')}: {ingest['accepted']} accepted, {ingest['rejected']} rejected, {ingest['ignored']} ignored "
         f"-> {ingest['class_dir']} (manifest: {ingest['manifest']})"
     )
+    if "checks" in summary:
+        checks = summary["checks"]
+        print(f"{name('checks')}: {checks['rotated']} turned upright, {checks['mirrored']} look mirrored")
+        for note in checks["notes"]:
+            print(f"checks: {note}")
+    if "crop" in summary:
+        crop = summary["crop"]
+        framing = ", ".join(f"{n} {kind}" for kind, n in crop["framing"].items())
+        print(f"{name('crop')}: {crop['kept']} kept, {crop['flagged']} flagged, {crop['rejected']} left out; {framing}")
+        for note in [crop["guidance"], *crop["notes"]]:
+            print(f"crop: {note}")
+        print(f"crop: scores and decisions per photo in {summary['ingest']['manifest']}")
     if "buckets" in summary:
         buckets = summary["buckets"]
         counts = ", ".join(f"{bucket}: {n}" for bucket, n in buckets["counts"].items())

@@ -12,6 +12,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from lora_core.buckets import BucketResult
 from lora_core.captioning import CaptionResult
+from lora_core.layout import SubjectLayout
 
 _TABLE_COLUMNS = ("source", "status", "reason", "image", "width", "height", "resized", "exif_rotated")
 
@@ -113,6 +114,45 @@ def publish_captions(token: str, result: CaptionResult, subject_dir: Path, capti
         key=artifact_key(token, "captions"),
         markdown=captions_markdown(token, result, subject_dir, caption_extension),
         description=f"Captions of {token}, with thumbnails, for review",
+    )
+
+
+_CHECK_TABLES = {
+    "checks": ("rotation", "mirror_score", "mirror_confidence"),
+    "crop": ("faces", "framing", "sharpness", "pixelation", "blockiness", "upscale", "identity_distance"),
+}
+
+
+def _check_picture(layout: SubjectLayout, row: dict) -> str:
+    """A thumbnail of the image as the checks left it (a rejected one from the image store)."""
+    path = layout.root / row["image"] if row["image"] else layout.image_store / f"{row['checked_sha256']}.png"
+    return f"![{row['source']}]({thumbnail_uri(path)})" if path.is_file() else ""
+
+
+def checks_markdown(layout: SubjectLayout, stage: str, rows: list[dict], notes: list[str]) -> str:
+    """What to look at, in plain words, then every photo with its thumbnail, flags and decision."""
+    checked = [row for row in rows if row.get("decision")]
+    title = {"checks": "Orientation and mirroring", "crop": "Crop and quality"}[stage]
+    lines = [f"# {title} of `{layout.token}`", ""]
+    lines += [f"- {note}" for note in notes] or ["- nothing to look at: no photo was flagged"]
+    lines += ["", "| photo | decision | flags | why |", "|---|---|---|---|"]
+    for row in checked:
+        picture = f"{_check_picture(layout, row)}<br>`{row['source']}`"
+        lines.append(f"| {picture} | {row['decision']} | {row['flags'] or '-'} | {_cell(row['check_notes'] or '-')} |")
+    return "\n".join(lines) + "\n"
+
+
+def publish_checks(layout: SubjectLayout, stage: str, rows: list[dict], notes: list[str]) -> None:
+    """A table of every photo's check scores and decision, and a markdown page with thumbnails."""
+    columns = ("source", "image", *_CHECK_TABLES[stage], "flags", "decision", "check_notes")
+    table = [{c: ("" if row.get(c) is None else row[c]) for c in columns} for row in rows if row.get("decision")]
+    create_table_artifact(
+        key=artifact_key(layout.token, stage),
+        table=table,
+        description=f"{stage} of {layout.token}: every photo's scores, flags and decision",
+    )
+    create_markdown_artifact(
+        key=artifact_key(layout.token, f"{stage}-summary"), markdown=checks_markdown(layout, stage, rows, notes)
     )
 
 

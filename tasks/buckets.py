@@ -10,8 +10,8 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 import lora_core.buckets
 import lora_core.manifest
 from lora_core.buckets import BucketPlan, BucketResult, bucket_subject
-from lora_core.ingest import IngestResult
 from lora_core.layout import SubjectLayout
+from lora_core.quality import QualityResult
 from tasks.artifacts import publish_buckets
 from tasks.caching import CodeVersion
 from tasks.stage import stage
@@ -21,9 +21,9 @@ BUCKETS_CACHE = TASK_SOURCE + INPUTS + CodeVersion(modules=(lora_core.buckets, l
 
 
 @stage("buckets", BUCKETS_CACHE)
-def bucket_images(ingested: IngestResult, workdir: Path, plan: BucketPlan, batch_size: int) -> BucketResult:
+def bucket_images(dataset: QualityResult, workdir: Path, plan: BucketPlan, batch_size: int) -> BucketResult:
     """Assign each training image to an aspect-ratio bucket; write buckets.csv."""
-    result = bucket_subject(SubjectLayout(workdir, ingested.token), plan, batch_size)
+    result = bucket_subject(SubjectLayout(workdir, dataset.token), plan, batch_size)
     logger = get_run_logger()
     logger.info("buckets: %s", ", ".join(f"{b}: {n}" for b, n in result.counts.items()))
     if result.short:
@@ -32,5 +32,5 @@ def bucket_images(ingested: IngestResult, workdir: Path, plan: BucketPlan, batch
             batch_size,
             ", ".join(result.short),
         )
-    publish_buckets(ingested.token, result, batch_size)
+    publish_buckets(dataset.token, result, batch_size)
     return result

@@ -12,8 +12,8 @@ import lora_core.manifest
 import lora_core.tiny_models
 from lora_core.captioning import CaptionResult, caption_subject
 from lora_core.config import CaptionSettings
-from lora_core.ingest import IngestResult
 from lora_core.layout import SubjectLayout
+from lora_core.quality import QualityResult
 from tasks.artifacts import publish_captions
 from tasks.caching import CodeVersion
 from tasks.stage import stage
@@ -25,7 +25,7 @@ CAPTIONS_CACHE = (
 
 @stage("captions", CAPTIONS_CACHE)
 def caption_images(
-    ingested: IngestResult,
+    dataset: QualityResult,
     workdir: Path,
     settings: CaptionSettings,
     caption_extension: str,
@@ -36,7 +36,7 @@ def caption_images(
     `model_identity` is part of the cache key: a changed local model folder
     re-runs the stage even when its path is the same.
     """
-    layout = SubjectLayout(workdir, ingested.token)
+    layout = SubjectLayout(workdir, dataset.token)
     result = caption_subject(layout, settings, caption_extension=caption_extension)
     logger = get_run_logger()
     logger.info(
@@ -48,5 +48,5 @@ def caption_images(
     for record in result.records:
         if record["removed"]:
             logger.info("captions: %s: removed %s", record["image"], record["removed"])
-    publish_captions(ingested.token, result, layout.root, caption_extension)
+    publish_captions(dataset.token, result, layout.root, caption_extension)
     return result

@@ -12,7 +12,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
 
-from flows.train_subject import build_parser, train_subject
+from flows.train_subject import build_parser, config_from_args, train_subject
 from lora_core.config import preset_config
 from tests.conftest import ROOT, TINY_BLIP, encode, photo
 
@@ -81,11 +81,12 @@ def _stage_states(photos: Path, workdir: Path, token: str = "t0k3n", enable_buck
 
 def test_buckets_and_captions_are_cached_stages(prefect_harness, good_folder, tmp_path, count_blip):
     work = tmp_path / "work"
-    assert _stage_states(good_folder, work) == {"ingest": "Completed", "buckets": "Completed", "captions": "Completed"}
+    stages = ("ingest", "checks", "crop", "buckets", "captions")
+    assert _stage_states(good_folder, work) == dict.fromkeys(stages, "Completed")
     assert sum(count_blip) == 6
     subject = work / "t0k3n"
     assert (subject / "buckets.csv").is_file() and (subject / "captions.csv").is_file()
-    assert _stage_states(good_folder, work) == {"ingest": "Cached", "buckets": "Cached", "captions": "Cached"}
+    assert _stage_states(good_folder, work) == dict.fromkeys(stages, "Cached")
     # One more photo: every stage runs again, but BLIP sees only the new photo.
     count_blip.clear()
     (good_folder / "img9.png").write_bytes(encode(photo((700, 500), 4242), "PNG"))
@@ -95,7 +96,7 @@ def test_buckets_and_captions_are_cached_stages(prefect_harness, good_folder, tm
     assert len(captions) == 7 and all(c.read_text().startswith("t0k3n, ") for c in captions)
     # An edited caption re-runs only the captions stage, which keeps the edit.
     captions[2].write_text("t0k3n, my own words\n")
-    assert _stage_states(good_folder, work) == {"ingest": "Cached", "buckets": "Cached", "captions": "Completed"}
+    assert _stage_states(good_folder, work) == dict.fromkeys(stages[:-1], "Cached") | {"captions": "Completed"}
     assert captions[2].read_text() == "t0k3n, my own words\n" and count_blip == [1]
     # A deleted buckets.csv is written again rather than trusted from the cache.
     (subject / "buckets.csv").unlink()
@@ -121,7 +122,14 @@ def test_going_back_to_earlier_settings_rewrites_the_outputs(prefect_harness, go
 
 def test_bucket_and_caption_artifacts(prefect_harness, good_folder, tmp_path):
     _stage_states(good_folder, tmp_path / "work", token="Art2")
-    keys = ["art2-buckets", "art2-buckets-summary", "art2-captions"]
+    keys = [
+        "art2-buckets",
+        "art2-buckets-summary",
+        "art2-captions",
+        "art2-checks-summary",
+        "art2-crop",
+        "art2-crop-summary",
+    ]
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
     by_key = {a.key: a for a in artifacts}
@@ -130,6 +138,16 @@ def test_bucket_and_caption_artifacts(prefect_harness, good_folder, tmp_path):
     assert sum(row["images"] for row in table) == 6
     markdown = by_key["art2-captions"].data
     assert markdown.count("data:image/jpeg;base64,") == 6 and markdown.count("| Art2, ") == 6
+    # The dataset checks: a row per photo with its flags, a thumbnail each. These synthetic photos have no
+    # face (HOG may see one in a random blob: the face checks themselves are tested on real photos).
+    crop = by_key["art2-crop"].data
+    crop = json.loads(crop) if isinstance(crop, str) else crop
+    assert len(crop) == 6 and all(row["decision"] == "keep" for row in crop)
+    no_face = [row["source"] for row in crop if "no_face" in row["flags"].split(";")]
+    assert len(no_face) >= 5
+    summary = by_key["art2-crop-summary"].data
+    assert summary.count("data:image/jpeg;base64,") == 6 and f"{len(no_face)} image(s) have no face found" in summary
+    assert "mirroring not checked" in by_key["art2-checks-summary"].data
 
 
 def test_help_explains_every_option():
@@ -137,6 +155,19 @@ def test_help_explains_every_option():
     for option in ("photos", "--token", "--workdir", "--config", "--preset", "--stop-after", "--caption-model"):
         assert option in text
     assert "--recaption" in text and "captions" in text and "buckets" in text
+    assert "--mirror-policy" in text and "--subject-type" in text and "checks" in text and "crop" in text
+
+
+def test_check_flags_override_the_config_file(tmp_path):
+    cfg = tmp_path / "kohya.json"
+    cfg.write_text(json.dumps({"network_dim": 8, "checks": {"min_face_px": 64, "mirror_policy": "reject"}}))
+    args = build_parser().parse_args(
+        ["p", "--token", "t", "--config", str(cfg), "--mirror-policy", "fix", "--subject-type", "object"]
+    )
+    config = config_from_args(args)
+    assert config.checks.mirror_policy == "fix" and config.checks.min_face_px == 64  # the file's other values stay
+    assert config.subject_type == "object" and config.network_dim == 8
+    assert config_from_args(build_parser().parse_args(["p", "--token", "t"])).checks.mirror_policy == "flag"
 
 
 def _cli(*args: str, home: Path) -> subprocess.CompletedProcess:

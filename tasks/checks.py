@@ -1,0 +1,67 @@
+"""The dataset-check stages as Prefect tasks: `checks` (orientation, mirroring) and `crop` (crop and quality)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+
+import lora_core.faces
+import lora_core.image_store
+import lora_core.manifest
+import lora_core.orientation
+import lora_core.quality
+from lora_core.config import CheckSettings, SubjectType
+from lora_core.ingest import IngestResult
+from lora_core.layout import SubjectLayout
+from lora_core.orientation import OrientationResult, check_orientation
+from lora_core.quality import QualityResult, check_quality
+from tasks.artifacts import publish_checks
+from tasks.caching import CodeVersion
+from tasks.stage import stage
+
+_CODE = CodeVersion(
+    modules=(lora_core.faces, lora_core.image_store, lora_core.manifest, lora_core.orientation, lora_core.quality)
+)
+# Inputs carry every image's hash (ingest's rows), so one new photo re-runs the
+# stage; inside it, only that photo is analysed (per-image cache by content).
+CHECKS_CACHE = TASK_SOURCE + INPUTS + _CODE
+
+
+@stage("checks", CHECKS_CACHE)
+def check_images(
+    ingested: IngestResult, workdir: Path, settings: CheckSettings, subject_type: SubjectType
+) -> OrientationResult:
+    """Turn sideways photos upright and find mirrored ones (flag, fix or reject, by policy)."""
+    layout = SubjectLayout(workdir, ingested.token)
+    result = check_orientation(layout, ingested.rows, settings, subject_type)
+    logger = get_run_logger()
+    logger.info("checks: %d turned upright, %d look mirrored", result.rotated, result.mirrored)
+    for note in result.notes:
+        logger.warning("checks: %s", note)
+    publish_checks(layout, "checks", result.rows, result.notes)
+    return result
+
+
+@stage("crop", CHECKS_CACHE)
+def crop_images(
+    checked: OrientationResult,
+    workdir: Path,
+    settings: CheckSettings,
+    subject_type: SubjectType,
+    min_images: int,
+) -> QualityResult:
+    """Check framing and image quality of every photo: faces, blur, pixelation, upscaling, identity."""
+    layout = SubjectLayout(workdir, checked.token)
+    result = check_quality(layout, checked.rows, settings, subject_type, min_images=min_images)
+    logger = get_run_logger()
+    logger.info(
+        "crop: %d kept, %d flagged, %d rejected; %s", result.kept, result.flagged, result.rejected, result.guidance
+    )
+    for note in result.notes:
+        logger.warning("crop: %s", note)
+    framing = ", ".join(f"{n} {name}" for name, n in result.framing.items())
+    overview = [result.guidance] + ([f"framing: {framing}"] if framing else [])
+    publish_checks(layout, "crop", result.rows, overview + result.notes)
+    return result
