@@ -45,6 +45,9 @@ def make_photos(folder: Path, count: int, seed: int = 0) -> None:
         top = int(rng.integers(0, (source.height - height) // 3 + 1))
         crop = source.crop((left, top, left + width, top + height))
         long_side = int(rng.integers(512, 1025))
+        long_side = max(
+            long_side, -(-300 * max(crop.size) // min(crop.size))
+        )  # short side >= 300 (ingest's floor: 256)
         scale = long_side / max(crop.size)
         crop = crop.resize((round(crop.width * scale), round(crop.height * scale)), Image.Resampling.LANCZOS)
         if i % 7 == 3:
