@@ -34,7 +34,7 @@ from lora_core.captioning import BlipCaptioner, CaptionModelError, captions_inta
 from lora_core.config import ConfigError, LoraConfig, load_config, preset_config, write_kohya_gui
 from lora_core.faces import FaceModelError
 from lora_core.fs import PathEscapeError
-from lora_core.ingest import InputError, TooFewImagesError, layout_intact
+from lora_core.ingest import InputError, TooFewImagesError, ingest_stamp, layout_intact
 from lora_core.layout import InvalidTokenError, SubjectLayout, validate_token
 from lora_core.lora_io import LoraFileError, read_lora
 from lora_core.models import BaseModelError, model_identity, require_base_model
@@ -79,8 +79,15 @@ def train_subject(
         return state.result()
 
     # 1. Ingest. Cached on the photos' content; redone if its output was damaged.
+    stamp = ingest_stamp(Path(photos), layout, config.ingest, config.num_repeats)
     ingested = run(
-        ingest_photos, not layout_intact(layout), Path(photos), token, Path(workdir), config.ingest, config.num_repeats
+        ingest_photos,
+        not layout_intact(layout, stamp),
+        Path(photos),
+        token,
+        Path(workdir),
+        config.ingest,
+        config.num_repeats,
     )
 
     def export(config: LoraConfig) -> None:
@@ -96,21 +103,14 @@ def train_subject(
 
     # 2. Checks: sideways photos turned upright, mirrored ones found (flagged, fixed or left out, by policy).
     workdir = Path(workdir)
-    checked = run(check_images, not orientation_intact(layout), ingested, workdir, config.checks, config.subject_type)
+    checks = (config.checks, config.subject_type, config.ingest.min_images)
+    checked = run(check_images, not orientation_intact(layout, ingested.rows, *checks), ingested, workdir, *checks)
     summary |= {"stage": "checks", "checks": checked.model_dump(mode="json", exclude={"rows"})}
     if stop_after == "checks":
         return summary
 
     # 3. Crop and quality: one whole, clear face of the subject per photo, no blur, pixelation or upscaling.
-    cropped = run(
-        crop_images,
-        not quality_intact(layout),
-        checked,
-        workdir,
-        config.checks,
-        config.subject_type,
-        config.ingest.min_images,
-    )
+    cropped = run(crop_images, not quality_intact(layout, checked.rows, *checks), checked, workdir, *checks)
     summary |= {"stage": "crop", "crop": cropped.model_dump(mode="json", exclude={"rows"})}
     if stop_after == "crop":
         return summary
@@ -206,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quality-policy",
         choices=["flag", "reject"],
-        help="photos a quality check flags (blur, pixelation, upscaling, framing): flag (default) or reject",
+        help="photos a quality check flags (faces, blur, pixelation, upscaling, another person): flag (default) "
+        "or reject",
     )
     parser.add_argument(
         "--caption-model",

@@ -159,7 +159,7 @@ class MirrorPolicy(StrEnum):
 
 
 class QualityPolicy(StrEnum):
-    """What to do with a photo a quality check flags (blur, pixelation, upscaling, framing)."""
+    """What to do with a photo a quality check flags (faces, blur, pixelation, JPEG blocks, upscaling, identity)."""
 
     flag = "flag"
     reject = "reject"

@@ -7,20 +7,24 @@ leaves either the old file or the new one, never half of one.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "PathEscapeError",
     "atomic_output",
     "atomic_write_bytes",
     "atomic_write_text",
+    "content_stamp",
     "ensure_inside",
     "sha256_bytes",
     "sha256_file",
+    "stamp_matches",
 ]
 
 
@@ -85,3 +89,21 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def content_stamp(payload: Any) -> str:
+    """A hash of what a stage's files were made from (`payload`: its inputs and settings, JSON-able).
+
+    A stage writes it beside its output; before a cached result is trusted the
+    stamp must match the current request, so going back to earlier settings
+    never leaves the other settings' files in place.
+    """
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def stamp_matches(path: Path, stamp: str) -> bool:
+    """True when the stamp file at `path` holds `stamp`."""
+    try:
+        return Path(path).read_text(encoding="utf-8") == stamp
+    except OSError:
+        return False

@@ -23,10 +23,10 @@ from pydantic import BaseModel
 from rich.progress import Progress
 
 from lora_core.config import IngestSettings
-from lora_core.fs import sha256_bytes
+from lora_core.fs import atomic_write_text, content_stamp, sha256_bytes, stamp_matches
 from lora_core.layout import SubjectLayout, repeats_for
 from lora_core.manifest import read_manifest, write_manifest
-from lora_core.sources import CAPTION_SUFFIXES, Entry, InputError, open_input
+from lora_core.sources import CAPTION_SUFFIXES, Entry, InputError, fingerprint_input, open_input
 
 __all__ = [
     "DecodedImage",
@@ -36,6 +36,7 @@ __all__ = [
     "TooFewImagesError",
     "decode_image",
     "ingest",
+    "ingest_stamp",
     "layout_intact",
     "to_rgb8",
 ]
@@ -374,6 +375,7 @@ def ingest(
         repeats = repeats_for(len(kept), num_repeats)
         _install(layout, kept, repeats, staging_root)
         write_manifest(layout.manifest, rows)
+        atomic_write_text(layout.ingest_stamp, ingest_stamp(photos, layout, settings, num_repeats))
     finally:
         shutil.rmtree(staging_root, ignore_errors=True)
 
@@ -434,12 +436,19 @@ def _too_few_message(photos: Path, rows: list[dict], minimum: int) -> str:
     return "\n".join(lines)
 
 
-def layout_intact(layout: SubjectLayout) -> bool:
-    """True when the manifest is valid and every accepted image is on disk.
+def ingest_stamp(photos: Path, layout: SubjectLayout, settings: IngestSettings, num_repeats: int | None) -> str:
+    """What an ingest is made from: the input's content, the rules and the repeats."""
+    fingerprint = fingerprint_input(Path(photos), Path(layout.workdir))
+    return content_stamp([fingerprint, settings.model_dump(mode="json"), num_repeats])
+
+
+def layout_intact(layout: SubjectLayout, stamp: str | None = None) -> bool:
+    """True when the manifest is valid, every accepted image is on disk and (given `stamp`) the
+    layout was made from that input and settings.
 
     A cached ingest is only trusted when this holds; otherwise it is redone.
     """
-    if not layout.manifest.is_file():
+    if not layout.manifest.is_file() or (stamp is not None and not stamp_matches(layout.ingest_stamp, stamp)):
         return False
     try:
         frame = read_manifest(layout.manifest)

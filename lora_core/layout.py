@@ -110,6 +110,11 @@ class SubjectLayout:
         return self.root / ".train-state" / run_key[:16]
 
     @property
+    def ingest_stamp(self) -> Path:
+        """What the training folder was made from (see `lora_core.fs.content_stamp`)."""
+        return self.root / ".ingest-stamp"
+
+    @property
     def check_cache(self) -> Path:
         """The dataset checks' per-image results, by image content, so no photo is analysed twice."""
         return self.root / ".check-cache"

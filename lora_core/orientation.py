@@ -30,9 +30,10 @@ from PIL import Image
 from pydantic import BaseModel
 from rich.progress import Progress
 
+from lora_core import faces as faces_module
 from lora_core.config import CheckSettings, MirrorPolicy, SubjectType
 from lora_core.faces import Face, FaceModels, face_models
-from lora_core.fs import atomic_write_text, sha256_file
+from lora_core.fs import atomic_write_text, content_stamp, sha256_file, stamp_matches
 from lora_core.image_store import ImageStore
 from lora_core.layout import SubjectLayout
 from lora_core.manifest import ORIENTATION_COLUMNS, QUALITY_COLUMNS, manifest_rows, write_manifest
@@ -46,6 +47,7 @@ __all__ = [
     "find_rotation",
     "mirror_consensus",
     "orientation_intact",
+    "orientation_stamp",
     "turn",
 ]
 
@@ -53,6 +55,7 @@ ROTATIONS = (0, 90, 180, 270)  # counter-clockwise degrees
 _CONFIDENT_SCORE = 0.5  # a face this clear at 0 degrees: no need to try other rotations
 _ROTATION_MARGIN = 0.3  # another rotation must beat 0 degrees by this much
 _MIN_MIRROR_VOTES = 0.6  # share of the other faces that must agree a photo is mirrored
+_CODE_VERSION = hashlib.sha256(Path(__file__).read_bytes() + Path(faces_module.__file__).read_bytes()).hexdigest()
 _MIN_SCORE = 0.05  # and the mean disagreement must be at least this (cosine), not noise around 0
 
 
@@ -144,6 +147,7 @@ def check_orientation(
     settings: CheckSettings,
     subject_type: SubjectType = SubjectType.person,
     *,
+    min_images: int = 5,
     models: FaceModels | None = None,
     show_progress: bool = True,
 ) -> OrientationResult:
@@ -152,8 +156,10 @@ def check_orientation(
     Starts from ingest's `rows` and its images as decoded (kept in the image
     store once a fix replaces them), so a changed policy is applied to the
     originals, never on top of an earlier fix. Per-image analysis is cached
-    by content; the consensus is recomputed on every run.
+    by content; the consensus is recomputed on every run. Rejection never
+    leaves fewer than `min_images`.
     """
+    stamp = orientation_stamp(rows, settings, subject_type, min_images)
     rows = [_fresh(row) for row in rows]
     accepted = [row for row in rows if row["status"] == "accepted"]
     store = ImageStore(layout)
@@ -163,6 +169,7 @@ def check_orientation(
             store.write(row)  # the original: undoes fixes made while it was a person
             row["decision"] = "keep"
         write_manifest(layout.manifest, rows)
+        atomic_write_text(layout.check_cache / "checks.stamp", stamp)
         return OrientationResult(
             token=layout.token,
             rotated=0,
@@ -175,7 +182,7 @@ def check_orientation(
         )
 
     models = models or face_models()
-    salt = json.dumps({"models": models.identity, "version": 1})
+    salt = json.dumps({"models": models.identity, "code": _CODE_VERSION})
     analyses = {}
     with Progress(disable=not show_progress, transient=True) as progress:
         bar = progress.add_task("checks: orientation", total=len(accepted))
@@ -195,17 +202,26 @@ def check_orientation(
             f"the consensus needs {settings.min_mirror_faces}"
         )
 
+    policy = settings.mirror_policy
+    mirrored_count = sum(verdict.mirrored for verdict in verdicts.values())
+    if policy == MirrorPolicy.reject and len(accepted) - mirrored_count < min_images:
+        policy = MirrorPolicy.flag
+        notes.append(
+            f"{mirrored_count} mirrored image(s) kept: leaving them out would leave "
+            f"{len(accepted) - mirrored_count}, under the minimum of {min_images}"
+        )
     for row in accepted:
         analysis = analyses[row["image"]]
-        verdict = verdicts.get(row["image"])
         rotation = analysis["rotation"] if settings.fix_rotation else 0
-        _decide(row, analysis, verdict, rotation, settings.mirror_policy)
+        _decide(row, analysis, verdicts.get(row["image"]), rotation, policy)
         if row["decision"] == "rejected":
-            store.set_aside(row)  # after the image is in the store, so a later policy can bring it back
+            store.set_aside(row)  # the original is kept, so a later policy can bring it back
+        elif rotation or (row["decision"] == "fixed" and _mirrored(row)):
+            store.write(row, _fixed(Image.open(store.original(row)), analysis["rotation"], rotation, _mirrored(row)))
         else:
-            flip = row["decision"] == "fixed" and _mirrored(row)
-            store.write(row, turn(Image.open(store.original(row)), rotation, flip) if rotation or flip else None)
+            store.write(row)  # the original, as ingest wrote it
     write_manifest(layout.manifest, rows)
+    atomic_write_text(layout.check_cache / "checks.stamp", stamp)
 
     flagged = [row for row in accepted if _mirrored(row)]
     if flagged:
@@ -226,6 +242,23 @@ def check_orientation(
         notes=notes,
         rows=rows,
     )
+
+
+def _fixed(image: Image.Image, upright: int, applied: int, flip: bool) -> Image.Image:
+    """`image` turned by `applied` degrees and, if `flip`, mirrored left-right as seen upright.
+
+    The mirroring was judged on the upright face, so the flip happens in that
+    frame even when the photo is left sideways (`applied` 0).
+    """
+    if not flip:
+        return turn(image, applied)
+    return turn(turn(image, upright, mirror=True), (applied - upright) % 360)
+
+
+def orientation_stamp(rows: list[dict], settings: CheckSettings, subject_type: SubjectType, min_images: int) -> str:
+    """What the `checks` stage's output is made from: ingest's rows, the settings, the code."""
+    images = [(row["source"], row["status"], row["sha256"], row["image"]) for row in rows]
+    return content_stamp([images, settings.model_dump(mode="json"), subject_type.value, min_images, _CODE_VERSION])
 
 
 def _fresh(row: dict) -> dict:
@@ -288,8 +321,15 @@ def _analyse(layout: SubjectLayout, path: Path, salt: str, models: FaceModels) -
     return analysis
 
 
-def orientation_intact(layout: SubjectLayout) -> bool:
-    """True when the manifest holds the checks' decisions and the training images are the ones they wrote."""
+def orientation_intact(
+    layout: SubjectLayout, rows: list[dict], settings: CheckSettings, subject_type: SubjectType, min_images: int = 5
+) -> bool:
+    """True when the checks ran on these `rows` with these settings, and the training images are
+    still the ones they wrote; a cached result is trusted only then."""
+    if not stamp_matches(
+        layout.check_cache / "checks.stamp", orientation_stamp(rows, settings, subject_type, min_images)
+    ):
+        return False
     try:
         rows = manifest_rows(layout.manifest)
     except Exception:

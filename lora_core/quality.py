@@ -34,9 +34,10 @@ from pydantic import BaseModel
 from rich.progress import Progress
 from scipy.ndimage import laplace
 
+from lora_core import faces as faces_module
 from lora_core.config import CheckSettings, QualityPolicy, SubjectType
 from lora_core.faces import FaceModels, face_models
-from lora_core.fs import atomic_write_text, sha256_file
+from lora_core.fs import atomic_write_text, content_stamp, sha256_file, stamp_matches
 from lora_core.image_store import ImageStore
 from lora_core.layout import SubjectLayout
 from lora_core.manifest import manifest_rows, write_manifest
@@ -52,6 +53,7 @@ __all__ = [
     "identity_distances",
     "pixelation",
     "quality_intact",
+    "quality_stamp",
     "sharpness",
     "upscale_signature",
 ]
@@ -68,9 +70,10 @@ QUALITY_FLAGS = (
     "upscaled",
     "other_person",
 )
-_FACE_SIDE = 192  # the face region is resized to this before measuring sharpness
+_FACE_SIDE = 128  # the face region is resized to this before measuring sharpness (smaller faces: small_face)
 _MEASURE_SIDE = 1024  # artifact measures look at most this many pixels along each axis
 _UPSCALED_DETAIL = 0.08  # top-band share under which a resampling trace means enlargement
+_CODE_VERSION = hashlib.sha256(Path(__file__).read_bytes() + Path(faces_module.__file__).read_bytes()).hexdigest()
 _MIN_RELATIVE = 3  # fewest images to judge sharpness or identity relative to the set
 
 
@@ -216,12 +219,13 @@ def check_quality(
     image content; what is judged against the set (sharpness, identity) is
     recomputed on every run. Rejection never leaves fewer than `min_images`.
     """
+    stamp = quality_stamp(rows, settings, subject_type, min_images)
     rows = [dict(row) for row in rows]
     store = ImageStore(layout)
     accepted = [row for row in rows if row["status"] == "accepted"]
     person = subject_type == SubjectType.person
     models = (models or face_models()) if person else None
-    salt = json.dumps({"models": models.identity if models else subject_type.value, "version": 1})
+    salt = json.dumps({"models": models.identity if models else subject_type.value, "code": _CODE_VERSION})
     measures = {}
     with Progress(disable=not show_progress, transient=True) as progress:
         bar = progress.add_task("crop: quality checks", total=len(accepted))
@@ -230,8 +234,11 @@ def check_quality(
             measures[row["image"]] = _measure(layout, layout.root / row["image"], salt, models)
             progress.advance(bar)
 
-    values = [measures[row["image"]]["sharpness"] for row in accepted]
-    median_sharpness = float(np.median(values)) if len(values) >= _MIN_RELATIVE else None
+    # Sharpness of a face and of a whole image are different numbers: each is judged among its kind.
+    medians = {}
+    for on_face in (True, False):
+        values = [measures[r["image"]]["sharpness"] for r in accepted if ("box" in measures[r["image"]]) == on_face]
+        medians[on_face] = float(np.median(values)) if len(values) >= _MIN_RELATIVE else None
     with_face = [row for row in accepted if measures[row["image"]].get("descriptor")]
     distances = {}
     if person and len(with_face) >= _MIN_RELATIVE:
@@ -239,7 +246,8 @@ def check_quality(
         distances = dict(zip((r["image"] for r in with_face), identity_distances(descriptors), strict=True))
 
     for row in accepted:
-        _judge(row, measures[row["image"]], settings, person, median_sharpness, distances.get(row["image"]))
+        measure = measures[row["image"]]
+        _judge(row, measure, settings, person, medians["box" in measure], distances.get(row["image"]))
     flagged = [row for row in accepted if set(row["flags"].split(";")) & set(QUALITY_FLAGS)]
     notes = []
     if settings.quality_policy == QualityPolicy.reject and flagged:
@@ -254,6 +262,7 @@ def check_quality(
                 row["decision"] = "rejected"
                 store.set_aside(row)
     write_manifest(layout.manifest, rows)
+    atomic_write_text(layout.check_cache / "crop.stamp", stamp)
 
     kept = [row for row in rows if row["status"] == "accepted"]
     counts = {name: sum(row["framing"] == name for row in kept) for name in ("portrait", "half body", "full body")}
@@ -414,8 +423,18 @@ def _summaries(flagged: list[dict]) -> list[str]:
     return lines
 
 
-def quality_intact(layout: SubjectLayout) -> bool:
-    """True when every training image in the manifest has its quality measures (the stage's output is there)."""
+def quality_stamp(rows: list[dict], settings: CheckSettings, subject_type: SubjectType, min_images: int) -> str:
+    """What the `crop` stage's output is made from: the checks' rows, the settings, the code."""
+    images = [(row["source"], row["status"], row["image"], row["checked_sha256"]) for row in rows]
+    return content_stamp([images, settings.model_dump(mode="json"), subject_type.value, min_images, _CODE_VERSION])
+
+
+def quality_intact(
+    layout: SubjectLayout, rows: list[dict], settings: CheckSettings, subject_type: SubjectType, min_images: int = 5
+) -> bool:
+    """True when the crop stage ran on these `rows` with these settings and its measures are in the manifest."""
+    if not stamp_matches(layout.check_cache / "crop.stamp", quality_stamp(rows, settings, subject_type, min_images)):
+        return False
     try:
         rows = manifest_rows(layout.manifest)
     except Exception:

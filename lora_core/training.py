@@ -760,12 +760,15 @@ def epoch_done(layout: SubjectLayout, run_key: str, epoch: int) -> bool:
 def run_key(config: LoraConfig, base_identity: str, layout: SubjectLayout) -> str:
     """What makes a run this run: its settings, base model, training data and starting LoRA.
 
-    Caption and ingest settings are left out: what they produced is in the data;
+    Caption, ingest and check settings are left out: what they produced is in the data
+    (captions.csv holds every image's hash, so a flipped photo changes the key);
     so is the starting LoRA's path: its bytes count, wherever it was moved.
     """
     digest = hashlib.sha256()
     digest.update(
-        config.model_dump_json(exclude={"captioning", "ingest", "network_weights", "training_comment"}).encode()
+        config.model_dump_json(
+            exclude={"captioning", "ingest", "checks", "subject_type", "network_weights", "training_comment"}
+        ).encode()
     )
     digest.update(base_identity.encode())
     for path in (layout.buckets_csv, layout.captions_csv):

@@ -31,11 +31,11 @@ CHECKS_CACHE = TASK_SOURCE + INPUTS + _CODE
 
 @stage("checks", CHECKS_CACHE)
 def check_images(
-    ingested: IngestResult, workdir: Path, settings: CheckSettings, subject_type: SubjectType
+    ingested: IngestResult, workdir: Path, settings: CheckSettings, subject_type: SubjectType, min_images: int
 ) -> OrientationResult:
     """Turn sideways photos upright and find mirrored ones (flag, fix or reject, by policy)."""
     layout = SubjectLayout(workdir, ingested.token)
-    result = check_orientation(layout, ingested.rows, settings, subject_type)
+    result = check_orientation(layout, ingested.rows, settings, subject_type, min_images=min_images)
     logger = get_run_logger()
     logger.info("checks: %d turned upright, %d look mirrored", result.rotated, result.mirrored)
     for note in result.notes:

@@ -6,6 +6,7 @@ from typing import Any
 
 from lora_core.captioning import CaptionModelError
 from lora_core.config import ConfigError
+from lora_core.faces import FaceModelError
 from lora_core.fs import PathEscapeError
 from lora_core.ingest import InputError, TooFewImagesError
 from lora_core.layout import InvalidTokenError
@@ -14,6 +15,7 @@ from lora_core.layout import InvalidTokenError
 USER_ERRORS: tuple[type[BaseException], ...] = (
     CaptionModelError,
     ConfigError,
+    FaceModelError,
     InputError,
     InvalidTokenError,
     PathEscapeError,

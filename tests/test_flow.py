@@ -37,6 +37,12 @@ def test_ingest_is_cached_on_the_photos_content(prefect_harness, good_folder, tm
     assert _ingest_state(good_folder, work)[0] == "Completed"  # one more photo
     assert len(list((work / "t0k3n" / "training_images" / "57_t0k3n").glob("*.png"))) == 7
     assert _ingest_state(good_folder, work)[0] == "Cached"
+    # Back to the first folder: Prefect holds its cached result, but the files are the 7-photo ones.
+    (good_folder / "img-new.png").unlink()
+    assert _ingest_state(good_folder, work)[0] == "Completed"
+    assert [p.name for p in (work / "t0k3n" / "training_images").iterdir() if not p.name.startswith(".")] == [
+        "66_t0k3n"
+    ]
 
 
 def test_damaged_output_is_rebuilt_not_served_from_cache(prefect_harness, good_folder, tmp_path):
@@ -265,3 +271,27 @@ def test_cli_rejects_bad_arguments_before_running(tmp_path, good_folder, args, m
     done = _cli(str(good_folder), *args, "--workdir", str(tmp_path / "W"), home=tmp_path / "home")
     assert done.returncode == 2 and message in done.stderr
     assert not (tmp_path / "W").exists()
+
+
+def test_going_back_to_an_earlier_check_policy_puts_its_files_back(prefect_harness, tmp_path, portraits):
+    """fix -> flag -> fix: the third run's cached result is only trusted once its files are back."""
+    from PIL import Image
+
+    from lora_core.config import CheckSettings
+    from tests.test_orientation import crops, same_pixels
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    originals = crops(portraits["astronaut"], 6, seed=11)
+    for i, image in enumerate(originals):
+        (image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if i == 2 else image).save(photos / f"c-{i}.png")
+    ingest = preset_config().ingest.model_copy(update={"near_duplicate_distance": 2})
+
+    def run(policy: str) -> Image.Image:
+        config = preset_config().model_copy(update={"checks": CheckSettings(mirror_policy=policy), "ingest": ingest})
+        train_subject(photos=photos, token="pol", workdir=tmp_path / "work", config=config, stop_after="crop")
+        return Image.open(tmp_path / "work" / "pol" / "training_images" / "66_pol" / "0003.png")
+
+    assert same_pixels(run("fix"), originals[2])
+    assert same_pixels(run("flag"), originals[2].transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+    assert same_pixels(run("fix"), originals[2])

@@ -110,13 +110,19 @@ def test_mirrored_crops_are_flagged_fixed_or_rejected_by_policy(mirrored_set):
     assert same_pixels(
         training_image(layout, "crop-2.png"), originals["crop-2.png"].transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     )
-    assert orientation_intact(layout)
+    assert orientation_intact(layout, rows, CheckSettings(), SubjectType.person)
+    assert not orientation_intact(layout, rows, CheckSettings(mirror_policy="fix"), SubjectType.person)
 
     fixed = check_orientation(layout, rows, CheckSettings(mirror_policy="fix"), show_progress=False)
     assert fixed.fixed == 2
     for source, original in originals.items():
         assert same_pixels(training_image(layout, source), original), f"{source} is as shot after the fix"
-    assert orientation_intact(layout)
+    assert orientation_intact(layout, rows, CheckSettings(mirror_policy="fix"), SubjectType.person)
+    edited = layout.root / read_manifest(layout.manifest).set_index("source").loc["crop-0.png", "image"]
+    written = edited.read_bytes()
+    training_image(layout, "crop-0.png").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(edited)
+    assert not orientation_intact(layout, rows, CheckSettings(mirror_policy="fix"), SubjectType.person), "edited"
+    edited.write_bytes(written)
 
     rejected = check_orientation(layout, rows, CheckSettings(mirror_policy="reject"), show_progress=False)
     frame = read_manifest(layout.manifest).set_index("source")
@@ -138,23 +144,31 @@ def ingested_repeats(layout: SubjectLayout) -> int:
 
 
 def test_a_set_rotated_by_90_degrees_is_turned_upright(tmp_path, portraits):
+    """Six sideways photos (no EXIF: only the pixels tell), two of them also mirrored."""
     photos = tmp_path / "photos"
     photos.mkdir()
-    upright = crops(portraits["obama-1"], 5, seed=5)
+    upright = crops(portraits["obama-1"], 6, seed=5)
     for i, image in enumerate(upright):
-        turn(image, 90).save(photos / f"side-{i}.png")  # no EXIF: only the pixels tell
+        turn(turn(image, 0, mirror=i in (1, 4)), 90).save(photos / f"side-{i}.png")
     layout = SubjectLayout(tmp_path / "work", "obama")
     ingested = ingest(photos, layout, IngestSettings(near_duplicate_distance=2), show_progress=False)
-    result = check_orientation(layout, ingested.rows, CheckSettings(), show_progress=False)
-    assert result.rotated == 5
+    result = check_orientation(layout, ingested.rows, CheckSettings(mirror_policy="fix"), show_progress=False)
+    assert result.rotated == 6 and result.mirrored == 2
     frame = read_manifest(layout.manifest).set_index("source")
     assert set(frame["rotation"]) == {270} and (frame["decision"] == "fixed").all()
     for i, image in enumerate(upright):
-        assert same_pixels(training_image(layout, f"side-{i}.png"), image)
+        assert same_pixels(training_image(layout, f"side-{i}.png"), image), "upright and as shot"
         assert (frame.loc[f"side-{i}.png", "width"], frame.loc[f"side-{i}.png", "height"]) == image.size
 
+    # Left sideways, the mirror fix still flips the face left-right as seen upright.
+    check_orientation(
+        layout, ingested.rows, CheckSettings(fix_rotation=False, mirror_policy="fix"), show_progress=False
+    )
+    for i, image in enumerate(upright):
+        assert same_pixels(training_image(layout, f"side-{i}.png"), turn(image, 90))
+
     check_orientation(layout, ingested.rows, CheckSettings(fix_rotation=False), show_progress=False)
-    assert same_pixels(training_image(layout, "side-0.png"), turn(upright[0], 90)), "undone from the original"
+    assert same_pixels(training_image(layout, "side-1.png"), turn(turn(upright[1], 0, mirror=True), 90)), "undone"
 
 
 def test_one_new_photo_is_the_only_one_analysed_again(mirrored_set, counting_faces, tmp_path, portraits):
@@ -171,6 +185,26 @@ def test_one_new_photo_is_the_only_one_analysed_again(mirrored_set, counting_fac
     result = check_orientation(layout, again.rows, CheckSettings(), models=counting_faces, show_progress=False)
     assert 1 <= counting_faces.detections <= 4, "only the new photo is analysed (up to four rotations)"
     assert result.mirrored == 2
+
+
+def test_a_photo_rejected_on_the_first_run_comes_back(tmp_path, portraits):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    originals = crops(portraits["astronaut"], 7, seed=21)
+    for i, image in enumerate(originals):
+        (image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if i == 3 else image).save(photos / f"p-{i}.png")
+    layout = SubjectLayout(tmp_path / "work", "back")
+    rows = ingest(photos, layout, IngestSettings(near_duplicate_distance=2), show_progress=False).rows
+    rejected = check_orientation(layout, rows, CheckSettings(mirror_policy="reject"), show_progress=False)
+    assert rejected.rejected == 1 and training_image(layout, "p-3.png") is None
+    kept = check_orientation(layout, rows, CheckSettings(), SubjectType.object, show_progress=False)
+    assert kept.rejected == 0
+    assert same_pixels(training_image(layout, "p-3.png"), originals[3].transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+
+    # Leaving the mirrored photos out must not go under the minimum: then they are kept, and it says so.
+    floor = check_orientation(layout, rows, CheckSettings(mirror_policy="reject"), min_images=7, show_progress=False)
+    assert floor.rejected == 0 and floor.mirrored == 1
+    assert "1 mirrored image(s) kept: leaving them out would leave 6, under the minimum of 7" in floor.notes
 
 
 def test_no_face_checks_for_an_object(tmp_path, make_photo):

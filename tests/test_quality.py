@@ -179,7 +179,8 @@ def test_each_problem_is_flagged_with_its_reason_and_clean_photos_are_not(proble
     assert result.flagged == 6 and result.kept == 9
     assert "1 image(s) look pixelated: pixelated.png" in result.notes
     assert result.guidance.startswith("9 images: enough")
-    assert quality_intact(layout)
+    assert quality_intact(layout, rows, CheckSettings(), SubjectType.person)
+    assert not quality_intact(layout, rows, CheckSettings(quality_policy="reject"), SubjectType.person)
 
 
 def test_reject_policy_leaves_flagged_photos_out_and_flag_brings_them_back(problem_set):
