@@ -257,7 +257,7 @@ def _fixed(image: Image.Image, upright: int, applied: int, flip: bool) -> Image.
 
 def orientation_stamp(rows: list[dict], settings: CheckSettings, subject_type: SubjectType, min_images: int) -> str:
     """What the `checks` stage's output is made from: ingest's rows, the settings, the code."""
-    images = [(row["source"], row["status"], row["sha256"], row["image"]) for row in rows]
+    images = [(row["source"], row["status"], row.get("sha256", ""), row.get("image", "")) for row in rows]
     return content_stamp([images, settings.model_dump(mode="json"), subject_type.value, min_images, _CODE_VERSION])
 
 

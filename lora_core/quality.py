@@ -425,7 +425,7 @@ def _summaries(flagged: list[dict]) -> list[str]:
 
 def quality_stamp(rows: list[dict], settings: CheckSettings, subject_type: SubjectType, min_images: int) -> str:
     """What the `crop` stage's output is made from: the checks' rows, the settings, the code."""
-    images = [(row["source"], row["status"], row["image"], row["checked_sha256"]) for row in rows]
+    images = [(row["source"], row["status"], row.get("image", ""), row.get("checked_sha256", "")) for row in rows]
     return content_stamp([images, settings.model_dump(mode="json"), subject_type.value, min_images, _CODE_VERSION])
 
 

@@ -125,7 +125,12 @@ _CHECK_TABLES = {
 
 def _check_picture(layout: SubjectLayout, row: dict) -> str:
     """A thumbnail of the image as the checks left it (a rejected one from the image store)."""
-    path = layout.root / row["image"] if row["image"] else layout.image_store / f"{row['checked_sha256']}.png"
+    if row["image"]:
+        path = layout.root / row["image"]
+    elif re.fullmatch(r"[0-9a-f]{64}", row["checked_sha256"] or ""):
+        path = layout.image_store / f"{row['checked_sha256']}.png"
+    else:
+        return ""
     return f"![{row['source']}]({thumbnail_uri(path)})" if path.is_file() else ""
 
 
