@@ -1,0 +1,193 @@
+"""Sample images during training: fixed prompts and seeds, so epoch N and N+1 differ only by the LoRA.
+
+The seed's author watches the samples to see the LoRA learn (and to notice
+when "the preview images after a while start to be all the same"). We render
+the same prompts at the same seeds every time, with the models the trainer
+already has in memory (no reload), in eval mode, without touching any random
+state training uses, so a run with samples trains exactly as one without.
+Files are named as sd-scripts names them; each round also makes one contact
+sheet (prompts x seeds) for the Prefect UI.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from lora_core.fs import atomic_output
+from lora_core.models import BaseModel
+
+__all__ = [
+    "DEFAULT_PROMPTS",
+    "SampleSpec",
+    "contact_sheet",
+    "render",
+    "sample_filename",
+    "save_samples",
+]
+
+# The seed's sample prompt first, then a couple that move the subject somewhere new.
+DEFAULT_PROMPTS = (
+    "{token}, portrait photo",
+    "{token}, photo of a person walking in a park, autumn",
+    "{token}, oil painting portrait",
+)
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """What to render: prompts ({token} filled in), seeds, size and sampler settings."""
+
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...] = (1, 2)
+    width: int = 512
+    height: int = 512
+    steps: int = 20
+    guidance_scale: float = 7.0
+    negative_prompt: str = "lowres, blurry, deformed"
+
+    @classmethod
+    def from_config(cls, config, token: str, **overrides) -> SampleSpec:
+        """The config's `sample_prompts` (one per line, `{token}` replaced), at the training resolution."""
+        lines = [line.strip() for line in config.sample_prompts.splitlines() if line.strip()]
+        prompts = tuple(line.replace("{token}", token) for line in (lines or DEFAULT_PROMPTS))
+        size = {"width": config.resolution, "height": config.resolution}
+        return cls(prompts=prompts, **(size | overrides))
+
+
+def _scheduler(base: BaseModel):
+    """Euler ancestral (sd-scripts' `euler_a`, the seed's sampler) built from the model's own schedule."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    return EulerAncestralDiscreteScheduler.from_config(base.noise_scheduler.config)
+
+
+def _pipeline(base: BaseModel):
+    """A diffusers pipeline over the trainer's modules (shared, not copied)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if base.sdxl:
+        return StableDiffusionXLPipeline(
+            vae=base.vae,
+            text_encoder=base.text_encoders[0],
+            text_encoder_2=base.text_encoders[1],
+            tokenizer=base.tokenizers[0],
+            tokenizer_2=base.tokenizers[1],
+            unet=base.unet,
+            scheduler=_scheduler(base),
+        )
+    return StableDiffusionPipeline(
+        vae=base.vae,
+        text_encoder=base.text_encoders[0],
+        tokenizer=base.tokenizers[0],
+        unet=base.unet,
+        scheduler=_scheduler(base),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+@contextmanager
+def _eval_mode(base: BaseModel) -> Iterator[None]:
+    """Eval mode and no gradients while rendering; each module's mode and the global RNG restored after."""
+    modules = [base.vae, *base.components.values()]
+    modes = [module.training for module in modules]
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        for module in modules:
+            module.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for module, mode in zip(modules, modes, strict=True):
+            module.train(mode)
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def render(base: BaseModel, spec: SampleSpec, device: str | torch.device = "cpu") -> list[list[Image.Image]]:
+    """One image per prompt and seed, `[prompt][seed]`: the same inputs give the same pictures."""
+    pipeline = _pipeline(base)
+    pipeline.set_progress_bar_config(disable=True)
+    device = torch.device(device)
+    autocast = torch.autocast(device.type) if device.type == "cuda" else _nothing()
+    grid = []
+    with _eval_mode(base), autocast:
+        for prompt in spec.prompts:
+            row = []
+            for seed in spec.seeds:
+                generator = torch.Generator(device="cpu").manual_seed(seed)
+                image = pipeline(
+                    prompt,
+                    negative_prompt=spec.negative_prompt,
+                    width=spec.width,
+                    height=spec.height,
+                    num_inference_steps=spec.steps,
+                    guidance_scale=spec.guidance_scale,
+                    generator=generator,
+                ).images[0]
+                row.append(image)
+            grid.append(row)
+    return grid
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def sample_filename(
+    output_name: str, index: int, seed: int, *, epoch: int | None = None, step: int | None = None
+) -> str:
+    """sd-scripts' file name: `<name>_e000001_00_<YYYYmmddHHMMSS>_<seed>.png` at an epoch's end,
+    `<name>_000100_00_...` at a step."""
+    if (epoch is None) == (step is None):
+        raise ValueError("give exactly one of epoch or step")
+    number = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
+    return f"{output_name}_{number}_{index:02d}_{time.strftime('%Y%m%d%H%M%S')}_{seed}.png"
+
+
+def save_samples(
+    folder: Path,
+    output_name: str,
+    spec: SampleSpec,
+    grid: list[list[Image.Image]],
+    *,
+    epoch: int | None = None,
+    step: int | None = None,
+) -> list[Path]:
+    """Write each image atomically under `folder` (`result_current/sample/`); returns the paths."""
+    paths = []
+    for index, row in enumerate(grid):
+        for seed, image in zip(spec.seeds, row, strict=True):
+            path = Path(folder) / sample_filename(output_name, index, seed, epoch=epoch, step=step)
+            with atomic_output(path) as tmp:
+                image.save(tmp, format="PNG")
+            paths.append(path)
+    return paths
+
+
+def contact_sheet(grid: list[list[Image.Image]], spec: SampleSpec, title: str = "", cell: int = 192) -> Image.Image:
+    """Prompts down, seeds across, each picture `cell` px, labelled: one image per round for the UI."""
+    label = 18
+    rows, cols = len(grid), max(len(row) for row in grid)
+    sheet = Image.new("RGB", (cols * cell, label + rows * (cell + label)), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((4, 3), f"{title}  seeds {', '.join(map(str, spec.seeds))}", fill=(0, 0, 0))
+    for r, (prompt, row) in enumerate(zip(spec.prompts, grid, strict=True)):
+        top = label + r * (cell + label)
+        draw.text((4, top + 3), prompt[: cols * cell // 7], fill=(40, 40, 40))
+        for c, image in enumerate(row):
+            thumb = image.convert("RGB")
+            thumb.thumbnail((cell, cell))
+            sheet.paste(thumb, (c * cell + (cell - thumb.width) // 2, top + label + (cell - thumb.height) // 2))
+    return sheet

@@ -1,0 +1,98 @@
+"""Samples: fixed prompts and seeds on the trainer's own models, without disturbing training."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import ImageChops
+
+from lora_core.models import load_base_model
+from lora_core.sampling import DEFAULT_PROMPTS, SampleSpec, contact_sheet, render, sample_filename, save_samples
+from lora_core.training import Trainer
+from tests.test_training import TINY_SD15, make_subject, small_config
+
+SPEC = SampleSpec(prompts=("t0k3n, portrait photo", "t0k3n, oil painting"), seeds=(1, 2), width=64, height=64, steps=3)
+
+
+def differs(a, b) -> bool:
+    return ImageChops.difference(a, b).getbbox() is not None
+
+
+@pytest.fixture(scope="module")
+def trainer(builtin_models_home, tmp_path_factory):
+    config = small_config(num_repeats=2, max_train_epochs=3)
+    layout = make_subject(tmp_path_factory.mktemp("sampling"), config, sizes=((256, 320), (320, 256)))
+    return Trainer(config, load_base_model(TINY_SD15), layout, show_progress=False)
+
+
+def test_the_same_seeds_give_the_same_pictures_and_the_modes_are_restored(trainer):
+    modes = [module.training for module in trainer.base.components.values()]
+    rng = torch.get_rng_state()
+    first = render(trainer.base, SPEC)
+    assert torch.equal(torch.get_rng_state(), rng), "the global RNG is as training left it"
+    again = render(trainer.base, SPEC)
+    assert [len(row) for row in first] == [2, 2] and first[0][0].size == (64, 64)
+    pairs = [(a, b) for row_a, row_b in zip(first, again, strict=True) for a, b in zip(row_a, row_b, strict=True)]
+    assert not any(differs(a, b) for a, b in pairs)
+    assert differs(first[0][0], first[0][1]), "another seed, another picture"
+    assert differs(first[0][0], first[1][0]), "another prompt, another picture"
+    assert [module.training for module in trainer.base.components.values()] == modes
+
+
+def test_the_lora_changes_the_samples(trainer):
+    before = render(trainer.base, SPEC)[0][0]
+    saved = {name: up.detach().clone() for name, (_, up) in trainer.network.weights().items()}
+    with torch.no_grad():
+        for _, up in trainer.network.weights().values():
+            up.add_(0.05)
+    after = render(trainer.base, SPEC)[0][0]
+    with torch.no_grad():
+        for name, (_, up) in trainer.network.weights().items():
+            up.copy_(saved[name])
+    assert differs(before, after)
+
+
+def test_sampling_between_epochs_leaves_training_exactly_as_without(builtin_models_home, tmp_path):
+    config = small_config(num_repeats=2, max_train_epochs=2)
+    layout = make_subject(tmp_path, config, sizes=((256, 320), (320, 256)))
+    plain = Trainer(config, load_base_model(TINY_SD15), layout, show_progress=False)
+    sampled = Trainer(config, load_base_model(TINY_SD15), layout, show_progress=False)
+    torch.manual_seed(1234)
+    plain.run_epoch(1)
+    plain.run_epoch(2)
+    torch.manual_seed(1234)
+    sampled.run_epoch(1, on_step=lambda *step: render(sampled.base, SPEC))  # mid-epoch, as every n steps
+    render(sampled.base, SPEC)  # and at the epoch's end
+    sampled.run_epoch(2)
+    a, b = plain.network.weights(), sampled.network.weights()
+    assert all(torch.equal(a[k][0], b[k][0]) and torch.equal(a[k][1], b[k][1]) for k in a)
+
+
+def test_files_are_named_as_sd_scripts_names_them(tmp_path, trainer):
+    grid = render(trainer.base, SPEC)
+    paths = save_samples(tmp_path / "sample", "t0k3n", SPEC, grid, epoch=3)
+    assert len(paths) == 4 and all(p.is_file() for p in paths)
+    assert all(re.fullmatch(r"t0k3n_e000003_0[01]_\d{14}_[12]\.png", p.name) for p in paths)
+    assert re.fullmatch(r"t0k3n_000100_02_\d{14}_7\.png", sample_filename("t0k3n", 2, 7, step=100))
+    with pytest.raises(ValueError):
+        sample_filename("t0k3n", 0, 1)
+
+
+def test_a_contact_sheet_holds_every_prompt_and_seed(trainer):
+    grid = render(trainer.base, SPEC)
+    sheet = contact_sheet(grid, SPEC, title="epoch 1", cell=64)
+    assert sheet.size == (2 * 64, 18 + 2 * (64 + 18))
+    cell = np.asarray(sheet)[18 + 18 : 18 + 18 + 64, 0:64]
+    assert np.array_equal(cell, np.asarray(grid[0][0].convert("RGB")))
+
+
+def test_prompts_come_from_the_config_with_the_token():
+    config = small_config(sample_prompts="{token}, portrait photo\n\n{token} at the beach")
+    spec = SampleSpec.from_config(config, "s1lv10", steps=5)
+    assert spec.prompts == ("s1lv10, portrait photo", "s1lv10 at the beach") and spec.width == 256 and spec.steps == 5
+    assert SampleSpec.from_config(small_config(sample_prompts=""), "x").prompts == tuple(
+        p.replace("{token}", "x") for p in DEFAULT_PROMPTS
+    )

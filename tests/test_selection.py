@@ -1,0 +1,148 @@
+"""Checkpoint selection: each metric on constructed images, and the decision rules on synthetic series."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from PIL import ImageEnhance, ImageFilter
+
+from lora_core.selection import (
+    EpochMetrics,
+    SelectionRules,
+    burn_score,
+    copy_distance,
+    diversity,
+    fidelity,
+    guards,
+    leave_one_out_ceiling,
+    select,
+)
+from tests.test_quality import jpeg
+
+
+def test_identical_samples_have_no_diversity_and_different_ones_do(portraits):
+    image = portraits["astronaut"]
+    assert diversity([image, image.copy(), image.copy()]) == 0.0
+    varied = diversity([image, portraits["obama-1"], portraits["obama-2"]])
+    assert varied > 0.1
+    assert diversity([image, image.filter(ImageFilter.GaussianBlur(1))]) < varied
+
+
+def test_a_cooked_sample_burns_and_the_base_itself_does_not(portraits):
+    base = portraits["astronaut"]
+    assert burn_score(base, base) == 0.0
+    blurred = base.filter(ImageFilter.GaussianBlur(3))
+    saturated = ImageEnhance.Color(base).enhance(2.5)
+    blocky = jpeg(base, 8)
+    for cooked in (blurred, saturated, blocky):
+        assert burn_score(cooked, base) > 0.1
+    cooked_base = jpeg(ImageEnhance.Color(blurred).enhance(2.5), 8)
+    assert 0.0 <= burn_score(base, cooked_base) < 0.01, "cleaner than the base: no burn (a trace of clipping)"
+    assert burn_score(ImageEnhance.Color(blurred).enhance(2.5), base) > burn_score(blurred, base)
+
+
+def test_a_sample_that_is_a_training_photo_is_a_copy(portraits):
+    photos = [portraits["obama-1"], portraits["obama-2"]]
+    assert copy_distance([portraits["astronaut"], portraits["obama-2"].resize((313, 600))], photos) <= 6
+    assert copy_distance([portraits["astronaut"]], photos) > 6
+
+
+@given(seed=st.integers(0, 2**32 - 1), count=st.integers(3, 12), spread=st.floats(0.05, 1.0))
+def test_fidelity_is_one_when_samples_are_like_the_photos_and_low_when_unrelated(seed, count, spread):
+    rng = np.random.default_rng(seed)
+    subject = rng.normal(size=128)
+    photos = subject + rng.normal(size=(count, 128)) * spread
+    ceiling = leave_one_out_ceiling(photos)
+    assert 0 < ceiling <= 1
+    like = fidelity(subject + rng.normal(size=(count, 128)) * spread, photos)
+    unrelated = fidelity(rng.normal(size=(count, 128)), photos)
+    assert unrelated < 0.5 < like
+
+
+def fidelity_series(values: list[float], guards_at: dict[int, dict] | None = None) -> list[EpochMetrics]:
+    guards_at = guards_at or {}
+    return [EpochMetrics(epoch=i + 1, fidelity=v, **guards_at.get(i + 1, {})) for i, v in enumerate(values)]
+
+
+increasing = st.lists(st.floats(0.05, 1.0), min_size=2, max_size=12, unique=True).map(sorted)
+
+
+@given(values=increasing)
+def test_monotone_fidelity_with_no_guard_picks_the_last_epoch(values):
+    selection = select(fidelity_series(values))
+    assert selection.chosen_epoch == len(values)
+    assert selection.verdict in ("good", "undertrained")
+
+
+@given(values=increasing, data=st.data())
+def test_a_guard_firing_from_epoch_k_picks_an_epoch_before_k(values, data):
+    assume(len(values) >= 2)
+    k = data.draw(st.integers(2, len(values)))
+    guard = data.draw(st.sampled_from([{"copy_distance": 2}, {"diversity": 0.2}, {"preservation": 0.5}, {"burn": 1.0}]))
+    series = [EpochMetrics(epoch=i + 1, fidelity=v, **(guard if i + 1 >= k else {})) for i, v in enumerate(values)]
+    selection = select(series)
+    assert selection.chosen_epoch < k and selection.verdict == "overtrained"
+    best = max(values[: k - 1])
+    assert values[selection.chosen_epoch - 1] >= 0.95 * best, "within the band of the best before the guard"
+    assert any(f"epoch {k}:" in reason for reason in selection.reasons)
+
+
+@given(values=increasing)
+def test_fidelity_still_rising_clearly_at_the_end_is_undertrained(values):
+    assume(len(values) >= 2 and (values[-1] - values[-2]) / values[-1] > 0.02)
+    selection = select(fidelity_series(values))
+    assert selection.verdict == "undertrained" and selection.chosen_epoch == len(values)
+    assert any("train more" in reason for reason in selection.reasons)
+
+
+def test_a_plateau_is_good_and_a_decline_picks_the_peak():
+    assert select(fidelity_series([0.5, 0.8, 0.9, 0.9])).verdict == "good"
+    declining = select(fidelity_series([0.5, 0.9, 0.8, 0.7]))
+    assert declining.chosen_epoch == 2 and declining.verdict == "good"
+
+
+def test_the_band_prefers_the_earlier_epoch_before_a_guard():
+    series = fidelity_series([0.5, 0.93, 0.96, 0.99, 1.0], {5: {"burn": 0.9}})
+    selection = select(series)
+    assert selection.chosen_epoch == 3  # 0.96 >= 0.95 * 0.99; 0.93 is not
+    assert "BURN" in " ".join(selection.reasons)
+
+
+def test_without_fidelity_the_validation_loss_decides_and_says_so():
+    series = [EpochMetrics(epoch=e, validation_loss=loss) for e, loss in enumerate([0.30, 0.20, 0.15, 0.14], 1)]
+    selection = select(series)
+    assert selection.chosen_epoch == 4 and selection.verdict == "undertrained"  # still 7% lower
+    assert "rests on the validation loss" in " ".join(selection.reasons)
+    assert "fidelity" in selection.unavailable and "validation_loss" not in selection.unavailable
+
+
+def test_with_nothing_measured_the_last_epoch_is_kept_and_everything_is_unavailable():
+    selection = select([EpochMetrics(epoch=e) for e in (1, 2, 3)])
+    assert selection.chosen_epoch == 3 and selection.verdict == "good"
+    assert len(selection.unavailable) == 6 and selection.metrics[0]["fidelity"] is None
+
+
+def test_a_guard_from_the_first_epoch_picks_epoch_one():
+    selection = select(fidelity_series([0.5, 0.6], {1: {"diversity": 0.1}}))
+    assert selection.chosen_epoch == 1 and selection.verdict == "overtrained"
+
+
+@pytest.mark.parametrize(
+    ("metrics", "name"),
+    [
+        ({"copy_distance": 6}, "COPY"),
+        ({"diversity": 0.49}, "DIV"),
+        ({"preservation": 0.11}, "PRES"),
+        ({"burn": 0.26}, "BURN"),
+    ],
+)
+def test_each_guard_fires_at_its_threshold_and_not_below(metrics, name):
+    rules = SelectionRules()
+    (sentence,) = guards(EpochMetrics(epoch=1, **metrics), rules)
+    assert sentence.startswith(f"{name}:")
+    key, value = next(iter(metrics.items()))
+    safe = {"copy_distance": 7, "diversity": 0.5, "preservation": 0.1, "burn": 0.25}[key]
+    assert guards(EpochMetrics(epoch=1, **{key: safe}), rules) == []
+    assert value != safe
