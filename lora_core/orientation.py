@@ -214,10 +214,11 @@ def check_orientation(
         analysis = analyses[row["image"]]
         rotation = analysis["rotation"] if settings.fix_rotation else 0
         _decide(row, analysis, verdicts.get(row["image"]), rotation, policy)
+        flip = _mirrored(row) and policy == MirrorPolicy.fix
         if row["decision"] == "rejected":
             store.set_aside(row)  # the original is kept, so a later policy can bring it back
-        elif rotation or (row["decision"] == "fixed" and _mirrored(row)):
-            store.write(row, _fixed(Image.open(store.original(row)), analysis["rotation"], rotation, _mirrored(row)))
+        elif rotation or flip:
+            store.write(row, _fixed(Image.open(store.original(row)), analysis["rotation"], rotation, flip))
         else:
             store.write(row)  # the original, as ingest wrote it
     write_manifest(layout.manifest, rows)
@@ -225,7 +226,7 @@ def check_orientation(
 
     flagged = [row for row in accepted if _mirrored(row)]
     if flagged:
-        action = {"flag": "kept as they are", "fix": "flipped back", "reject": "left out"}[settings.mirror_policy.value]
+        action = {"flag": "kept as they are", "fix": "flipped back", "reject": "left out"}[policy.value]
         notes.append(
             f"{len(flagged)} image(s) look mirrored ({action}): " + ", ".join(row["source"] for row in flagged)
         )
@@ -280,6 +281,9 @@ def _decide(row: dict, analysis: dict, verdict: MirrorVerdict | None, rotation: 
     if rotation:
         flags.append("rotated")
         notes.append(f"turned {rotation}° to stand upright (face found only that way)")
+    elif analysis["rotation"]:
+        flags.append("sideways")
+        notes.append(f"stands upright only turned {analysis['rotation']}°; left as it is (fix_rotation is off)")
     if verdict is not None:
         row["mirror_score"], row["mirror_confidence"] = round(verdict.score, 4), round(verdict.confidence, 3)
         if verdict.mirrored:

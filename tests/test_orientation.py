@@ -166,9 +166,15 @@ def test_a_set_rotated_by_90_degrees_is_turned_upright(tmp_path, portraits):
     )
     for i, image in enumerate(upright):
         assert same_pixels(training_image(layout, f"side-{i}.png"), turn(image, 90))
+    assert read_manifest(layout.manifest)["flags"].str.startswith("sideways").all()
 
     check_orientation(layout, ingested.rows, CheckSettings(fix_rotation=False), show_progress=False)
     assert same_pixels(training_image(layout, "side-1.png"), turn(turn(upright[1], 0, mirror=True), 90)), "undone"
+
+    flagged = check_orientation(layout, ingested.rows, CheckSettings(), show_progress=False)  # turned, not flipped
+    assert flagged.rotated == 6 and flagged.mirrored == 2 and "(kept as they are)" in " ".join(flagged.notes)
+    assert same_pixels(training_image(layout, "side-1.png"), turn(upright[1], 0, mirror=True))
+    assert same_pixels(training_image(layout, "side-0.png"), upright[0])
 
 
 def test_one_new_photo_is_the_only_one_analysed_again(mirrored_set, counting_faces, tmp_path, portraits):
