@@ -345,6 +345,9 @@ def print_summary(summary: dict) -> None:
     if "train" in summary:
         for epoch in summary["train"]["epochs"]:
             print(f"{epoch_name(epoch)}: epoch {epoch['epoch']}: mean loss {epoch['mean_loss']:.4f} -> {epoch['lora']}")
+        samples = [path for epoch in summary["train"]["epochs"] for path in epoch.get("samples", [])]
+        if samples:
+            print(f"train: {len(samples)} sample image(s) in {Path(samples[0]).parent}")
         print(f"train: final LoRA {summary['train']['final']}")
 
 

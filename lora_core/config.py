@@ -354,9 +354,13 @@ class LoraConfig(BaseModel):
 
     # Samples
     sample_every_n_steps: int = Field(100, ge=0, description="Render sample images every n steps (0: never).")
+    sample_every_n_epochs: int = Field(
+        1, ge=0, description="Render sample images at the end of every n-th epoch (0: never)."
+    )
     sample_prompts: str = Field(
         "{token}, portrait photo",
-        description="Sample prompt(s), one per line; {token} is replaced by the trigger token.",
+        description="Sample prompt(s), one per line; {token} is replaced by the trigger token. kohya's options "
+        "set a prompt's negative prompt, size, steps, CFG scale and seed: --n, --w, --h, --s, --l, --d.",
     )
     sample_sampler: str = Field("euler_a", description="Sampler of the sample images.")
 

@@ -102,6 +102,11 @@ class SubjectLayout:
         return self.result_current / f"{self.token}-{epoch:06d}.safetensors"
 
     @property
+    def samples(self) -> Path:
+        """`result_current/sample/`, where sd-scripts puts sample images."""
+        return self.result_current / "sample"
+
+    @property
     def final_lora(self) -> Path:
         return self.result_current / f"{self.token}.safetensors"
 

@@ -11,6 +11,7 @@ sheet (prompts x seeds) for the Prefect UI.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ from lora_core.models import BaseModel
 
 __all__ = [
     "DEFAULT_PROMPTS",
+    "SamplePrompt",
     "SampleSpec",
     "contact_sheet",
     "render",
@@ -41,24 +43,62 @@ DEFAULT_PROMPTS = (
 
 
 @dataclass(frozen=True)
-class SampleSpec:
-    """What to render: prompts ({token} filled in), seeds, size and sampler settings."""
+class SamplePrompt:
+    """One prompt with its own settings; kohya's prompt options set them (`--w --h --s --l --n --d`)."""
 
-    prompts: tuple[str, ...]
-    seeds: tuple[int, ...] = (1, 2)
+    text: str
+    negative: str = "lowres, blurry, deformed"
     width: int = 512
     height: int = 512
     steps: int = 20
-    guidance_scale: float = 7.0
-    negative_prompt: str = "lowres, blurry, deformed"
+    scale: float = 7.0
+    seeds: tuple[int, ...] = (1, 2)
 
     @classmethod
-    def from_config(cls, config, token: str, **overrides) -> SampleSpec:
-        """The config's `sample_prompts` (one per line, `{token}` replaced), at the training resolution."""
+    def parse(cls, line: str, **defaults) -> SamplePrompt:
+        """A line of a kohya prompt file: `text --n negative --w 512 --h 768 --s 28 --l 7.5 --d 42`."""
+        text, *options = re.split(r"\s--(?=[a-z]\s)", " " + line.strip())
+        values = dict(defaults)
+        for option in options:
+            key, _, value = option.partition(" ")
+            value = value.strip()
+            try:
+                if key == "n":
+                    values["negative"] = value
+                elif key in ("w", "h"):
+                    values["width" if key == "w" else "height"] = max(64, int(value) // 8 * 8)
+                elif key == "s":
+                    values["steps"] = max(1, int(value))
+                elif key == "l":
+                    values["scale"] = float(value)
+                elif key == "d":
+                    values["seeds"] = (int(value),)
+            except ValueError:
+                raise ValueError(
+                    f"sample prompt {line.strip()!r}: option --{key} needs a number, got {value!r}"
+                ) from None
+        return cls(text=text.strip(), **values)
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """What to render: the prompts ({token} filled in), each with its size, steps and seeds."""
+
+    prompts: tuple[SamplePrompt, ...]
+
+    @classmethod
+    def from_config(cls, config, token: str, **defaults) -> SampleSpec:
+        """The config's `sample_prompts`, one per line with kohya's options, at the training resolution."""
         lines = [line.strip() for line in config.sample_prompts.splitlines() if line.strip()]
-        prompts = tuple(line.replace("{token}", token) for line in (lines or DEFAULT_PROMPTS))
-        size = {"width": config.resolution, "height": config.resolution}
-        return cls(prompts=prompts, **(size | overrides))
+        defaults = {"width": config.resolution, "height": config.resolution} | defaults
+        return cls(
+            tuple(SamplePrompt.parse(line.replace("{token}", token), **defaults) for line in lines or DEFAULT_PROMPTS)
+        )
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        """Every seed any prompt uses, in order (the contact sheet's columns)."""
+        return tuple(dict.fromkeys(seed for prompt in self.prompts for seed in prompt.seeds))
 
 
 def _scheduler(base: BaseModel):
@@ -124,15 +164,15 @@ def render(base: BaseModel, spec: SampleSpec, device: str | torch.device = "cpu"
     with _eval_mode(base), autocast:
         for prompt in spec.prompts:
             row = []
-            for seed in spec.seeds:
+            for seed in prompt.seeds:
                 generator = torch.Generator(device="cpu").manual_seed(seed)
                 image = pipeline(
-                    prompt,
-                    negative_prompt=spec.negative_prompt,
-                    width=spec.width,
-                    height=spec.height,
-                    num_inference_steps=spec.steps,
-                    guidance_scale=spec.guidance_scale,
+                    prompt.text,
+                    negative_prompt=prompt.negative,
+                    width=prompt.width,
+                    height=prompt.height,
+                    num_inference_steps=prompt.steps,
+                    guidance_scale=prompt.scale,
                     generator=generator,
                 ).images[0]
                 row.append(image)
@@ -167,8 +207,8 @@ def save_samples(
 ) -> list[Path]:
     """Write each image atomically under `folder` (`result_current/sample/`); returns the paths."""
     paths = []
-    for index, row in enumerate(grid):
-        for seed, image in zip(spec.seeds, row, strict=True):
+    for index, (prompt, row) in enumerate(zip(spec.prompts, grid, strict=True)):
+        for seed, image in zip(prompt.seeds, row, strict=True):
             path = Path(folder) / sample_filename(output_name, index, seed, epoch=epoch, step=step)
             with atomic_output(path) as tmp:
                 image.save(tmp, format="PNG")
@@ -185,7 +225,7 @@ def contact_sheet(grid: list[list[Image.Image]], spec: SampleSpec, title: str = 
     draw.text((4, 3), f"{title}  seeds {', '.join(map(str, spec.seeds))}", fill=(0, 0, 0))
     for r, (prompt, row) in enumerate(zip(spec.prompts, grid, strict=True)):
         top = label + r * (cell + label)
-        draw.text((4, top + 3), prompt[: cols * cell // 7], fill=(40, 40, 40))
+        draw.text((4, top + 3), prompt.text[: cols * cell // 7], fill=(40, 40, 40))
         for c, image in enumerate(row):
             thumb = image.convert("RGB")
             thumb.thumbnail((cell, cell))

@@ -757,6 +757,21 @@ def epoch_done(layout: SubjectLayout, run_key: str, epoch: int) -> bool:
     return layout.epoch_lora(epoch).is_file() and state_file(layout, run_key, epoch).is_file()
 
 
+# Settings that never change the trained weights (samples render without touching training's state).
+_NOT_IN_RUN_KEY = {
+    "captioning",
+    "ingest",
+    "checks",
+    "subject_type",
+    "network_weights",
+    "training_comment",
+    "sample_every_n_steps",
+    "sample_every_n_epochs",
+    "sample_prompts",
+    "sample_sampler",
+}
+
+
 def run_key(config: LoraConfig, base_identity: str, layout: SubjectLayout) -> str:
     """What makes a run this run: its settings, base model, training data and starting LoRA.
 
@@ -765,11 +780,7 @@ def run_key(config: LoraConfig, base_identity: str, layout: SubjectLayout) -> st
     so is the starting LoRA's path: its bytes count, wherever it was moved.
     """
     digest = hashlib.sha256()
-    digest.update(
-        config.model_dump_json(
-            exclude={"captioning", "ingest", "checks", "subject_type", "network_weights", "training_comment"}
-        ).encode()
-    )
+    digest.update(config.model_dump_json(exclude=_NOT_IN_RUN_KEY).encode())
     digest.update(base_identity.encode())
     for path in (layout.buckets_csv, layout.captions_csv):
         digest.update(path.read_bytes())

@@ -200,3 +200,16 @@ def publish_epoch(token: str, epoch: int, losses: list[float], lrs: list[float],
         f"![loss (blue) and learning rate (orange) per step]({chart})\n"
     )
     create_markdown_artifact(key=artifact_key(token, f"epoch-{epoch}"), markdown=markdown)
+
+
+def publish_samples(token: str, epoch: int, sheet: Image.Image) -> None:
+    """The epoch's contact sheet (prompts x seeds), inline, so the UI shows the run's progress."""
+    buffer = io.BytesIO()
+    sheet.save(buffer, "PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    create_markdown_artifact(
+        key=artifact_key(token, f"samples-epoch-{epoch}"),
+        markdown=f"# `{token}` samples after epoch {epoch}\n\nThe same prompts and seeds every epoch.\n\n"
+        f"![samples]({uri})\n",
+        description=f"Samples of {token} after epoch {epoch}",
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -12,11 +13,13 @@ from pydantic import BaseModel
 import lora_core.buckets
 import lora_core.lora_io
 import lora_core.models
+import lora_core.sampling
 import lora_core.training
 from lora_core.config import LoraConfig
 from lora_core.layout import SubjectLayout
 from lora_core.lora_io import read_lora
 from lora_core.models import load_base_model
+from lora_core.sampling import SampleSpec, contact_sheet, render, save_samples
 from lora_core.training import (
     Trainer,
     apply_steps,
@@ -28,7 +31,7 @@ from lora_core.training import (
     save_epoch,
     state_file,
 )
-from tasks.artifacts import publish_epoch
+from tasks.artifacts import publish_epoch, publish_samples
 from tasks.caching import CodeVersion
 from tasks.stage import stage
 
@@ -38,7 +41,9 @@ _TRAINERS: dict[str, Trainer] = {}
 TRAIN_CACHE = (
     TASK_SOURCE
     + INPUTS
-    + CodeVersion(modules=(lora_core.training, lora_core.lora_io, lora_core.models, lora_core.buckets))
+    + CodeVersion(
+        modules=(lora_core.training, lora_core.lora_io, lora_core.models, lora_core.buckets, lora_core.sampling)
+    )
 )
 
 
@@ -68,6 +73,18 @@ class EpochResult(BaseModel):
     losses: list[float]
     lrs: list[float]
     notes: list[str]
+    samples: list[Path] = []
+
+
+def _render_samples(trainer: Trainer, token: str, *, epoch: int | None = None, step: int | None = None) -> list[Path]:
+    """The config's sample prompts on the trainer's loaded models, saved in `result_current/sample/`."""
+    spec = SampleSpec.from_config(trainer.config, token)
+    grid = render(trainer.base, spec, trainer.accelerator.device)
+    paths = save_samples(trainer.layout.samples, token, spec, grid, epoch=epoch, step=step)
+    if epoch is not None:
+        publish_samples(token, epoch, contact_sheet(grid, spec, title=f"{token} epoch {epoch}"))
+    get_run_logger().info("train: %d sample(s) -> %s", len(paths), trainer.layout.samples)
+    return paths
 
 
 def _trainer(request: TrainRequest, config: LoraConfig, epoch: int) -> Trainer:
@@ -100,8 +117,15 @@ def _trainer(request: TrainRequest, config: LoraConfig, epoch: int) -> Trainer:
     return trainer
 
 
-def _log_step(step: int, loss: float, lr: float) -> None:
-    get_run_logger().info("train: step %d loss %.5f lr %.3e", step, loss, lr)
+def _on_step(trainer: Trainer, token: str, every: int) -> Callable[[int, float, float], None]:
+    """Log every step; render samples every `every` steps (sd-scripts' sample_every_n_steps)."""
+
+    def on_step(step: int, loss: float, lr: float) -> None:
+        get_run_logger().info("train: step %d loss %.5f lr %.3e", step, loss, lr)
+        if every and step % every == 0:
+            _render_samples(trainer, token, step=step)
+
+    return on_step
 
 
 @stage("train-epoch", TRAIN_CACHE)
@@ -129,7 +153,8 @@ def train_epoch(request: TrainRequest, epoch: int) -> EpochResult:
         config = apply_steps(request.config, steps)
         try:
             trainer = _trainer(request, config, epoch)
-            stats = trainer.run_epoch(epoch, on_step=_log_step)
+            on_step = _on_step(trainer, request.token, config.sample_every_n_steps)
+            stats = trainer.run_epoch(epoch, on_step=on_step)
             break
         except torch.OutOfMemoryError:
             release_trainers()
@@ -142,6 +167,8 @@ def train_epoch(request: TrainRequest, epoch: int) -> EpochResult:
             get_run_logger().warning("train: epoch %d ran out of GPU memory; trying again: %s", epoch, step[1])
     info = run_info(trainer.layout, request.run_key, request.config.network_weights)
     path = save_epoch(trainer, request.run_key, info, stats)
+    every = request.config.sample_every_n_epochs
+    samples = _render_samples(trainer, request.token, epoch=epoch) if every and epoch % every == 0 else []
     get_run_logger().info(
         "train: epoch %d/%d: %d steps, mean loss %.4f -> %s",
         epoch,
@@ -158,6 +185,7 @@ def train_epoch(request: TrainRequest, epoch: int) -> EpochResult:
         losses=stats.losses,
         lrs=stats.lrs,
         notes=trainer.notes,
+        samples=samples,
     )
     publish_epoch(request.token, result.epoch, result.losses, result.lrs, path)
     return result

@@ -10,11 +10,21 @@ import torch
 from PIL import ImageChops
 
 from lora_core.models import load_base_model
-from lora_core.sampling import DEFAULT_PROMPTS, SampleSpec, contact_sheet, render, sample_filename, save_samples
+from lora_core.sampling import (
+    DEFAULT_PROMPTS,
+    SamplePrompt,
+    SampleSpec,
+    contact_sheet,
+    render,
+    sample_filename,
+    save_samples,
+)
 from lora_core.training import Trainer
 from tests.test_training import TINY_SD15, make_subject, small_config
 
-SPEC = SampleSpec(prompts=("t0k3n, portrait photo", "t0k3n, oil painting"), seeds=(1, 2), width=64, height=64, steps=3)
+SPEC = SampleSpec(
+    tuple(SamplePrompt(text, width=64, height=64, steps=3) for text in ("t0k3n, portrait photo", "t0k3n, oil painting"))
+)
 
 
 def differs(a, b) -> bool:
@@ -89,10 +99,18 @@ def test_a_contact_sheet_holds_every_prompt_and_seed(trainer):
     assert np.array_equal(cell, np.asarray(grid[0][0].convert("RGB")))
 
 
-def test_prompts_come_from_the_config_with_the_token():
-    config = small_config(sample_prompts="{token}, portrait photo\n\n{token} at the beach")
-    spec = SampleSpec.from_config(config, "s1lv10", steps=5)
-    assert spec.prompts == ("s1lv10, portrait photo", "s1lv10 at the beach") and spec.width == 256 and spec.steps == 5
-    assert SampleSpec.from_config(small_config(sample_prompts=""), "x").prompts == tuple(
-        p.replace("{token}", "x") for p in DEFAULT_PROMPTS
+def test_prompts_come_from_the_config_with_the_token_and_kohyas_options():
+    config = small_config(
+        sample_prompts="{token}, portrait photo\n\n{token} at the beach --n ugly, blurry --w 300 --s 5 --d 7"
     )
+    first, second = SampleSpec.from_config(config, "s1lv10", steps=9).prompts
+    assert first == SamplePrompt("s1lv10, portrait photo", width=256, height=256, steps=9)
+    assert second == SamplePrompt(
+        "s1lv10 at the beach", negative="ugly, blurry", width=296, height=256, steps=5, seeds=(7,)
+    )
+    assert [p.text for p in SampleSpec.from_config(small_config(sample_prompts=""), "x").prompts] == [
+        p.replace("{token}", "x") for p in DEFAULT_PROMPTS
+    ]
+    with pytest.raises(ValueError, match="--s needs a number"):
+        SamplePrompt.parse("a photo --s many")
+    assert SamplePrompt.parse("t0k3n --with-dashes--in text").text == "t0k3n --with-dashes--in text"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,11 +29,13 @@ from tests.conftest import ROOT, TINY_BLIP, photo
 
 TINY_SD15 = "builtin:tiny-sd15"
 SMALL = {"resolution": 256, "min_bucket_reso": 128, "max_bucket_reso": 512, "network_dim": 8, "network_alpha": 4}
+# Samples cost seconds per round on a CPU: off unless a test is about them (test_sampling, the train stage).
+NO_SAMPLES = {"sample_every_n_epochs": 0, "sample_every_n_steps": 0}
 
 
 def small_config(**updates) -> LoraConfig:
     """The seed's recipe at 256 px with a rank-8 network: seconds per epoch on a CPU."""
-    return LoraConfig.model_validate(preset_config().model_dump() | SMALL | updates)
+    return LoraConfig.model_validate(preset_config().model_dump() | SMALL | NO_SAMPLES | updates)
 
 
 def captioned_photos(root: Path, seed: int, count: int = 5, caption: str = "a man") -> Path:
@@ -249,7 +252,7 @@ def test_a_killed_run_resumes_at_its_first_unfinished_epoch(builtin_models_home,
     config = tmp_path / "config.json"
     config.write_text(
         '{"resolution": 256, "min_bucket_reso": 128, "max_bucket_reso": 512, "num_repeats": 3, '
-        '"epoch": 2, "network_dim": 4, "network_alpha": 2}'
+        '"epoch": 2, "network_dim": 4, "network_alpha": 2, "sample_every_n_epochs": 0}'
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env |= {
@@ -310,11 +313,16 @@ def test_the_train_stage_caches_each_epoch_and_publishes_it(prefect_harness, bui
     from flows.train_subject import train_subject
 
     photos = captioned_photos(tmp_path, seed=40)
-    config = flow_config(num_repeats=2, max_train_epochs=2)
+    prompts = "{token}, portrait photo --w 64 --h 64 --s 2\n{token} at the beach --w 64 --h 64 --s 2 --d 5"
+    config = flow_config(num_repeats=2, max_train_epochs=2, sample_every_n_epochs=1, sample_prompts=prompts)
     work = tmp_path / "work"
     first = train_subject(photos=photos, token="Ep", workdir=work, config=config)
     assert [e["epoch"] for e in first["train"]["epochs"]] == [1, 2] and "train-epoch" not in first["cached"]
     result = work / "Ep" / "result_current"
+    # Samples after each epoch, named as sd-scripts names them: 2 seeds for the first prompt, seed 5 for the second.
+    names = sorted(p.name for p in (result / "sample").glob("*.png"))
+    assert len(names) == 6 and all(re.fullmatch(r"Ep_e00000[12]_0[01]_\d{14}_[125]\.png", n) for n in names)
+    assert sum("_01_" in n and n.endswith("_5.png") for n in names) == 2
     assert (result / "Ep.safetensors").read_bytes() == (result / "Ep-000002.safetensors").read_bytes()
     exported = json.loads((result / "kohya_ss_config.json").read_text())
     assert exported["pretrained_model_name_or_path"] == TINY_SD15 and exported["epoch"] == 2
@@ -325,8 +333,11 @@ def test_the_train_stage_caches_each_epoch_and_publishes_it(prefect_harness, bui
     third = train_subject(photos=photos, token="Ep", workdir=work, config=config)
     assert third["cached"].count("train-epoch") == 1 and (result / "Ep-000002.safetensors").is_file()
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["ep-epoch-1"])))
-    assert artifacts and "data:image/png;base64," in artifacts[0].data
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["ep-epoch-1", "ep-samples-epoch-2"]))
+        )
+    assert {a.key for a in artifacts} == {"ep-epoch-1", "ep-samples-epoch-2"}
+    assert all("data:image/png;base64," in a.data for a in artifacts)
 
 
 def test_oom_ladder_follows_the_seed():
