@@ -214,11 +214,13 @@ def test_a_kohya_lora_continues_through_the_flow_and_sdxl_runs_end_to_end(
         preset_config("sdxl").model_dump()
         | SMALL
         | {"num_repeats": 2, "max_train_epochs": 1, "pretrained_model_name_or_path": "builtin:tiny-sdxl"}
+        | {"sample_every_n_epochs": 1, "sample_prompts": "{token}, portrait photo --w 64 --h 64 --s 2"}
     )
     sdxl.captioning.model = TINY_BLIP
     summary = train_subject(photos=photos, token="xl", workdir=tmp_path / "work", config=sdxl)
     lora = read_lora(Path(summary["train"]["final"]))
     assert len(lora.modules) == 986 and any(name.startswith("lora_te2_") for name in lora.modules)
+    assert len(summary["train"]["epochs"][0]["samples"]) == 2  # SDXL samples render too
 
 
 @given(
