@@ -35,7 +35,7 @@ from pydantic import BaseModel
 from rich.progress import Progress
 
 from lora_core.config import CaptionSettings
-from lora_core.fs import atomic_output, atomic_write_text, ensure_inside, sha256_file
+from lora_core.fs import JsonCache, atomic_output, atomic_write_text, ensure_inside, sha256_file, stamp_matches
 from lora_core.hub import hub_unreachable, model_identity, offline_help
 from lora_core.layout import SubjectLayout
 from lora_core.manifest import accepted_images
@@ -370,7 +370,7 @@ def captions_intact(
     if settings is not None:
         identity = BlipCaptioner(settings.model).identity
         stamp = _stamp_file(layout)
-        if not stamp.is_file() or stamp.read_text() != settings_stamp(settings, identity, caption_extension):
+        if not stamp_matches(stamp, settings_stamp(settings, identity, caption_extension)):
             return False
     try:
         records = {r.image: r.caption for r in read_captions(layout.captions_csv)}
@@ -395,16 +395,12 @@ class _BlipCache:
     def __init__(self, folder: Path, identity: str, settings: CaptionSettings) -> None:
         self.folder, self.identity, self.settings = folder, identity, settings
         knobs = settings.model_dump(include={"prompt", "beam_search", "num_beams", "top_p", "min_length", "max_length"})
-        self._salt = json.dumps({"model": identity, **knobs}, sort_keys=True)
-
-    def _file(self, sha: str) -> Path:
-        return self.folder / f"{hashlib.sha256((sha + self._salt).encode()).hexdigest()}.json"
+        self._entries = JsonCache(folder, json.dumps({"model": identity, **knobs}, sort_keys=True))
 
     def get(self, sha: str) -> str | None:
-        try:
-            return json.loads(self._file(sha).read_text(encoding="utf-8"))["blip_caption"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None  # missing or damaged: captioned again
+        entry = self._entries.get(sha)
+        text = entry.get("blip_caption") if isinstance(entry, dict) else None
+        return text if isinstance(text, str) else None  # missing or damaged: captioned again
 
     def fill(
         self, wanted: dict[str, str], root: Path, captioner: BlipCaptioner, show_progress: bool
@@ -422,7 +418,7 @@ class _BlipCache:
                     with Image.open(root / image) as picture:
                         pictures.append(picture.convert("RGB"))
                 for (sha, _), text in zip(batch, captioner.caption(pictures, self.settings), strict=True):
-                    atomic_write_text(self._file(sha), json.dumps({"blip_caption": text, "model": self.identity}))
+                    self._entries.put(sha, {"blip_caption": text, "model": self.identity})
                     out[sha] = text
                 progress.advance(bar, len(batch))
         return out, len(todo)

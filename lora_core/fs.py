@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "JsonCache",
     "PathEscapeError",
     "atomic_output",
     "atomic_write_bytes",
@@ -24,6 +25,7 @@ __all__ = [
     "ensure_inside",
     "sha256_bytes",
     "sha256_file",
+    "source_version",
     "stamp_matches",
 ]
 
@@ -107,3 +109,31 @@ def stamp_matches(path: Path, stamp: str) -> bool:
         return Path(path).read_text(encoding="utf-8") == stamp
     except OSError:
         return False
+
+
+def source_version(*paths: str | Path) -> str:
+    """A hash of source files (modules' `__file__`), so results cached by their code go stale with it."""
+    return content_stamp([sha256_file(Path(path)) for path in paths])
+
+
+class JsonCache:
+    """One small JSON file per content hash and `salt` (the model and settings that made it).
+
+    One file per entry means a run cut short keeps every entry it wrote; a
+    missing or damaged entry reads as None and is made again.
+    """
+
+    def __init__(self, folder: Path, salt: str) -> None:
+        self.folder, self.salt = Path(folder), salt
+
+    def path(self, sha: str) -> Path:
+        return self.folder / f"{hashlib.sha256((sha + self.salt).encode()).hexdigest()}.json"
+
+    def get(self, sha: str) -> Any:
+        try:
+            return json.loads(self.path(sha).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def put(self, sha: str, value: Any) -> None:
+        atomic_write_text(self.path(sha), json.dumps(value))

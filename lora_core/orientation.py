@@ -20,7 +20,6 @@ photo that agrees best with all the others; no reference photo is needed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from rich.progress import Progress
 from lora_core import faces as faces_module
 from lora_core.config import CheckSettings, MirrorPolicy, SubjectType
 from lora_core.faces import Face, FaceModels, face_models
-from lora_core.fs import atomic_write_text, content_stamp, sha256_file, stamp_matches
+from lora_core.fs import JsonCache, atomic_write_text, content_stamp, sha256_file, source_version, stamp_matches
 from lora_core.image_store import ImageStore
 from lora_core.layout import SubjectLayout
 from lora_core.manifest import ORIENTATION_COLUMNS, QUALITY_COLUMNS, manifest_rows, write_manifest
@@ -55,7 +54,7 @@ ROTATIONS = (0, 90, 180, 270)  # counter-clockwise degrees
 _CONFIDENT_SCORE = 0.5  # a face this clear at 0 degrees: no need to try other rotations
 _ROTATION_MARGIN = 0.3  # another rotation must beat 0 degrees by this much
 _MIN_MIRROR_VOTES = 0.6  # share of the other faces that must agree a photo is mirrored
-_CODE_VERSION = hashlib.sha256(Path(__file__).read_bytes() + Path(faces_module.__file__).read_bytes()).hexdigest()
+_CODE_VERSION = source_version(__file__, faces_module.__file__)
 _MIN_SCORE = 0.05  # and the mean disagreement must be at least this (cosine), not noise around 0
 
 
@@ -304,11 +303,9 @@ def _decide(row: dict, analysis: dict, verdict: MirrorVerdict | None, rotation: 
 def _analyse(layout: SubjectLayout, path: Path, salt: str, models: FaceModels) -> dict:
     """Rotation and face antisymmetry of one original image, cached by its content."""
     sha = sha256_file(path)
-    cache = layout.check_cache / "orientation" / f"{hashlib.sha256((sha + salt).encode()).hexdigest()}.json"
-    try:
-        return json.loads(cache.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        pass  # not analysed yet, or a damaged entry
+    cache = JsonCache(layout.check_cache / "orientation", salt)
+    if (cached := cache.get(sha)) is not None:
+        return cached
     with Image.open(path) as picture:
         image = picture.convert("RGB")
     rotation, faces = find_rotation(image, models)
@@ -321,7 +318,7 @@ def _analyse(layout: SubjectLayout, path: Path, salt: str, models: FaceModels) -
         "rotation_score": round(faces[0].score, 4) if faces else None,
         "antisymmetry": antisymmetry,
     }
-    atomic_write_text(cache, json.dumps(analysis))
+    cache.put(sha, analysis)
     return analysis
 
 

@@ -24,7 +24,6 @@ Image measures, on the grey image:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from scipy.ndimage import laplace
 from lora_core import faces as faces_module
 from lora_core.config import CheckSettings, QualityPolicy, SubjectType
 from lora_core.faces import FaceModels, face_models
-from lora_core.fs import atomic_write_text, content_stamp, sha256_file, stamp_matches
+from lora_core.fs import JsonCache, atomic_write_text, content_stamp, sha256_file, source_version, stamp_matches
 from lora_core.image_store import ImageStore
 from lora_core.layout import SubjectLayout
 from lora_core.manifest import manifest_rows, write_manifest
@@ -73,7 +72,7 @@ QUALITY_FLAGS = (
 _FACE_SIDE = 128  # the face region is resized to this before measuring sharpness (smaller faces: small_face)
 _MEASURE_SIDE = 1024  # artifact measures look at most this many pixels along each axis
 _UPSCALED_DETAIL = 0.08  # top-band share under which a resampling trace means enlargement
-_CODE_VERSION = hashlib.sha256(Path(__file__).read_bytes() + Path(faces_module.__file__).read_bytes()).hexdigest()
+_CODE_VERSION = source_version(__file__, faces_module.__file__)
 _MIN_RELATIVE = 3  # fewest images to judge sharpness or identity relative to the set
 
 
@@ -281,11 +280,9 @@ def check_quality(
 def _measure(layout: SubjectLayout, path: Path, salt: str, models: FaceModels | None) -> dict:
     """Every per-image measure of one training image, cached by its content."""
     sha = sha256_file(path)
-    cache = layout.check_cache / "quality" / f"{hashlib.sha256((sha + salt).encode()).hexdigest()}.json"
-    try:
-        return json.loads(cache.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        pass
+    cache = JsonCache(layout.check_cache / "quality", salt)
+    if (cached := cache.get(sha)) is not None:
+        return cached
     with Image.open(path) as picture:
         image = picture.convert("RGB")
     measure: dict = {"size": list(image.size)}
@@ -331,7 +328,7 @@ def _measure(layout: SubjectLayout, path: Path, salt: str, models: FaceModels | 
         upscale_frequency=round(frequency, 4),
         detail=round(high_frequency_share(grey), 5),
     )
-    atomic_write_text(cache, json.dumps(measure))
+    cache.put(sha, measure)
     return measure
 
 

@@ -136,11 +136,12 @@ def _pipeline(base: BaseModel):
 
 @contextmanager
 def _eval_mode(base: BaseModel) -> Iterator[None]:
-    """Eval mode and no gradients while rendering; each module's mode and the global RNG restored after."""
+    """Eval mode and no gradients while rendering; each module's mode restored after.
+
+    The global RNG needs no saving: every render draws from its own seeded generator.
+    """
     modules = [base.vae, *base.components.values()]
     modes = [module.training for module in modules]
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
         for module in modules:
             module.eval()
@@ -149,9 +150,6 @@ def _eval_mode(base: BaseModel) -> Iterator[None]:
     finally:
         for module, mode in zip(modules, modes, strict=True):
             module.train(mode)
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
 
 
 def render(base: BaseModel, spec: SampleSpec, device: str | torch.device = "cpu") -> list[list[Image.Image]]:

@@ -39,6 +39,7 @@ def trainer(builtin_models_home, tmp_path_factory):
 
 
 def test_the_same_seeds_give_the_same_pictures_and_the_modes_are_restored(trainer):
+    trainer.base.unet.train()  # as in the middle of an epoch: rendering must leave it so
     modes = [module.training for module in trainer.base.components.values()]
     rng = torch.get_rng_state()
     first = render(trainer.base, SPEC)
