@@ -8,13 +8,17 @@ The seed's author does these steps by hand; each is a cached, retryable stage:
 4. buckets  - put each image in an aspect-ratio bucket, as kohya does (`buckets.csv`)
 5. captions - caption each image with BLIP, prefixed "<token>, " (a `.txt` beside it)
 6. train    - train the LoRA one epoch per task: `result_current/<token>-000001.safetensors` ...
-
-Later stages (samples, selection) plug in after these, each with its own
-`--stop-after` name.
+7. samples  - render one fixed grid per epoch, and once for the base model, at the same seeds
+8. select   - measure every epoch, choose one (`selection.json`), make it `<token>.safetensors`, render it
+              at a few strengths in `txt2img-images/`; undertrained: train on from the last epoch, select again
 
 Run it with no server (Prefect's embedded default):
 
     python -m flows.train_subject PHOTOS --token TOKEN --workdir work
+
+or select an epoch of a finished run (ours or kohya's) without training:
+
+    python -m flows.train_subject --select-only work/TOKEN --token TOKEN --base-model MODEL
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import argparse
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +37,9 @@ from pydantic import ValidationError
 from lora_core.buckets import BucketPlan, buckets_intact
 from lora_core.captioning import BlipCaptioner, CaptionModelError, captions_intact
 from lora_core.config import ConfigError, LoraConfig, load_config, preset_config, write_kohya_gui
+from lora_core.evaluation import SelectionError, find_run, grids_intact
 from lora_core.faces import FaceModelError
-from lora_core.fs import PathEscapeError
+from lora_core.fs import PathEscapeError, sha256_file
 from lora_core.ingest import InputError, TooFewImagesError, ingest_stamp, layout_intact
 from lora_core.layout import InvalidTokenError, SubjectLayout, validate_token
 from lora_core.lora_io import LoraFileError, read_lora
@@ -45,9 +51,17 @@ from tasks.buckets import bucket_images
 from tasks.captions import caption_images
 from tasks.checks import check_images, crop_images
 from tasks.ingest import ingest_photos
+from tasks.select import (
+    SelectRequest,
+    finish_selection,
+    release_renderers,
+    render_chosen,
+    render_metric_grids,
+    select_epoch,
+)
 from tasks.train import TrainRequest, release_trainers, train_epoch
 
-STAGES = ("ingest", "checks", "crop", "buckets", "captions", "train")
+STAGES = ("ingest", "checks", "crop", "buckets", "captions", "train", "samples", "select")
 
 
 @flow(name="train-subject")
@@ -63,20 +77,13 @@ def train_subject(
     if stop_after not in STAGES:
         raise ValueError(f"stop_after must be one of {', '.join(STAGES)}, got {stop_after!r}")
     config = config or preset_config()
-    layout = SubjectLayout(Path(workdir), token)
+    workdir = Path(workdir)
+    layout = SubjectLayout(workdir, token)
     if STAGES.index(stop_after) >= STAGES.index("train"):
         require_base_model(config.pretrained_model_name_or_path)  # before any work, not after captioning
 
-    storage = layout.prefect_results.resolve()
-
     cached: list[str] = []
-
-    def run(task: Task, refresh: bool, *args: Any) -> Any:
-        """Run a stage with its results under the subject folder; note when it came from the cache."""
-        state = task.with_options(result_storage=storage, refresh_cache=refresh)(*args, return_state=True)
-        if state.name == "Cached":
-            cached.append(task.name)
-        return state.result()
+    run = _stage_runner(layout.prefect_results.resolve(), cached)
 
     # 1. Ingest. Cached on the photos' content; redone if its output was damaged.
     stamp = ingest_stamp(Path(photos), layout, config.ingest, config.num_repeats)
@@ -85,7 +92,7 @@ def train_subject(
         not layout_intact(layout, stamp),
         Path(photos),
         token,
-        Path(workdir),
+        workdir,
         config.ingest,
         config.num_repeats,
     )
@@ -102,7 +109,6 @@ def train_subject(
         return summary
 
     # 2. Checks: sideways photos turned upright, mirrored ones found (flagged, fixed or left out, by policy).
-    workdir = Path(workdir)
     checks = (config.checks, config.subject_type, config.ingest.min_images)
     checked = run(check_images, not orientation_intact(layout, ingested.rows, *checks), ingested, workdir, *checks)
     summary |= {"stage": "checks", "checks": checked.model_dump(mode="json", exclude={"rows"})}
@@ -127,7 +133,7 @@ def train_subject(
         caption_images,
         not captions_intact(layout, config.caption_extension, config.captioning),
         cropped,
-        Path(workdir),
+        workdir,
         config.captioning,
         config.caption_extension,
         BlipCaptioner(config.captioning.model).identity,
@@ -141,30 +147,149 @@ def train_subject(
         source = read_lora(Path(config.network_weights))
         rank, alpha = source.rank, next(iter(source.modules.values()))[2]
         config = config.model_copy(update={"network_dim": rank, "network_alpha": alpha})
-    key = run_key(config, model_identity(config.pretrained_model_name_or_path or ""), layout)
+    identity = model_identity(config.pretrained_model_name_or_path or "")
+    key = run_key(config, identity, layout)
     start = begin_run(layout, key, config.network_weights)  # earlier results archived, never overwritten
     config = config.model_copy(update={"network_weights": start})
-    request = TrainRequest(
-        token=token, workdir=Path(workdir), config=config, run_key=key, base_model_config=base_model_config
-    )
-    try:
-        epochs = [
-            run(train_epoch, not epoch_done(layout, key, epoch), request, epoch)
-            for epoch in range(1, config.max_train_epochs + 1)
-        ]
-    finally:
-        release_trainers()
+
+    def train(config: LoraConfig, key: str, first_epoch: int = 1) -> list[Any]:
+        request = TrainRequest(
+            token=token,
+            workdir=workdir,
+            config=config,
+            run_key=key,
+            base_model_config=base_model_config,
+            first_epoch=first_epoch,
+        )
+        try:
+            return [
+                run(train_epoch, not epoch_done(layout, key, epoch), request, epoch)
+                for epoch in range(first_epoch, first_epoch + config.max_train_epochs)
+            ]
+        finally:
+            release_trainers()
+
+    epochs = train(config, key)
     final = publish_final(layout, epochs[-1].epoch)
-    config = apply_steps(config, read_steps(layout, key))  # what the run really used, out-of-memory steps included
-    config = config.model_copy(update={"network_weights": run_info(layout, key).get("network_weights") or None})
-    export(config)
-    summary |= {
-        "stage": "train",
-        "train": {
-            "epochs": [e.model_dump(mode="json", exclude={"losses", "lrs"}) for e in epochs],
-            "final": str(final),
-        },
+    trained = apply_steps(config, read_steps(layout, key))  # what the run really used, out-of-memory steps included
+    trained = trained.model_copy(update={"network_weights": run_info(layout, key).get("network_weights") or None})
+    export(trained)
+
+    def train_summary() -> dict:
+        return {"epochs": [e.model_dump(mode="json", exclude={"losses", "lrs"}) for e in epochs], "final": str(final)}
+
+    summary |= {"stage": "train", "train": train_summary()}
+    if stop_after == "train":
+        return summary
+
+    # 7-8. Samples and selection. Undertrained: continue from the last epoch's LoRA, as the seed does by
+    # hand, `resume_epochs` more epochs at a time, at most `max_resumes` times; then select again.
+    request = SelectRequest(
+        folder=layout.result_current, token=token, config=config, base_model_config=base_model_config
+    )
+    rounds: list[dict] = []
+    try:
+        while True:
+            request = request.model_copy(update={"epochs": [e.epoch for e in epochs]})
+            choice = choose_epoch(run, request, rounds, stop_after, summary)
+            if choice is None:  # stopped after the samples
+                return summary
+            rounds = choice.rounds
+            if choice.verdict != "undertrained" or len(rounds) > config.selection.max_resumes:
+                break
+            last = epochs[-1].epoch
+            more = LoraConfig.model_validate(
+                config.model_dump()
+                | {"network_weights": str(layout.epoch_lora(last)), "max_train_epochs": config.selection.resume_epochs}
+            )
+            release_renderers()  # one copy of the base model in memory: the trainer's
+            resumed = run_key(more, identity, layout, first_epoch=last + 1)
+            start = begin_run(layout, resumed, more.network_weights, continues=key)
+            key = resumed
+            epochs += train(more.model_copy(update={"network_weights": start}), key, first_epoch=last + 1)
+            summary["train"] = train_summary()
+        finish(run, request, choice, summary, layout.txt2img_images, resuming=True)
+    finally:
+        release_renderers()
+    summary["train"]["final"] = str(layout.final_lora)
+    return summary
+
+
+def _stage_runner(storage: Path, cached: list[str]) -> Any:
+    """Run a stage with its results in `storage`, refreshed when asked; note when it came from the cache."""
+
+    def run(task: Task, refresh: bool, *args: Any) -> Any:
+        state = task.with_options(result_storage=storage, refresh_cache=refresh)(*args, return_state=True)
+        if state.name == "Cached":
+            cached.append(task.name)
+        return state.result()
+
+    return run
+
+
+def choose_epoch(run: Any, request: SelectRequest, rounds: list[dict], stop_after: str, summary: dict) -> Any:
+    """The samples and select stages once: every epoch's grid, then the choice (None: stopped after samples)."""
+    files = request.run()
+    intact = grids_intact(files, request.spec(), request.base_identity())
+    grids = run(render_metric_grids, not intact, request, request.epoch_hashes())
+    summary |= {"stage": "samples", "samples": grids.model_dump(mode="json")}
+    if stop_after == "samples":
+        return None
+    choice = run(select_epoch, not files.selection_json.is_file(), request, request.epoch_hashes(), rounds)
+    summary |= {"stage": "select", "select": choice.model_dump(mode="json", exclude={"metrics", "record"})}
+    return choice
+
+
+def finish(run: Any, request: SelectRequest, choice: Any, summary: dict, txt2img: Path, resuming: bool) -> None:
+    """The choice becomes `<name>.safetensors`; render it at each strength into `txt2img`."""
+    files = request.run()
+    note = None
+    if choice.verdict == "undertrained":
+        last = files.epochs[max(files.epochs)]
+        how = f"to train more, run again with --network-weights {last}"
+        if resuming:
+            resumes, most = len(choice.rounds) - 1, request.config.selection.max_resumes
+            note = f"still undertrained after {resumes} resume(s) (max_resumes {most}): epoch "
+            note += f"{choice.chosen_epoch} is the best so far; {how}"
+        else:
+            note = f"undertrained: epoch {choice.chosen_epoch} is the best so far; {how}"
+    choice = finish_selection(request, choice, note)
+    epoch = choice.chosen_epoch
+    sha = sha256_file(files.epochs[epoch])
+    done = list(txt2img.glob(f"{files.name}_e{epoch:06d}_w*.png"))
+    paths = run(render_chosen, not done, request, epoch, sha, txt2img)
+    summary["select"] = choice.model_dump(mode="json", exclude={"metrics", "record"}) | {
+        "final": str(files.final),
+        "txt2img": [str(p) for p in paths],
     }
+
+
+@flow(name="select-epoch")
+def select_only(
+    folder: Path,
+    token: str,
+    config: LoraConfig,
+    photos: Path | None = None,
+    base_model_config: str | None = None,
+) -> dict:
+    """Select an epoch of a finished run (ours, or a kohya output folder of epoch files) without training."""
+    files = find_run(Path(folder), token, photos)
+    require_base_model(config.pretrained_model_name_or_path)
+    first = read_lora(next(iter(files.epochs.values())))
+    if not config.sdxl and first.metadata.get("ss_base_model_version", "").startswith("sdxl"):
+        config = LoraConfig.model_validate(config.model_dump() | {"sdxl": True})  # kohya's files say so
+    cached: list[str] = []
+    run = _stage_runner((files.folder / ".prefect-results").resolve(), cached)
+    request = SelectRequest(
+        folder=files.folder, token=token, config=config, photos=photos, base_model_config=base_model_config
+    )
+    summary: dict = {"cached": cached, "select_only": str(files.folder)}
+    try:
+        choice = choose_epoch(run, request, [], STAGES[-1], summary)
+        txt2img = (files.layout.txt2img_images if files.layout else files.folder / "txt2img-images").resolve()
+        finish(run, request, choice, summary, txt2img, resuming=False)
+    finally:
+        release_renderers()
     return summary
 
 
@@ -175,7 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(the seed's recipe, automated). Runs locally on Prefect's embedded default; "
         "set PREFECT_API_URL to report to a Prefect server instead.",
     )
-    parser.add_argument("photos", type=Path, help="folder of photos (searched recursively) or a .zip of them")
+    parser.add_argument(
+        "photos",
+        type=Path,
+        nargs="?",
+        help="folder of photos (searched recursively) or a .zip of them; with --select-only, optional reference "
+        "photos of the subject (default: the run's own training images)",
+    )
     parser.add_argument(
         "--token", required=True, help="trigger token naming the subject, e.g. t0k3n: letters, digits, '_' or '-'"
     )
@@ -238,6 +369,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--stop-after", choices=STAGES, default=STAGES[-1], help=f"stop after this stage (stages: {', '.join(STAGES)})"
     )
+    parser.add_argument(
+        "--select-only",
+        type=Path,
+        metavar="RUN_FOLDER",
+        help="no training: choose an epoch of an existing run, ours (WORKDIR/TOKEN) or a kohya output folder of "
+        "<name>-000001.safetensors files; needs --base-model (or the run's kohya_ss_config.json)",
+    )
+    parser.add_argument(
+        "--max-resumes",
+        type=int,
+        help="an undertrained run continues from its last epoch at most this often (default: 2; 0: never)",
+    )
     return parser
 
 
@@ -246,9 +389,16 @@ def config_from_args(args: argparse.Namespace) -> LoraConfig:
 
     Raises ConfigError or ValidationError naming the bad field; prints config warnings.
     """
+    config_file = args.config
+    if config_file is None and args.select_only is not None:  # the run's own settings, as we exported them
+        for candidate in (
+            args.select_only / "kohya_ss_config.json",
+            args.select_only / "result_current" / "kohya_ss_config.json",
+        ):
+            config_file = candidate if candidate.is_file() else config_file
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        config = load_config(args.config, args.preset) if args.config else preset_config(args.preset or "sd15")
+        config = load_config(config_file, args.preset) if config_file else preset_config(args.preset or "sd15")
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
     updates = {
@@ -257,6 +407,8 @@ def config_from_args(args: argparse.Namespace) -> LoraConfig:
         "max_train_epochs": args.epochs,
         "subject_type": args.subject_type,
     }
+    if args.max_resumes is not None:
+        updates["selection"] = config.selection.model_dump() | {"max_resumes": args.max_resumes}
     updates = {key: value for key, value in updates.items() if value is not None}
     checks = {"mirror_policy": args.mirror_policy, "quality_policy": args.quality_policy}
     if any(value is not None for value in checks.values()):
@@ -279,15 +431,29 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, InvalidTokenError, ValidationError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    try:
-        summary = train_subject(
-            photos=args.photos,
-            token=args.token,
-            workdir=args.workdir,
-            config=config,
-            stop_after=args.stop_after,
-            base_model_config=args.base_model_config,
+    if args.select_only is None and args.photos is None:
+        print(
+            "error: name the photos folder (or --select-only RUN_FOLDER to choose an epoch of a run)", file=sys.stderr
         )
+        return 2
+    try:
+        if args.select_only is not None:
+            summary = select_only(
+                folder=args.select_only,
+                token=args.token,
+                config=config,
+                photos=args.photos,
+                base_model_config=args.base_model_config,
+            )
+        else:
+            summary = train_subject(
+                photos=args.photos,
+                token=args.token,
+                workdir=args.workdir,
+                config=config,
+                stop_after=args.stop_after,
+                base_model_config=args.base_model_config,
+            )
     except (
         TooFewImagesError,
         InputError,
@@ -297,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         BaseModelError,
         LoraFileError,
         FaceModelError,
+        SelectionError,
     ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -314,6 +481,9 @@ def print_summary(summary: dict) -> None:
         cached = sum(1 for stage in summary["cached"] if stage == "train-epoch") >= epoch["epoch"]
         return "train (cached)" if cached else "train"
 
+    if "select_only" in summary:
+        print_selection(summary, name)
+        return
     ingest = summary["ingest"]
     print(
         f"{name('ingest')}: {ingest['accepted']} accepted, {ingest['rejected']} rejected, {ingest['ignored']} ignored "
@@ -349,6 +519,27 @@ def print_summary(summary: dict) -> None:
         if samples:
             print(f"train: {len(samples)} sample image(s) in {Path(samples[0]).parent}")
         print(f"train: final LoRA {summary['train']['final']}")
+    print_selection(summary, name)
+
+
+def print_selection(summary: dict, name: Callable[[str], str]) -> None:
+    """The samples and select stages: what was rendered, the verdict with its reasons, the files."""
+    if "samples" in summary:
+        grids = summary["samples"]
+        rendered = ", ".join("base" if e == 0 else str(e) for e in grids["rendered"]) or "none new"
+        rendered = "" if "samples" in summary["cached"] else f" ({rendered} rendered)"
+        print(f"{name('samples')}: metric grids of epochs {grids['epochs']} and the base model{rendered}")
+        print(f"samples: grids in {grids['folder']}")
+    if "select" in summary:
+        choice = summary["select"]
+        print(f"{name('select')}: {choice['verdict']}, epoch {choice['chosen_epoch']} -> {choice.get('final', '')}")
+        for round_ in choice["rounds"][:-1]:
+            print(f"select: round {round_['round']}: {round_['verdict']} after epoch {round_['epochs'][-1]}: resumed")
+        for reason in choice["reasons"]:
+            print(f"select: {reason}")
+        print(f"select: metrics and reasons in {choice['selection_json']}")
+        if choice.get("txt2img"):
+            print(f"txt2img: {len(choice['txt2img'])} image(s) in {Path(choice['txt2img'][0]).parent}")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ __all__ = [
     "Optimizer",
     "Preset",
     "QualityPolicy",
+    "SelectionSettings",
     "SubjectType",
     "format_optimizer_args",
     "load_config",
@@ -207,6 +208,71 @@ class CheckSettings(BaseModel):
     )
 
 
+# The metric grid: a neutral portrait, then prompts that move the subject somewhere new
+# (recontextualisation and style, as DreamBooth evaluates), all with the token.
+DEFAULT_METRIC_PROMPTS: tuple[str, ...] = (
+    "{token}, portrait photo",
+    "{token}, photo sitting in a cafe, window light",
+    "{token}, oil painting portrait",
+    "{token}, pencil sketch",
+    "{token} wearing a space suit, photo",
+)
+
+# The class prompt without the token, per subject type: what the LoRA must leave alone.
+DEFAULT_CLASS_PROMPTS = {"person": "portrait photo of a person", "object": "photo of an object", "style": "a painting"}
+
+
+class SelectionSettings(BaseModel):
+    """Epoch metrics, the decision's thresholds and auto-resume (see `lora_core.selection`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_METRIC_PROMPTS),
+        min_length=1,
+        description="Metric-grid prompts with {token}; the first is the neutral portrait. kohya's options allowed.",
+    )
+    class_prompt: str | None = Field(
+        None, description="The class prompt without the token (default by subject_type: 'portrait photo of a person')."
+    )
+    seeds: list[int] = Field(
+        default_factory=lambda: [1, 2, 3], min_length=2, description="Seeds of every grid prompt (diversity needs 2+)."
+    )
+    size: int | None = Field(None, ge=64, description="Grid image side in pixels (default: the training resolution).")
+    steps: int = Field(20, ge=1, description="Sampling steps of the grid (Euler ancestral, as the samples).")
+    fidelity_band: float = Field(
+        0.95, gt=0, le=1, description="Choose the earliest epoch within this share of the best one's signal."
+    )
+    rising: float = Field(
+        0.02, description="Best at the last epoch and still improving by more than this share: undertrained."
+    )
+    min_fidelity: float = Field(
+        0.0, ge=0, description="Best fidelity under this share of the photos' own similarity: undertrained."
+    )
+    copy_distance: int = Field(6, ge=-1, description="COPY: a sample this close (perceptual hash) to a photo.")
+    min_diversity: float = Field(0.5, ge=0, description="DIV: variety across seeds under this share of the base's.")
+    max_preservation: float = Field(
+        0.1, description="PRES: class-prompt samples this much closer to the subject than the base model's."
+    )
+    max_burn: float = Field(
+        0.25, description="BURN: this much more saturated, clipped, smooth or blocky than the base."
+    )
+    max_resumes: int = Field(2, ge=0, description="Undertrained: continue from the last epoch at most this often.")
+    resume_epochs: int = Field(2, ge=1, le=10, description="Epochs each resume trains (the seed: 2 or 3 more).")
+    strengths: list[float] = Field(
+        default_factory=lambda: [0.6, 0.8, 1.0],
+        min_length=1,
+        description="LoRA strengths rendered into txt2img-images/ with the chosen epoch.",
+    )
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts_have_the_token(cls, value: list[str]) -> list[str]:
+        if not all("{token}" in prompt for prompt in value):
+            raise ValueError("every metric prompt needs {token}; the class prompt is set apart (class_prompt)")
+        return value
+
+
 DEFAULT_CAPTION_MODEL = "Salesforce/blip-image-captioning-large"
 
 # Things BLIP says that are rarely true of a portrait (the seed: it "LOVES adding
@@ -372,6 +438,9 @@ class LoraConfig(BaseModel):
     ingest: IngestSettings = Field(default_factory=IngestSettings, description="Photo acceptance rules.")
     checks: CheckSettings = Field(default_factory=CheckSettings, description="Orientation, mirroring and quality.")
     captioning: CaptionSettings = Field(default_factory=CaptionSettings, description="BLIP captioning.")
+    selection: SelectionSettings = Field(
+        default_factory=SelectionSettings, description="Epoch metrics, checkpoint selection and auto-resume."
+    )
 
     @field_validator("optimizer", mode="before")
     @classmethod

@@ -31,20 +31,21 @@ from dataclasses import asdict, dataclass, field
 
 import imagehash
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
+from lora_core.config import SelectionSettings
 from lora_core.quality import blockiness, sharpness
 
 __all__ = [
     "EpochMetrics",
     "Selection",
-    "SelectionRules",
     "burn_score",
     "copy_distance",
     "diversity",
     "fidelity",
     "guards",
     "leave_one_out_ceiling",
+    "metric_chart",
     "select",
 ]
 
@@ -75,7 +76,7 @@ def copy_distance(samples: list[Image.Image], photos: list[Image.Image]) -> int:
     training photo is a copy of it, not a new picture of the subject.
     """
     photo_hashes = [imagehash.phash(photo) for photo in photos]
-    return min(imagehash.phash(sample) - known for sample in samples for known in photo_hashes)
+    return int(min(imagehash.phash(sample) - known for sample in samples for known in photo_hashes))
 
 
 def burn_score(sample: Image.Image, base: Image.Image) -> float:
@@ -147,18 +148,6 @@ class EpochMetrics:
     burn: float | None = None
 
 
-@dataclass(frozen=True)
-class SelectionRules:
-    """Thresholds of the decision; the defaults are documented in the README."""
-
-    fidelity_band: float = 0.95  # before a guard fires, the earliest epoch this close to the best is chosen
-    rising: float = 0.02  # fidelity (or loss) still improving by this share in the last epoch: undertrained
-    copy_distance: int = 6  # a sample this close (perceptual hash) to a training photo is a copy
-    min_diversity: float = 0.5  # diversity under half the base model's: the previews all look the same
-    max_preservation: float = 0.1  # class prompts this much closer to the subject than the base's: bleeding
-    max_burn: float = 0.25  # "made of clay": this much more saturated, clipped, smooth or blocky than the base
-
-
 @dataclass
 class Selection:
     """The verdict, the chosen epoch, and why, in plain words with the numbers."""
@@ -173,7 +162,7 @@ class Selection:
         return asdict(self)
 
 
-def guards(metrics: EpochMetrics, rules: SelectionRules) -> list[str]:
+def guards(metrics: EpochMetrics, rules: SelectionSettings) -> list[str]:
     """The overtraining guards that fire for one epoch, each as a sentence with its number."""
     fired = []
     if metrics.copy_distance is not None and metrics.copy_distance <= rules.copy_distance:
@@ -196,7 +185,7 @@ def guards(metrics: EpochMetrics, rules: SelectionRules) -> list[str]:
     return fired
 
 
-def select(series: list[EpochMetrics], rules: SelectionRules | None = None) -> Selection:
+def select(series: list[EpochMetrics], rules: SelectionSettings | None = None) -> Selection:
     """Pick an epoch and say whether the run is overtrained, undertrained or good.
 
     Rules, in order:
@@ -210,9 +199,10 @@ def select(series: list[EpochMetrics], rules: SelectionRules | None = None) -> S
        epoch, or epoch 1).
     3. If no guard fires, the best epoch by the signal is chosen; verdict
        undertrained if that is the last epoch and the signal still improved by
-       more than `rising` of its value in the last epoch, else good.
+       more than `rising` of its value in the last epoch, or if the best
+       fidelity is under `min_fidelity` (the subject is not learned yet), else good.
     """
-    rules = rules or SelectionRules()
+    rules = rules or SelectionSettings()
     if not series:
         raise ValueError("no epochs to select from")
     series = sorted(series, key=lambda m: m.epoch)
@@ -274,6 +264,12 @@ def select(series: list[EpochMetrics], rules: SelectionRules | None = None) -> S
         return Selection("good", chosen, reasons, table, unavailable)
     best = max(signal, key=lambda e: (signal[e], -e))
     reasons.append(f"no guard fires: chose the best, {describe(best)}")
+    if signal_name == "fidelity" and signal[best] < rules.min_fidelity:
+        reasons.append(
+            f"the best fidelity, {signal[best]:.3f}, is under the {rules.min_fidelity} asked for "
+            "(min_fidelity): the subject is not learned yet, train more"
+        )
+        return Selection("undertrained", best, reasons, table, unavailable)
     epochs = sorted(signal)
     if best == epochs[-1] and len(epochs) >= 2:
         last, previous = signal[epochs[-1]], signal[epochs[-2]]
@@ -296,3 +292,52 @@ def _earliest_within(epochs: list[int], signal: dict[int, float], best: int, ban
         if close:
             return epoch
     return best
+
+
+# --- Chart -----------------------------------------------------------------------------------
+
+METRIC_COLOURS = {
+    "validation_loss": (40, 90, 200),
+    "fidelity": (30, 150, 60),
+    "diversity": (230, 140, 30),
+    "preservation": (150, 60, 170),
+    "burn": (200, 40, 40),
+    "copy_distance": (110, 110, 110),
+}
+
+
+def metric_chart(metrics: list[dict], chosen: int | None = None, size: tuple[int, int] = (560, 240)) -> Image.Image:
+    """Each available metric over the epochs, scaled to its own range, with a legend; the chosen epoch marked."""
+    width, height = size
+    left, right, top, bottom = 16, 130, 10, 24
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((left, top, width - right, height - bottom), outline=(200, 200, 200))
+    epochs = [row["epoch"] for row in metrics]
+    if not epochs:
+        return image
+    span_e = (max(epochs) - min(epochs)) or 1
+
+    def x(epoch: int) -> float:
+        return left + (epoch - min(epochs)) / span_e * (width - right - left)
+
+    for epoch in epochs:
+        draw.text((x(epoch) - 3, height - bottom + 6), str(epoch), fill=(80, 80, 80))
+    if chosen is not None and chosen in epochs:
+        draw.line((x(chosen), top, x(chosen), height - bottom), fill=(0, 0, 0), width=1)
+    legend = top
+    for name, colour in METRIC_COLOURS.items():
+        points = [(row["epoch"], row.get(name)) for row in metrics if row.get(name) is not None]
+        if not points:
+            continue
+        values = [float(v) for _, v in points]
+        low, high = min(values), max(values)
+        span = (high - low) or 1.0
+        xy = [(x(e), height - bottom - (float(v) - low) / span * (height - bottom - top)) for e, v in points]
+        if len(xy) > 1:
+            draw.line(xy, fill=colour, width=2)
+        for px, py in xy:
+            draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=colour)
+        draw.text((width - right + 8, legend), f"{name} {low:.3g}-{high:.3g}", fill=colour)
+        legend += 14
+    return image

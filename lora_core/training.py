@@ -98,11 +98,19 @@ class LoraNetwork:
         """`{kohya name: (lora_down, lora_up)}`, ready for `lora_io.save_lora`."""
         return {t.name: tuple(p.detach() for p in self._pair(t)) for t in self.targets}  # type: ignore[misc]
 
-    def load(self, lora: LoraFile) -> LoadReport:
+    def clear(self) -> None:
+        """A zero update everywhere: the network computes the base model, as when fresh."""
+        with torch.no_grad():
+            for target in self.targets:
+                self._pair(target)[1].zero_()
+
+    def load(self, lora: LoraFile, strength: float = 1.0) -> LoadReport:
         """Start from an existing kohya-format LoRA (ours or kohya's): the seed's way to resume.
 
         A file with another alpha/rank ratio is rescaled into `up`, so the
-        network computes the same update the file describes.
+        network computes the same update the file describes, times `strength`
+        (the `<lora:name:0.8>` weight of AUTOMATIC1111; 0 gives the base model).
+        Modules the file lacks get a zero update, as a fresh network has.
         """
         ours = {t.name: t for t in self.targets}
         # Also accept SDXL files that name UNet modules the diffusers way (both load everywhere).
@@ -126,9 +134,11 @@ class LoraNetwork:
                     )
                 ratio = (alpha / down.shape[0]) / (self.alpha / self.rank)
                 ours_down.copy_(down.to(ours_down))
-                ours_up.copy_((up.float() * ratio).to(ours_up))
+                ours_up.copy_((up.float() * ratio * strength).to(ours_up))
                 loaded.add(target.name)
-        missing = [t.name for t in self.targets if t.name not in loaded]
+            missing = [t.name for t in self.targets if t.name not in loaded]
+            for name in missing:
+                self._pair(ours[name])[1].zero_()
         return LoadReport(len(loaded), missing, sorted(unexpected))
 
 
@@ -667,13 +677,17 @@ def tag_frequency_by_folder(items: list[TrainItem]) -> str:
 _SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
 
 
-def begin_run(layout: SubjectLayout, run_key: str, network_weights: str | None) -> str | None:
+def begin_run(
+    layout: SubjectLayout, run_key: str, network_weights: str | None, continues: str | None = None
+) -> str | None:
     """Make `result_current/` this run's, and keep the LoRA it starts from inside the run.
 
     Results of a different earlier run are moved to `result_<date-time>/` first,
     never overwritten: the LoRA being continued often lives in `result_current/`
-    itself. The starting LoRA is copied into the run's state folder and that copy
-    is what training reads, so a resumed run finds it wherever the original went.
+    itself. A resume round (`continues`: the key of the run it extends) adds its
+    epochs beside that run's instead; `.run-key` lists the run and its rounds.
+    The starting LoRA is copied into the run's state folder and that copy is
+    what training reads, so a resumed run finds it wherever the original went.
     Returns the copy's path (None without a starting LoRA).
     """
     state = layout.train_state(run_key)
@@ -683,13 +697,19 @@ def begin_run(layout: SubjectLayout, run_key: str, network_weights: str | None) 
         atomic_write_bytes(start, Path(network_weights).read_bytes())
         atomic_write_bytes(state / "start.json", json.dumps({"source": str(Path(network_weights).resolve())}).encode())
     marker = layout.result_current / ".run-key"
-    previous = marker.read_text().strip() if marker.is_file() else None
-    if previous != run_key and any(layout.result_current.glob("*.safetensors")):
-        archive = layout.root / f"result_{time.strftime('%Y%m%d-%H%M%S')}"
-        archive.mkdir(parents=True, exist_ok=False)
-        for item in layout.result_current.iterdir():
-            item.rename(archive / item.name)
-    atomic_write_bytes(marker, run_key.encode())
+    keys = marker.read_text().split() if marker.is_file() else []
+    if run_key in keys:
+        return str(start) if network_weights else None
+    if continues is not None and continues in keys:
+        keys.append(run_key)
+    else:
+        if any(layout.result_current.glob("*.safetensors")):
+            archive = layout.root / f"result_{time.strftime('%Y%m%d-%H%M%S')}"
+            archive.mkdir(parents=True, exist_ok=False)
+            for item in layout.result_current.iterdir():
+                item.rename(archive / item.name)
+        keys = [run_key]
+    atomic_write_bytes(marker, "\n".join(keys).encode())
     return str(start) if network_weights else None
 
 
@@ -762,6 +782,7 @@ _NOT_IN_RUN_KEY = {
     "captioning",
     "ingest",
     "checks",
+    "selection",
     "subject_type",
     "network_weights",
     "training_comment",
@@ -772,7 +793,7 @@ _NOT_IN_RUN_KEY = {
 }
 
 
-def run_key(config: LoraConfig, base_identity: str, layout: SubjectLayout) -> str:
+def run_key(config: LoraConfig, base_identity: str, layout: SubjectLayout, first_epoch: int = 1) -> str:
     """What makes a run this run: its settings, base model, training data and starting LoRA.
 
     Caption, ingest and check settings are left out: what they produced is in the data
@@ -786,6 +807,8 @@ def run_key(config: LoraConfig, base_identity: str, layout: SubjectLayout) -> st
         digest.update(path.read_bytes())
     if config.network_weights:
         digest.update(Path(config.network_weights).read_bytes())
+    if first_epoch != 1:  # a resume round: its epochs are numbered on from the run's
+        digest.update(f"first_epoch={first_epoch}".encode())
     return digest.hexdigest()
 
 

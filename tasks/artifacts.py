@@ -12,7 +12,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from lora_core.buckets import BucketResult
 from lora_core.captioning import CaptionResult
+from lora_core.evaluation import RunFiles, load_grid
 from lora_core.layout import SubjectLayout
+from lora_core.sampling import SampleSpec, contact_sheet
+from lora_core.selection import metric_chart
 
 _TABLE_COLUMNS = ("source", "status", "reason", "image", "width", "height", "resized", "exif_rotated")
 
@@ -204,12 +207,89 @@ def publish_epoch(token: str, epoch: int, losses: list[float], lrs: list[float],
 
 def publish_samples(token: str, epoch: int, sheet: Image.Image) -> None:
     """The epoch's contact sheet (prompts x seeds), inline, so the UI shows the run's progress."""
-    buffer = io.BytesIO()
-    sheet.save(buffer, "PNG")
-    uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    uri = _png_uri(sheet)
     create_markdown_artifact(
         key=artifact_key(token, f"samples-epoch-{epoch}"),
         markdown=f"# `{token}` samples after epoch {epoch}\n\nThe same prompts and seeds every epoch.\n\n"
         f"![samples]({uri})\n",
         description=f"Samples of {token} after epoch {epoch}",
+    )
+
+
+def _png_uri(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+_METRIC_COLUMNS = ("epoch", "validation_loss", "fidelity", "copy_distance", "diversity", "preservation", "burn")
+
+
+def _number(value: object) -> str:
+    if value is None:
+        return "unavailable"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def selection_markdown(run: RunFiles, spec: SampleSpec, record: dict) -> str:
+    """The verdict and its reasons, the metric table and chart, and the chosen epoch's grid beside its neighbours'."""
+    chosen = record["chosen_epoch"]
+    lines = [
+        f"# Selection of `{run.name}`: {record['verdict']}, epoch {chosen}",
+        "",
+        f"- chosen file: `{record['chosen_file']}`, published as `{run.final.name}`",
+        f"- fidelity measured with: {record['fidelity_model']}",
+        *[f"- {reason}" for reason in record["reasons"]],
+    ]
+    if len(record["rounds"]) > 1:
+        lines += ["", "## Rounds", ""]
+        lines += [
+            f"- round {r['round']}: epochs {r['epochs'][0]}-{r['epochs'][-1]}: "
+            f"{r['verdict']}, epoch {r['chosen_epoch']}"
+            for r in record["rounds"]
+        ]
+    lines += [
+        "",
+        "## Metrics per epoch",
+        "",
+        "| " + " | ".join(_METRIC_COLUMNS) + " |",
+        "|---" * len(_METRIC_COLUMNS) + "|",
+    ]
+    for row in record["metrics"]:
+        mark = " **(chosen)**" if row["epoch"] == chosen else ""
+        lines.append("| " + " | ".join(_number(row.get(c)) for c in _METRIC_COLUMNS) + mark + " |")
+    lines += ["", f"![metrics over epochs]({_png_uri(metric_chart(record['metrics'], chosen))})", ""]
+    lines += ["## Grids: the chosen epoch and its neighbours", "", "Same prompts and seeds; the last row has no token."]
+    for epoch in (chosen - 1, chosen, chosen + 1):
+        if epoch in run.epochs and (loaded := load_grid(run.grid_folder(epoch), None)) is not None:
+            title = f"{run.name} epoch {epoch}" + (" (chosen)" if epoch == chosen else "")
+            lines += [
+                "",
+                f"### Epoch {epoch}",
+                "",
+                f"![{title}]({_png_uri(contact_sheet(loaded[0], spec, title, cell=128))})",
+            ]
+    return "\n".join(lines) + "\n"
+
+
+def publish_selection(run: RunFiles, spec: SampleSpec, record: dict) -> None:
+    """A table of every epoch's metrics and a markdown report (reasons, chart, contact sheets)."""
+    create_table_artifact(
+        key=artifact_key(run.name, "selection-metrics"),
+        table=[{c: _number(row.get(c)) for c in _METRIC_COLUMNS} for row in record["metrics"]],
+        description=f"Metrics per epoch of {run.name}; unavailable where they cannot be measured",
+    )
+    create_markdown_artifact(
+        key=artifact_key(run.name, "selection"),
+        markdown=selection_markdown(run, spec, record),
+        description=f"Checkpoint selection of {run.name}: {record['verdict']}, epoch {record['chosen_epoch']}",
+    )
+
+
+def publish_strengths(name: str, epoch: int, sheet: Image.Image) -> None:
+    """The chosen epoch at each LoRA strength, the sample prompts and seeds, inline."""
+    create_markdown_artifact(
+        key=artifact_key(name, "txt2img"),
+        markdown=f"# `{name}` epoch {epoch} at each strength\n\n![strengths]({_png_uri(sheet)})\n",
+        description=f"{name}: the chosen epoch rendered at several strengths",
     )

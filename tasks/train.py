@@ -63,6 +63,7 @@ class TrainRequest(BaseModel):
     run_key: str
     device: str | None = None
     base_model_config: str | None = None  # a single-file checkpoint's diffusers config folder or hub id
+    first_epoch: int = 1  # a resume round numbers its epochs on from the run it continues
 
 
 class EpochResult(BaseModel):
@@ -99,7 +100,7 @@ def _trainer(request: TrainRequest, config: LoraConfig, epoch: int) -> Trainer:
         config.pretrained_model_name_or_path, sdxl=config.sdxl, config_folder=request.base_model_config
     )
     trainer = Trainer(config, base, layout, device=request.device, show_progress=False)
-    if epoch > 1:
+    if epoch > request.first_epoch:
         trainer.load_state(state_file(layout, request.run_key, epoch - 1))
         logger.info("train: continuing after epoch %d (step %d)", epoch - 1, trainer.global_step)
     elif config.network_weights:
@@ -111,6 +112,7 @@ def _trainer(request: TrainRequest, config: LoraConfig, epoch: int) -> Trainer:
             len(report.missing),
             len(report.unexpected),
         )
+        trainer.epoch = epoch - 1  # a resume round continues the run's numbering
     for note in trainer.notes:
         logger.warning("train: %s", note)
     _TRAINERS[request.run_key] = trainer
@@ -172,7 +174,7 @@ def train_epoch(request: TrainRequest, epoch: int) -> EpochResult:
     get_run_logger().info(
         "train: epoch %d/%d: %d steps, mean loss %.4f -> %s",
         epoch,
-        request.config.max_train_epochs,
+        request.first_epoch - 1 + request.config.max_train_epochs,
         len(stats.losses),
         stats.mean_loss,
         path.name,

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
 
-from flows.train_subject import build_parser, config_from_args, train_subject
+from flows.train_subject import build_parser, config_from_args, main, train_subject
 from lora_core.config import preset_config
-from tests.conftest import ROOT, TINY_BLIP, encode, photo
+from tests.conftest import TINY_BLIP, encode, photo
 
 
 def _ingest_state(photos: Path, workdir: Path, token: str = "t0k3n") -> tuple[str, str]:
@@ -158,7 +156,8 @@ def test_bucket_and_caption_artifacts(prefect_harness, good_folder, tmp_path):
 
 def test_help_explains_every_option():
     text = build_parser().format_help()
-    for option in ("photos", "--token", "--workdir", "--config", "--preset", "--stop-after", "--caption-model"):
+    options = ("photos", "--token", "--workdir", "--config", "--preset", "--stop-after", "--caption-model")
+    for option in (*options, "--select-only", "--max-resumes"):
         assert option in text
     assert "--recaption" in text and "captions" in text and "buckets" in text
     assert "--mirror-policy" in text and "--subject-type" in text and "checks" in text and "crop" in text
@@ -176,20 +175,16 @@ def test_check_flags_override_the_config_file(tmp_path):
     assert config_from_args(build_parser().parse_args(["p", "--token", "t"])).checks.mirror_policy == "flag"
 
 
-def _cli(*args: str, home: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env |= {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "flows.train_subject", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def _cli(capsys: pytest.CaptureFixture, *args: str) -> SimpleNamespace:
+    """The command line in this process (its exit code and output); the killed-run test in
+    test_training runs it as a real subprocess."""
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
 
-def test_cli_on_a_messy_folder_exits_zero(demo_copy, tmp_path):
+def test_cli_on_a_messy_folder_exits_zero(prefect_harness, capsys, demo_copy, tmp_path):
     (demo_copy / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
     (demo_copy / "notes.txt").write_text("not a photo")
     (demo_copy / "empty.jpg").write_bytes(b"")
@@ -197,6 +192,7 @@ def test_cli_on_a_messy_folder_exits_zero(demo_copy, tmp_path):
     (demo_copy / "obama-1.txt").write_text("a man in a suit with arms crossed")
     work = tmp_path / "W"
     done = _cli(
+        capsys,
         str(demo_copy),
         "--token",
         "t0k3n",
@@ -206,7 +202,6 @@ def test_cli_on_a_messy_folder_exits_zero(demo_copy, tmp_path):
         TINY_BLIP,
         "--stop-after",
         "captions",
-        home=tmp_path / "home",
     )
     assert done.returncode == 0, done.stderr
     manifest = (work / "t0k3n" / "manifest.csv").read_text()
@@ -221,38 +216,27 @@ def test_cli_on_a_messy_folder_exits_zero(demo_copy, tmp_path):
     assert captions[0] == "t0k3n, a man in a suit with arms crossed\n"  # obama-1 sorts first
 
 
-def test_cli_stops_after_buckets(good_folder, tmp_path):
+def test_cli_stops_after_buckets(prefect_harness, capsys, good_folder, tmp_path):
     work = tmp_path / "W"
-    done = _cli(str(good_folder), "--token", "b", "--workdir", str(work), "--stop-after", "buckets", home=tmp_path)
+    done = _cli(capsys, str(good_folder), "--token", "b", "--workdir", str(work), "--stop-after", "buckets")
     assert done.returncode == 0, done.stderr
     assert "buckets: 576x448: 6" in done.stdout  # 640x480 photos: 4:3 is nearest 576x448
     assert (work / "b" / "buckets.csv").is_file() and not list(work.glob("b/training_images/*/*.txt"))
 
 
-def test_cli_with_an_unreachable_caption_model_says_what_to_do(good_folder, tmp_path):
-    done = _cli(
-        str(good_folder), "--token", "c", "--workdir", str(tmp_path / "W"), "--stop-after", "captions", home=tmp_path
-    )
+def test_cli_with_an_unreachable_caption_model_says_what_to_do(prefect_harness, capsys, good_folder, tmp_path):
+    done = _cli(capsys, str(good_folder), "--token", "c", "--workdir", str(tmp_path / "W"), "--stop-after", "captions")
     assert done.returncode == 1
     assert "--caption-model DIR" in done.stderr and "builtin:tiny-blip" in done.stderr
     assert (tmp_path / "W" / "c" / "buckets.csv").is_file()  # the stages before it are done and kept
 
 
-def test_cli_with_three_photos_fails_clearly(tmp_path):
+def test_cli_with_three_photos_fails_clearly(prefect_harness, capsys, tmp_path):
     folder = tmp_path / "three"
     folder.mkdir()
     for i in range(3):
         (folder / f"p{i}.jpg").write_bytes(encode(photo((640, 480), i)))
-    done = _cli(
-        str(folder),
-        "--token",
-        "t0k3n",
-        "--workdir",
-        str(tmp_path / "W"),
-        "--stop-after",
-        "ingest",
-        home=tmp_path / "home",
-    )
+    done = _cli(capsys, str(folder), "--token", "t0k3n", "--workdir", str(tmp_path / "W"), "--stop-after", "ingest")
     assert done.returncode != 0
     assert "only 3 usable photo(s)" in done.stderr and "at least 5" in done.stderr
 
@@ -264,11 +248,11 @@ def test_cli_with_three_photos_fails_clearly(tmp_path):
         (["--token", "ok", "--config", "{cfg}"], "bad.json: field 'networkDim' (network_dim)"),
     ],
 )
-def test_cli_rejects_bad_arguments_before_running(tmp_path, good_folder, args, message):
+def test_cli_rejects_bad_arguments_before_running(capsys, tmp_path, good_folder, args, message):
     cfg = tmp_path / "bad.json"
     cfg.write_text(json.dumps({"networkDim": "wide"}))
     args = [a.replace("{cfg}", str(cfg)) for a in args]
-    done = _cli(str(good_folder), *args, "--workdir", str(tmp_path / "W"), home=tmp_path / "home")
+    done = _cli(capsys, str(good_folder), *args, "--workdir", str(tmp_path / "W"))
     assert done.returncode == 2 and message in done.stderr
     assert not (tmp_path / "W").exists()
 

@@ -8,9 +8,9 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from PIL import ImageEnhance, ImageFilter
 
+from lora_core.config import SelectionSettings
 from lora_core.selection import (
     EpochMetrics,
-    SelectionRules,
     burn_score,
     copy_distance,
     diversity,
@@ -139,7 +139,7 @@ def test_a_guard_from_the_first_epoch_picks_epoch_one():
     ],
 )
 def test_each_guard_fires_at_its_threshold_and_not_below(metrics, name):
-    rules = SelectionRules()
+    rules = SelectionSettings()
     (sentence,) = guards(EpochMetrics(epoch=1, **metrics), rules)
     assert sentence.startswith(f"{name}:")
     key, value = next(iter(metrics.items()))

@@ -204,7 +204,7 @@ def test_a_kohya_lora_continues_through_the_flow_and_sdxl_runs_end_to_end(
     source = tmp_path / "kohya.safetensors"
     _kohya_file(load_base_model(TINY_SD15), source, rank=8, alpha=8.0)
     config = flow_config(num_repeats=2, max_train_epochs=1, network_weights=str(source))
-    summary = train_subject(photos=photos, token="kh", workdir=tmp_path / "work", config=config)
+    summary = train_subject(photos=photos, token="kh", workdir=tmp_path / "work", config=config, stop_after="train")
     final = Path(summary["train"]["final"])
     with safe_open(final, framework="pt") as handle:
         meta = handle.metadata()
@@ -217,7 +217,7 @@ def test_a_kohya_lora_continues_through_the_flow_and_sdxl_runs_end_to_end(
         | {"sample_every_n_epochs": 1, "sample_prompts": "{token}, portrait photo --w 64 --h 64 --s 2"}
     )
     sdxl.captioning.model = TINY_BLIP
-    summary = train_subject(photos=photos, token="xl", workdir=tmp_path / "work", config=sdxl)
+    summary = train_subject(photos=photos, token="xl", workdir=tmp_path / "work", config=sdxl, stop_after="train")
     lora = read_lora(Path(summary["train"]["final"]))
     assert len(lora.modules) == 986 and any(name.startswith("lora_te2_") for name in lora.modules)
     assert len(summary["train"]["epochs"][0]["samples"]) == 2  # SDXL samples render too
@@ -279,6 +279,8 @@ def test_a_killed_run_resumes_at_its_first_unfinished_epoch(builtin_models_home,
             TINY_BLIP,
             "--config",
             str(config),
+            "--stop-after",
+            "train",
         ]
 
     killed = tmp_path / "killed"
@@ -318,7 +320,7 @@ def test_the_train_stage_caches_each_epoch_and_publishes_it(prefect_harness, bui
     prompts = "{token}, portrait photo --w 64 --h 64 --s 2\n{token} at the beach --w 64 --h 64 --s 2 --d 5"
     config = flow_config(num_repeats=2, max_train_epochs=2, sample_every_n_epochs=1, sample_prompts=prompts)
     work = tmp_path / "work"
-    first = train_subject(photos=photos, token="Ep", workdir=work, config=config)
+    first = train_subject(photos=photos, token="Ep", workdir=work, config=config, stop_after="train")
     assert [e["epoch"] for e in first["train"]["epochs"]] == [1, 2] and "train-epoch" not in first["cached"]
     result = work / "Ep" / "result_current"
     # Samples after each epoch, named as sd-scripts names them: 2 seeds for the first prompt, seed 5 for the second.
@@ -328,11 +330,11 @@ def test_the_train_stage_caches_each_epoch_and_publishes_it(prefect_harness, bui
     assert (result / "Ep.safetensors").read_bytes() == (result / "Ep-000002.safetensors").read_bytes()
     exported = json.loads((result / "kohya_ss_config.json").read_text())
     assert exported["pretrained_model_name_or_path"] == TINY_SD15 and exported["epoch"] == 2
-    again = train_subject(photos=photos, token="Ep", workdir=work, config=config)
+    again = train_subject(photos=photos, token="Ep", workdir=work, config=config, stop_after="train")
     assert again["cached"].count("train-epoch") == 2
     # A deleted epoch file is trained again, not trusted from the cache; the other epoch stays cached.
     (result / "Ep-000002.safetensors").unlink()
-    third = train_subject(photos=photos, token="Ep", workdir=work, config=config)
+    third = train_subject(photos=photos, token="Ep", workdir=work, config=config, stop_after="train")
     assert third["cached"].count("train-epoch") == 1 and (result / "Ep-000002.safetensors").is_file()
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
@@ -380,7 +382,7 @@ def test_out_of_memory_climbs_the_ladder_and_is_recorded(prefect_harness, builti
     photos = captioned_photos(tmp_path, seed=60)
     config = flow_config(num_repeats=2, max_train_epochs=1, mixed_precision="no")
     work = tmp_path / "work"
-    train_subject(photos=photos, token="oom", workdir=work, config=config)
+    train_subject(photos=photos, token="oom", workdir=work, config=config, stop_after="train")
     assert failures == [2, 2, 2]  # the batch is halved only at the third rung
     exported = json.loads((work / "oom" / "result_current" / "kohya_ss_config.json").read_text())
     assert exported["cache_latents_to_disk"] is True and exported["mixed_precision"] == "fp16"
@@ -412,12 +414,12 @@ def test_continuing_a_lora_archives_the_last_run_and_records_the_source(prefect_
     photos = captioned_photos(tmp_path, seed=20)
     config = flow_config(num_repeats=2, max_train_epochs=2)
     work = tmp_path / "work"
-    train_subject(photos=photos, token="res", workdir=work, config=config)
+    train_subject(photos=photos, token="res", workdir=work, config=config, stop_after="train")
     current = work / "res" / "result_current"
     first_final = (current / "res.safetensors").read_bytes()
     # Continue from the final LoRA where it lies, in result_current itself.
     more = config.model_copy(update={"network_weights": str(current / "res.safetensors"), "max_train_epochs": 1})
-    summary = train_subject(photos=photos, token="res", workdir=work, config=more)
+    summary = train_subject(photos=photos, token="res", workdir=work, config=more, stop_after="train")
     archives = sorted((work / "res").glob("result_2*"))
     assert len(archives) == 1 and (archives[0] / "res.safetensors").read_bytes() == first_final
     assert (archives[0] / "res-000002.safetensors").is_file() and (archives[0] / "kohya_ss_config.json").is_file()
@@ -433,7 +435,7 @@ def test_continuing_a_lora_archives_the_last_run_and_records_the_source(prefect_
     assert torch.count_nonzero(old[name][1]) and not torch.equal(continued[name][1], old[name][1])
     # The same starting LoRA, now in the archive, is the same run: served from the cache, nothing archived.
     same = more.model_copy(update={"network_weights": str(archives[0] / "res.safetensors")})
-    again = train_subject(photos=photos, token="res", workdir=work, config=same)
+    again = train_subject(photos=photos, token="res", workdir=work, config=same, stop_after="train")
     assert again["cached"].count("train-epoch") == 1 and len(sorted((work / "res").glob("result_2*"))) == 1
 
 
@@ -511,12 +513,12 @@ def test_epochs_on_disk_are_kept_when_prefect_lost_their_records(
     photos = captioned_photos(tmp_path, seed=30)
     config = flow_config(num_repeats=2, max_train_epochs=2)
     work = tmp_path / "work"
-    first = train_subject(photos=photos, token="kp", workdir=work, config=config)
+    first = train_subject(photos=photos, token="kp", workdir=work, config=config, stop_after="train")
     shutil.rmtree(work / "kp" / ".prefect-results")  # every cache record gone, the files stay
 
     def never(self, epoch, **kwargs):
         raise AssertionError(f"epoch {epoch} trained again")
 
     monkeypatch.setattr(Trainer, "run_epoch", never)
-    again = train_subject(photos=photos, token="kp", workdir=work, config=config)
+    again = train_subject(photos=photos, token="kp", workdir=work, config=config, stop_after="train")
     assert [e["mean_loss"] for e in again["train"]["epochs"]] == [e["mean_loss"] for e in first["train"]["epochs"]]

@@ -1,0 +1,227 @@
+"""The samples and select stages: render each epoch's metric grid, measure, choose, show the choice."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from prefect import get_run_logger
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+from pydantic import BaseModel
+
+import lora_core.evaluation
+import lora_core.sampling
+import lora_core.selection
+from lora_core.captioning import CaptionModelError
+from lora_core.config import LoraConfig, SubjectType
+from lora_core.evaluation import (
+    BlipEmbedder,
+    FaceEmbedder,
+    GridRenderer,
+    RunFiles,
+    SelectionError,
+    find_run,
+    measure_run,
+    metric_spec,
+    publish_choice,
+    render_grids,
+    render_strengths,
+)
+from lora_core.faces import FaceModelError
+from lora_core.fs import atomic_write_text, sha256_file
+from lora_core.lora_io import LoraFile, read_lora
+from lora_core.models import load_base_model, model_identity
+from lora_core.sampling import SampleSpec, contact_sheet
+from lora_core.selection import select
+from tasks.artifacts import publish_selection, publish_strengths
+from tasks.caching import CodeVersion
+from tasks.stage import stage
+
+SELECT_CACHE = (
+    TASK_SOURCE + INPUTS + CodeVersion(modules=(lora_core.evaluation, lora_core.selection, lora_core.sampling))
+)
+
+# The loaded base model with a LoRA network on it, shared by the samples and txt2img tasks of one run.
+_RENDERERS: dict[str, GridRenderer] = {}
+
+
+def release_renderers() -> None:
+    _RENDERERS.clear()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class SelectRequest(BaseModel):
+    """A run folder to select in, and the settings that say how (the run's config)."""
+
+    folder: Path  # a run folder as `lora_core.evaluation.find_run` reads it
+    token: str
+    config: LoraConfig
+    photos: Path | None = None  # reference photos; default: the run's own training images
+    epochs: list[int] | None = None  # the epochs trained so far in this flow run (None: every epoch file)
+    device: str | None = None
+    base_model_config: str | None = None
+
+    def run(self) -> RunFiles:
+        files = find_run(self.folder, self.token, self.photos)
+        if self.epochs is None:
+            return files
+        missing = sorted(set(self.epochs) - set(files.epochs))
+        if missing:
+            raise SelectionError(f"{files.folder}: epoch file(s) {missing} are missing")
+        return replace(files, epochs={e: p for e, p in files.epochs.items() if e in self.epochs})
+
+    def spec(self) -> SampleSpec:
+        config = self.config
+        return metric_spec(config.selection, self.run().name, config.subject_type, config.resolution)
+
+    def base_identity(self) -> str:
+        return model_identity(self.config.pretrained_model_name_or_path or "")
+
+    def epoch_hashes(self) -> dict[int, str]:
+        """The epoch files' bytes, so the stage's cache key follows them (not just their names)."""
+        return {epoch: sha256_file(path) for epoch, path in self.run().epochs.items()}
+
+
+def _renderer(request: SelectRequest, lora: LoraFile) -> GridRenderer:
+    key = f"{request.folder.resolve()}:{request.base_identity()}:{lora.rank}"
+    if key not in _RENDERERS:
+        release_renderers()
+        config = request.config
+        base = load_base_model(
+            config.pretrained_model_name_or_path, sdxl=config.sdxl, config_folder=request.base_model_config
+        )
+        _RENDERERS[key] = GridRenderer(base, config, lora, request.run().layout, request.device)
+    return _RENDERERS[key]
+
+
+class GridsResult(BaseModel):
+    folder: Path
+    epochs: list[int]
+    rendered: list[int]  # 0: the base model
+
+
+@stage("samples", SELECT_CACHE)
+def render_metric_grids(request: SelectRequest, epoch_hashes: dict[int, str]) -> GridsResult:
+    """The metric grid of the base model and of every epoch not rendered before (kept on disk)."""
+    logger = get_run_logger()
+    run, spec = request.run(), request.spec()
+    started = time.monotonic()
+
+    def on_grid(epoch: int | None, grid: list) -> None:
+        logger.info("samples: %s grid rendered", "base model" if epoch is None else f"epoch {epoch}")
+
+    rendered = render_grids(run, spec, request.base_identity(), lambda lora: _renderer(request, lora), on_grid)
+    logger.info("samples: %d grid(s) rendered in %.1f s -> %s", len(rendered), time.monotonic() - started, run.grids)
+    return GridsResult(folder=run.grids, epochs=sorted(run.epochs), rendered=rendered)
+
+
+class SelectResult(BaseModel):
+    verdict: str
+    chosen_epoch: int
+    reasons: list[str]
+    selection_json: Path
+    metrics: list[dict]
+    rounds: list[dict]
+    record: dict  # what selection.json holds
+
+
+def _embedder(config: LoraConfig) -> tuple[object | None, str, str]:
+    """The subject embedding for fidelity: (embed, its name, why none) — face identity for a person."""
+    try:
+        if config.subject_type == SubjectType.person:
+            embed = FaceEmbedder()
+        else:
+            embed = BlipEmbedder(config.captioning.model)
+            embed.captioner.load()
+    except (FaceModelError, CaptionModelError) as err:
+        return None, "none", f"no subject embedding ({err}): fidelity and preservation unavailable"
+    return embed, embed.name, ""
+
+
+@stage("select", SELECT_CACHE)
+def select_epoch(request: SelectRequest, epoch_hashes: dict[int, str], rounds: list[dict]) -> SelectResult:
+    """Measure every epoch, choose one, write `selection.json`, publish the report.
+
+    `rounds` are the earlier rounds of this run (before each resume); this round is added to them.
+    """
+    logger = get_run_logger()
+    run, spec, settings = request.run(), request.spec(), request.config.selection
+    embed, embed_name, why_not = _embedder(request.config)
+    series, notes = measure_run(run, spec, request.base_identity(), embed, embed_name)  # type: ignore[arg-type]
+    notes = ([why_not] if why_not else []) + notes
+    selection = select(series, settings)
+    reasons = selection.reasons + notes
+    this_round = {
+        "round": len(rounds) + 1,
+        "epochs": sorted(run.epochs),
+        "verdict": selection.verdict,
+        "chosen_epoch": selection.chosen_epoch,
+        "reasons": reasons,
+    }
+    record = {
+        "verdict": selection.verdict,
+        "chosen_epoch": selection.chosen_epoch,
+        "chosen_file": str(run.epochs[selection.chosen_epoch]),
+        "reasons": reasons,
+        "metrics": selection.metrics,
+        "unavailable": selection.unavailable,
+        "rounds": [*rounds, this_round],
+        "fidelity_model": embed_name,
+        "grid": {"prompts": [p.text for p in spec.prompts], "seeds": list(spec.seeds), "class_prompt_last": True},
+        "thresholds": settings.model_dump(exclude={"prompts", "class_prompt", "seeds", "size", "steps", "strengths"}),
+    }
+    atomic_write_text(run.selection_json, _json(record))
+    publish_selection(run, spec, record)
+    logger.info("select: %s, epoch %d: %s", selection.verdict, selection.chosen_epoch, "; ".join(reasons))
+    return SelectResult(
+        verdict=selection.verdict,
+        chosen_epoch=selection.chosen_epoch,
+        reasons=reasons,
+        selection_json=run.selection_json,
+        metrics=selection.metrics,
+        rounds=record["rounds"],
+        record=record,
+    )
+
+
+def _json(record: dict) -> str:
+    return json.dumps(record, indent=2)
+
+
+def finish_selection(request: SelectRequest, result: SelectResult, note: str | None) -> SelectResult:
+    """Record the last word (e.g. resumes used up) in `selection.json` and make the choice the final file."""
+    run = request.run()
+    record = json.loads(json.dumps(result.record))
+    if note:
+        record["reasons"].append(note)
+        record["rounds"][-1]["reasons"].append(note)
+    # Written again from the result: a cached round must not leave an earlier round's file behind.
+    atomic_write_text(run.selection_json, _json(record))
+    result = result.model_copy(update={"reasons": record["reasons"], "rounds": record["rounds"], "record": record})
+    publish_choice(run, result.chosen_epoch)
+    return result
+
+
+@stage("txt2img", SELECT_CACHE)
+def render_chosen(request: SelectRequest, epoch: int, lora_sha: str, txt2img: Path) -> list[Path]:
+    """The chosen epoch at each strength (`selection.strengths`), the sample prompts, into `txt2img-images/`."""
+    run, config = request.run(), request.config
+    lora = read_lora(run.epochs[epoch])
+    spec = SampleSpec.from_config(config, run.name)
+    paths, rows = render_strengths(
+        _renderer(request, lora), spec, lora, epoch, config.selection.strengths, txt2img, run.name
+    )
+    labels = SampleSpec(
+        tuple(
+            replace(prompt, text=f"w {strength:g}: {prompt.text}")
+            for strength in config.selection.strengths
+            for prompt in spec.prompts
+        )
+    )
+    publish_strengths(run.name, epoch, contact_sheet(rows, labels, title=f"{run.name} epoch {epoch}"))
+    get_run_logger().info("txt2img: %d image(s) -> %s", len(paths), txt2img)
+    return paths
