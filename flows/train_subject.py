@@ -42,7 +42,7 @@ from lora_core.faces import FaceModelError
 from lora_core.fs import PathEscapeError, sha256_file
 from lora_core.ingest import InputError, TooFewImagesError, ingest_stamp, layout_intact
 from lora_core.layout import InvalidTokenError, SubjectLayout, validate_token
-from lora_core.lora_io import LoraFileError, read_lora
+from lora_core.lora_io import LoraFileError, read_lora, read_metadata
 from lora_core.models import BaseModelError, model_identity, require_base_model
 from lora_core.orientation import orientation_intact
 from lora_core.quality import quality_intact
@@ -275,8 +275,8 @@ def select_only(
     """Select an epoch of a finished run (ours, or a kohya output folder of epoch files) without training."""
     files = find_run(Path(folder), token, photos)
     require_base_model(config.pretrained_model_name_or_path)
-    first = read_lora(next(iter(files.epochs.values())))
-    if not config.sdxl and first.metadata.get("ss_base_model_version", "").startswith("sdxl"):
+    first = read_metadata(next(iter(files.epochs.values())))
+    if not config.sdxl and first.get("ss_base_model_version", "").startswith("sdxl"):
         config = LoraConfig.model_validate(config.model_dump() | {"sdxl": True})  # kohya's files say so
     cached: list[str] = []
     run = _stage_runner((files.folder / ".prefect-results").resolve(), cached)

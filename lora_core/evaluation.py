@@ -37,7 +37,7 @@ from PIL import Image
 from lora_core.config import DEFAULT_CLASS_PROMPTS, LoraConfig, SelectionSettings, SubjectType
 from lora_core.fs import JsonCache, atomic_output, atomic_write_bytes, atomic_write_text, sha256_file
 from lora_core.layout import SubjectLayout
-from lora_core.lora_io import LoraFile, LoraFileError, read_lora
+from lora_core.lora_io import LoraFile, LoraFileError, read_lora, read_metadata
 from lora_core.models import BaseModel
 from lora_core.sampling import SamplePrompt, SampleSpec, render
 from lora_core.selection import EpochMetrics, burn_score, copy_distance, diversity, fidelity, leave_one_out_ceiling
@@ -135,7 +135,7 @@ def find_run(folder: Path, token: str, photos: Path | None = None) -> RunFiles:
     last = folder / f"{name}.safetensors"
     if last.is_file():
         try:
-            saved = int(read_lora(last).metadata.get("ss_epoch", "0") or 0)
+            saved = int(read_metadata(last).get("ss_epoch", "0") or 0)
         except (LoraFileError, ValueError):
             saved = 0
         if saved and saved not in epochs and saved > max(epochs):

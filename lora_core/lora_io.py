@@ -44,6 +44,7 @@ __all__ = [
     "kohya_targets",
     "model_hash",
     "read_lora",
+    "read_metadata",
     "save_lora",
 ]
 
@@ -176,6 +177,15 @@ class LoraFile:
     @property
     def rank(self) -> int:
         return max(down.shape[0] for down, _, _ in self.modules.values())
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """A LoRA file's `ss_*` metadata alone, without reading its tensors."""
+    try:
+        with safe_open(Path(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as err:
+        raise LoraFileError(f"{path}: not a readable safetensors file ({err})") from None
 
 
 def read_lora(path: Path) -> LoraFile:

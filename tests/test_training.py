@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -215,12 +216,20 @@ def test_a_kohya_lora_continues_through_the_flow_and_sdxl_runs_end_to_end(
         | SMALL
         | {"num_repeats": 2, "max_train_epochs": 1, "pretrained_model_name_or_path": "builtin:tiny-sdxl"}
         | {"sample_every_n_epochs": 1, "sample_prompts": "{token}, portrait photo --w 64 --h 64 --s 2"}
+        | {"selection": {"size": 64, "steps": 2, "seeds": [1, 2], "prompts": ["{token}, photo"], "max_resumes": 0}}
     )
     sdxl.captioning.model = TINY_BLIP
-    summary = train_subject(photos=photos, token="xl", workdir=tmp_path / "work", config=sdxl, stop_after="train")
+    summary = train_subject(photos=photos, token="xl", workdir=tmp_path / "work", config=sdxl)
     lora = read_lora(Path(summary["train"]["final"]))
     assert len(lora.modules) == 986 and any(name.startswith("lora_te2_") for name in lora.modules)
     assert len(summary["train"]["epochs"][0]["samples"]) == 2  # SDXL samples render too
+    # ... and its metric grids and selection: on the tiny random model no render has a face, so the
+    # face-based metrics are unavailable and the decision says it rests on the validation loss.
+    record = json.loads((tmp_path / "work" / "xl" / "result_current" / "selection.json").read_text())
+    assert record["chosen_epoch"] == 1 and {"fidelity", "preservation"} <= set(record["unavailable"])
+    assert isinstance(record["metrics"][0]["validation_loss"], float)
+    assert any("rests on the validation loss" in reason for reason in record["reasons"])
+    assert len(list((tmp_path / "work" / "xl" / "txt2img-images").glob("xl_e000001_w*.png"))) == 3 * 2
 
 
 @given(
