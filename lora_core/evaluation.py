@@ -59,6 +59,8 @@ __all__ = [
     "render_grids",
     "render_strengths",
     "save_grid",
+    "subject_embedder",
+    "write_selection",
 ]
 
 EPOCH_FILE = re.compile(r"(?P<name>.+)-(?P<epoch>\d{6})\.safetensors")
@@ -465,11 +467,33 @@ def _small(path: Path, side: int = 768) -> Image.Image:
     return image
 
 
+def subject_embedder(config: LoraConfig) -> tuple[FaceEmbedder | BlipEmbedder | None, str]:
+    """The embedding fidelity is measured with (face identity for a person, BLIP's encoder otherwise),
+    or None and why, when its model cannot be loaded (fidelity is then reported unavailable)."""
+    from lora_core.captioning import CaptionModelError
+    from lora_core.faces import FaceModelError
+
+    try:
+        if config.subject_type == SubjectType.person:
+            return FaceEmbedder(), ""
+        embed = BlipEmbedder(config.captioning.model)
+        embed.captioner.load()
+        return embed, ""
+    except (FaceModelError, CaptionModelError) as err:
+        return None, f"no subject embedding ({err}): fidelity and preservation unavailable"
+
+
+def write_selection(run: RunFiles, record: dict) -> None:
+    """`selection.json`, atomically."""
+    atomic_write_text(run.selection_json, json.dumps(record, indent=2))
+
+
 def measure_run(
-    run: RunFiles, spec: SampleSpec, base_identity: str, embed: Embedder | None, embed_name: str
+    run: RunFiles, spec: SampleSpec, base_identity: str, embed: FaceEmbedder | BlipEmbedder | None
 ) -> tuple[list[EpochMetrics], list[str]]:
     """Every epoch's row from the grids on disk (render them first), and notes on what was unavailable."""
     notes: list[str] = []
+    embed_name = embed.name if embed is not None else "none"
 
     def grid_of(epoch: int | None, path: Path | None) -> tuple[list[list[Image.Image]], float | None]:
         loaded = load_grid(run.grid_folder(epoch), grid_key(spec, base_identity, sha256_file(path) if path else None))
@@ -481,8 +505,7 @@ def measure_run(
     photos = [_small(path) for path in run.photos]
     if not photos:
         notes.append("no reference photos: fidelity, preservation and copies cannot be measured")
-    salt = f"{embed_name}:{getattr(embed, 'identity', '')}"
-    cache = JsonCache(run.grids / ".embeddings", salt) if embed is not None else None
+    cache = JsonCache(run.grids / ".embeddings", f"{embed_name}:{embed.identity}") if embed is not None else None
     photo_vectors = None
     base_class: list[np.ndarray | None] = []
     if embed is not None and photos:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import copy
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -15,11 +15,8 @@ from pydantic import BaseModel
 import lora_core.evaluation
 import lora_core.sampling
 import lora_core.selection
-from lora_core.captioning import CaptionModelError
-from lora_core.config import LoraConfig, SubjectType
+from lora_core.config import LoraConfig
 from lora_core.evaluation import (
-    BlipEmbedder,
-    FaceEmbedder,
     GridRenderer,
     RunFiles,
     SelectionError,
@@ -29,9 +26,10 @@ from lora_core.evaluation import (
     publish_choice,
     render_grids,
     render_strengths,
+    subject_embedder,
+    write_selection,
 )
-from lora_core.faces import FaceModelError
-from lora_core.fs import atomic_write_text, sha256_file
+from lora_core.fs import sha256_file
 from lora_core.lora_io import LoraFile, read_lora
 from lora_core.models import load_base_model, model_identity
 from lora_core.sampling import SampleSpec, contact_sheet
@@ -129,19 +127,6 @@ class SelectResult(BaseModel):
     record: dict  # what selection.json holds
 
 
-def _embedder(config: LoraConfig) -> tuple[object | None, str, str]:
-    """The subject embedding for fidelity: (embed, its name, why none) — face identity for a person."""
-    try:
-        if config.subject_type == SubjectType.person:
-            embed = FaceEmbedder()
-        else:
-            embed = BlipEmbedder(config.captioning.model)
-            embed.captioner.load()
-    except (FaceModelError, CaptionModelError) as err:
-        return None, "none", f"no subject embedding ({err}): fidelity and preservation unavailable"
-    return embed, embed.name, ""
-
-
 @stage("select", SELECT_CACHE)
 def select_epoch(request: SelectRequest, epoch_hashes: dict[int, str], rounds: list[dict]) -> SelectResult:
     """Measure every epoch, choose one, write `selection.json`, publish the report.
@@ -150,8 +135,8 @@ def select_epoch(request: SelectRequest, epoch_hashes: dict[int, str], rounds: l
     """
     logger = get_run_logger()
     run, spec, settings = request.run(), request.spec(), request.config.selection
-    embed, embed_name, why_not = _embedder(request.config)
-    series, notes = measure_run(run, spec, request.base_identity(), embed, embed_name)  # type: ignore[arg-type]
+    embed, why_not = subject_embedder(request.config)
+    series, notes = measure_run(run, spec, request.base_identity(), embed)
     notes = ([why_not] if why_not else []) + notes
     selection = select(series, settings)
     reasons = selection.reasons + notes
@@ -170,11 +155,11 @@ def select_epoch(request: SelectRequest, epoch_hashes: dict[int, str], rounds: l
         "metrics": selection.metrics,
         "unavailable": selection.unavailable,
         "rounds": [*rounds, this_round],
-        "fidelity_model": embed_name,
+        "fidelity_model": embed.name if embed is not None else "none",
         "grid": {"prompts": [p.text for p in spec.prompts], "seeds": list(spec.seeds), "class_prompt_last": True},
         "thresholds": settings.model_dump(exclude={"prompts", "class_prompt", "seeds", "size", "steps", "strengths"}),
     }
-    atomic_write_text(run.selection_json, _json(record))
+    write_selection(run, record)
     publish_selection(run, spec, record)
     logger.info("select: %s, epoch %d: %s", selection.verdict, selection.chosen_epoch, "; ".join(reasons))
     return SelectResult(
@@ -188,19 +173,15 @@ def select_epoch(request: SelectRequest, epoch_hashes: dict[int, str], rounds: l
     )
 
 
-def _json(record: dict) -> str:
-    return json.dumps(record, indent=2)
-
-
 def finish_selection(request: SelectRequest, result: SelectResult, note: str | None) -> SelectResult:
     """Record the last word (e.g. resumes used up) in `selection.json` and make the choice the final file."""
     run = request.run()
-    record = json.loads(json.dumps(result.record))
+    record = copy.deepcopy(result.record)
     if note:
         record["reasons"].append(note)
         record["rounds"][-1]["reasons"].append(note)
     # Written again from the result: a cached round must not leave an earlier round's file behind.
-    atomic_write_text(run.selection_json, _json(record))
+    write_selection(run, record)
     result = result.model_copy(update={"reasons": record["reasons"], "rounds": record["rounds"], "record": record})
     publish_choice(run, result.chosen_epoch)
     return result
