@@ -43,10 +43,21 @@ from lora_core.fs import PathEscapeError, sha256_file
 from lora_core.ingest import InputError, TooFewImagesError, ingest_stamp, layout_intact
 from lora_core.layout import InvalidTokenError, SubjectLayout, validate_token
 from lora_core.lora_io import LoraFileError, read_lora, read_metadata
+from lora_core.memory import apply_steps
 from lora_core.models import BaseModelError, model_identity, require_base_model
 from lora_core.orientation import orientation_intact
+from lora_core.precision import DeviceError, resolve_device, resolve_precision
 from lora_core.quality import quality_intact
-from lora_core.training import apply_steps, begin_run, epoch_done, publish_final, read_steps, run_info, run_key
+from lora_core.run_state import (
+    NonFiniteWeightsError,
+    begin_run,
+    epoch_done,
+    publish_final,
+    read_steps,
+    run_info,
+    run_key,
+)
+from lora_core.training import NonFiniteLossError
 from tasks.buckets import bucket_images
 from tasks.captions import caption_images
 from tasks.checks import check_images, crop_images
@@ -72,8 +83,12 @@ def train_subject(
     config: LoraConfig | None = None,
     stop_after: str = STAGES[-1],
     base_model_config: str | None = None,
+    device: str | None = None,
 ) -> dict:
-    """Turn `photos` and a trigger `token` into the seed's layout, stage by stage."""
+    """Turn `photos` and a trigger `token` into the seed's layout, stage by stage.
+
+    `device`: `cpu`, `cuda` or `cuda:N` (default: `cuda` when there is one, else the CPU in fp32).
+    """
     if stop_after not in STAGES:
         raise ValueError(f"stop_after must be one of {', '.join(STAGES)}, got {stop_after!r}")
     config = config or preset_config()
@@ -81,6 +96,7 @@ def train_subject(
     layout = SubjectLayout(workdir, token)
     if STAGES.index(stop_after) >= STAGES.index("train"):
         require_base_model(config.pretrained_model_name_or_path)  # before any work, not after captioning
+        resolve_device(device)
 
     cached: list[str] = []
     run = _stage_runner(layout.prefect_results.resolve(), cached)
@@ -148,7 +164,8 @@ def train_subject(
         rank, alpha = source.rank, next(iter(source.modules.values()))[2]
         config = config.model_copy(update={"network_dim": rank, "network_alpha": alpha})
     identity = model_identity(config.pretrained_model_name_or_path or "")
-    key = run_key(config, identity, layout)
+    precision = resolve_precision(config.mixed_precision, device).name  # what will really be used
+    key = run_key(config, identity, layout, precision=precision)
     start = begin_run(layout, key, config.network_weights)  # earlier results archived, never overwritten
     config = config.model_copy(update={"network_weights": start})
 
@@ -160,6 +177,7 @@ def train_subject(
             run_key=key,
             base_model_config=base_model_config,
             first_epoch=first_epoch,
+            device=device,
         )
         try:
             return [
@@ -185,12 +203,12 @@ def train_subject(
     # 7-8. Samples and selection. Undertrained: continue from the last epoch's LoRA, as the seed does by
     # hand, `resume_epochs` more epochs at a time, at most `max_resumes` times; then select again.
     request = SelectRequest(
-        folder=layout.result_current, token=token, config=config, base_model_config=base_model_config
+        folder=layout.result_current, token=token, config=config, base_model_config=base_model_config, device=device
     )
     rounds: list[dict] = []
     try:
         while True:
-            request = request.model_copy(update={"epochs": [e.epoch for e in epochs]})
+            request = request.model_copy(update={"epochs": [e.epoch for e in epochs if e.lora]})
             choice = choose_epoch(run, request, rounds, stop_after, summary)
             if choice is None:  # stopped after the samples
                 return summary
@@ -203,7 +221,7 @@ def train_subject(
                 | {"network_weights": str(layout.epoch_lora(last)), "max_train_epochs": config.selection.resume_epochs}
             )
             release_renderers()  # one copy of the base model in memory: the trainer's
-            resumed = run_key(more, identity, layout, first_epoch=last + 1)
+            resumed = run_key(more, identity, layout, first_epoch=last + 1, precision=precision)
             start = begin_run(layout, resumed, more.network_weights, continues=key)
             key = resumed
             epochs += train(more.model_copy(update={"network_weights": start}), key, first_epoch=last + 1)
@@ -271,6 +289,7 @@ def select_only(
     config: LoraConfig,
     photos: Path | None = None,
     base_model_config: str | None = None,
+    device: str | None = None,
 ) -> dict:
     """Select an epoch of a finished run (ours, or a kohya output folder of epoch files) without training."""
     files = find_run(Path(folder), token, photos)
@@ -281,7 +300,12 @@ def select_only(
     cached: list[str] = []
     run = _stage_runner((files.folder / ".prefect-results").resolve(), cached)
     request = SelectRequest(
-        folder=files.folder, token=token, config=config, photos=photos, base_model_config=base_model_config
+        folder=files.folder,
+        token=token,
+        config=config,
+        photos=photos,
+        base_model_config=base_model_config,
+        device=device,
     )
     summary: dict = {"cached": cached, "select_only": str(files.folder)}
     try:
@@ -361,6 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
         "configs describe it; needed offline, as diffusers otherwise fetches them from the hub",
     )
     parser.add_argument(
+        "--device",
+        help="where to train and render: cpu, cuda or cuda:N (default: cuda when there is one, else the CPU in "
+        "fp32); an explicit device trains in the config's mixed_precision, on the CPU too",
+    )
+    parser.add_argument(
         "--network-weights",
         type=Path,
         help="start from this kohya-format LoRA (ours or kohya's): the seed's way to train an undertrained LoRA more",
@@ -428,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         validate_token(args.token)
         config = config_from_args(args)
-    except (ConfigError, InvalidTokenError, ValidationError) as err:
+        resolve_device(args.device)
+    except (ConfigError, InvalidTokenError, ValidationError, DeviceError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.select_only is None and args.photos is None:
@@ -444,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
                 config=config,
                 photos=args.photos,
                 base_model_config=args.base_model_config,
+                device=args.device,
             )
         else:
             summary = train_subject(
@@ -453,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
                 config=config,
                 stop_after=args.stop_after,
                 base_model_config=args.base_model_config,
+                device=args.device,
             )
     except (
         TooFewImagesError,
@@ -464,6 +496,9 @@ def main(argv: list[str] | None = None) -> int:
         LoraFileError,
         FaceModelError,
         SelectionError,
+        DeviceError,
+        NonFiniteLossError,
+        NonFiniteWeightsError,
     ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -514,7 +549,8 @@ def print_summary(summary: dict) -> None:
         print(f"{name('captions')}: {sources}{ran} (captions.csv: {captions['captions_csv']})")
     if "train" in summary:
         for epoch in summary["train"]["epochs"]:
-            print(f"{epoch_name(epoch)}: epoch {epoch['epoch']}: mean loss {epoch['mean_loss']:.4f} -> {epoch['lora']}")
+            lora = epoch["lora"] or "no file (save_every_n_epochs)"
+            print(f"{epoch_name(epoch)}: epoch {epoch['epoch']}: mean loss {epoch['mean_loss']:.4f} -> {lora}")
         samples = [path for epoch in summary["train"]["epochs"] for path in epoch.get("samples", [])]
         if samples:
             print(f"train: {len(samples)} sample image(s) in {Path(samples[0]).parent}")

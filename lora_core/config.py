@@ -34,6 +34,7 @@ __all__ = [
     "Optimizer",
     "Preset",
     "QualityPolicy",
+    "Sampler",
     "SelectionSettings",
     "SubjectType",
     "format_optimizer_args",
@@ -79,6 +80,27 @@ class LRScheduler(StrEnum):
     polynomial = "polynomial"
     constant = "constant"
     constant_with_warmup = "constant_with_warmup"
+
+
+class Sampler(StrEnum):
+    """sd-scripts' `sample_sampler` names (the `k_` ones are aliases of the same schedulers)."""
+
+    ddim = "ddim"
+    pndm = "pndm"
+    lms = "lms"
+    euler = "euler"
+    euler_a = "euler_a"
+    heun = "heun"
+    dpm_2 = "dpm_2"
+    dpm_2_a = "dpm_2_a"
+    dpmsolver = "dpmsolver"
+    dpmsolver_pp = "dpmsolver++"
+    dpmsingle = "dpmsingle"
+    k_lms = "k_lms"
+    k_euler = "k_euler"
+    k_euler_a = "k_euler_a"
+    k_dpm_2 = "k_dpm_2"
+    k_dpm_2_a = "k_dpm_2_a"
 
 
 def parse_optimizer_args(text: str) -> dict[str, Any]:
@@ -428,7 +450,9 @@ class LoraConfig(BaseModel):
         description="Sample prompt(s), one per line; {token} is replaced by the trigger token. kohya's options "
         "set a prompt's negative prompt, size, steps, CFG scale and seed: --n, --w, --h, --s, --l, --d.",
     )
-    sample_sampler: str = Field("euler_a", description="Sampler of the sample images.")
+    sample_sampler: Sampler = Field(
+        Sampler.euler_a, description="Sampler of the sample images and metric grids (sd-scripts' names)."
+    )
 
     training_comment: str = Field("", description="Note stored in the LoRA's ss_training_comment (kohya_ss GUI).")
 
@@ -486,13 +510,17 @@ class LoraConfig(BaseModel):
 
 _PRESETS: dict[Preset, dict[str, Any]] = {
     Preset.sd15: {},
-    # The seed's SDXL recipe: same LRs and network, 1024 px, buckets up to 2048, bf16.
+    # The seed's SDXL recipe (same LRs and network, 1024 px, buckets up to 2048, bf16) within the seed's
+    # 10 GB, as sd-scripts' 12 GB recipe does it: gradient checkpointing and the UNet only, so the text
+    # encoders' outputs are cached once and the encoders leave the GPU.
     Preset.sdxl: {
         "sdxl": True,
         "resolution": 1024,
         "max_bucket_reso": 2048,
         "mixed_precision": MixedPrecision.bf16,
         "save_precision": MixedPrecision.bf16,
+        "gradient_checkpointing": True,
+        "train_text_encoder": False,
     },
 }
 
@@ -581,6 +609,9 @@ def _from_civitai(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str],
             origin[_CIVITAI_KEYS[key]] = key
         elif key not in _CIVITAI_DERIVED:
             unknown.append(key)
+    if "textEncoderLR" in data and "train_text_encoder" not in fields:  # CivitAI trains the encoders at LR > 0
+        fields["train_text_encoder"] = _as_float(data["textEncoderLR"], 0.0) > 0
+        origin["train_text_encoder"] = "textEncoderLR"
     lora_type = data.get("loraType", "lora")
     if str(lora_type).lower() != "lora":
         raise ConfigError(f"field 'loraType': {lora_type!r} is not supported; only 'lora'")
@@ -663,6 +694,13 @@ def load_config(path: Path | str, preset: Preset | str | None = None) -> LoraCon
         return LoraConfig.model_validate(merged)
     except ValidationError as err:
         raise ConfigError(_describe(path, err, origin)) from None
+
+
+def _as_float(value: Any, default: float) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
 
 
 def _as_int(value: Any, default: int) -> int:

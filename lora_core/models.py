@@ -17,7 +17,14 @@ from typing import Any
 from lora_core.hub import hub_unreachable, model_identity, offline_help
 from lora_core.tiny_models import is_builtin, materialize
 
-__all__ = ["BaseModel", "BaseModelError", "load_base_model", "model_identity", "require_base_model"]
+__all__ = [
+    "BaseModel",
+    "BaseModelError",
+    "check_config_matches",
+    "load_base_model",
+    "model_identity",
+    "require_base_model",
+]
 
 
 _FILE_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")
@@ -65,6 +72,23 @@ def require_base_model(spec: str | None) -> str:
             "for a run with no model at all"
         )
     return spec
+
+
+def check_config_matches(config: Any, base: BaseModel) -> None:
+    """The config's `sdxl` and `v2` (kohya's model-type flags) must describe the loaded model.
+
+    We detect the architecture from the model itself; a flag that disagrees is
+    a config meant for another model, and training on would mislabel the LoRA.
+    """
+    if config.sdxl != base.sdxl:
+        kind = "SDXL" if base.sdxl else "SD1.x/2.x"
+        raise BaseModelError(f"base model {base.spec!r} is {kind}, but the config says sdxl={config.sdxl}")
+    v2 = base.version.startswith("sd_v2")
+    if not base.sdxl and config.v2 != v2:
+        kind = "SD2.x" if v2 else "SD1.x"
+        raise BaseModelError(
+            f"base model {base.spec!r} is {kind}, but the config says v2={config.v2}; set v2 to {str(v2).lower()}"
+        )
 
 
 def _is_sdxl_folder(folder: Path) -> bool:

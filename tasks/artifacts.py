@@ -192,14 +192,14 @@ def loss_chart(losses: list[float], lrs: list[float], size: tuple[int, int] = (4
     return buffer.getvalue()
 
 
-def publish_epoch(token: str, epoch: int, losses: list[float], lrs: list[float], lora: Path) -> None:
+def publish_epoch(token: str, epoch: int, losses: list[float], lrs: list[float], lora: Path | None) -> None:
     """The epoch's loss curve and file, as a markdown artifact (the chart inline)."""
     chart = "data:image/png;base64," + base64.b64encode(loss_chart(losses, lrs)).decode("ascii")
     mean = sum(losses) / max(1, len(losses))
     markdown = (
         f"# `{token}` epoch {epoch}\n\n"
         f"- {len(losses)} steps, mean loss {mean:.4f}, last learning rate {lrs[-1] if lrs else 0:.2e}\n"
-        f"- LoRA: `{lora}`\n\n"
+        f"- LoRA: {f'`{lora}`' if lora else 'none written this epoch (save_every_n_epochs)'}\n\n"
         f"![loss (blue) and learning rate (orange) per step]({chart})\n"
     )
     create_markdown_artifact(key=artifact_key(token, f"epoch-{epoch}"), markdown=markdown)

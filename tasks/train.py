@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from prefect import get_run_logger
@@ -11,26 +12,33 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from pydantic import BaseModel
 
 import lora_core.buckets
+import lora_core.conditioning
 import lora_core.lora_io
+import lora_core.metadata
 import lora_core.models
+import lora_core.network
+import lora_core.optim
+import lora_core.precision
+import lora_core.run_state
 import lora_core.sampling
+import lora_core.train_data
 import lora_core.training
 from lora_core.config import LoraConfig
 from lora_core.layout import SubjectLayout
 from lora_core.lora_io import read_lora
+from lora_core.memory import apply_steps, free_memory, oom_step
 from lora_core.models import load_base_model
-from lora_core.sampling import SampleSpec, contact_sheet, render, save_samples
-from lora_core.training import (
-    Trainer,
-    apply_steps,
+from lora_core.run_state import (
     finished_epoch,
-    oom_step,
     read_steps,
     record_steps,
     run_info,
     save_epoch,
+    saves_lora,
     state_file,
 )
+from lora_core.sampling import SampleSpec, contact_sheet, render, save_samples
+from lora_core.training import Trainer
 from tasks.artifacts import publish_epoch, publish_samples
 from tasks.caching import CodeVersion
 from tasks.stage import stage
@@ -42,16 +50,28 @@ TRAIN_CACHE = (
     TASK_SOURCE
     + INPUTS
     + CodeVersion(
-        modules=(lora_core.training, lora_core.lora_io, lora_core.models, lora_core.buckets, lora_core.sampling)
+        modules=(
+            lora_core.training,
+            lora_core.network,
+            lora_core.train_data,
+            lora_core.conditioning,
+            lora_core.optim,
+            lora_core.precision,
+            lora_core.run_state,
+            lora_core.metadata,
+            lora_core.lora_io,
+            lora_core.models,
+            lora_core.buckets,
+            lora_core.sampling,
+        )
     )
 )
 
 
 def release_trainers() -> None:
-    """Free the loaded models once a run's epochs are done (a worker process lives on)."""
+    """Free the loaded models once a run's epochs are done, or failed (a worker process lives on)."""
     _TRAINERS.clear()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_memory()
 
 
 class TrainRequest(BaseModel):
@@ -68,7 +88,7 @@ class TrainRequest(BaseModel):
 
 class EpochResult(BaseModel):
     epoch: int
-    lora: Path
+    lora: Path | None  # None: an epoch `save_every_n_epochs` writes no LoRA for
     global_step: int
     mean_loss: float
     losses: list[float]
@@ -80,7 +100,8 @@ class EpochResult(BaseModel):
 def _render_samples(trainer: Trainer, token: str, *, epoch: int | None = None, step: int | None = None) -> list[Path]:
     """The config's sample prompts on the trainer's loaded models, saved in `result_current/sample/`."""
     spec = SampleSpec.from_config(trainer.config, token)
-    grid = render(trainer.base, spec, trainer.accelerator.device)
+    with trainer.models_on_device():
+        grid = render(trainer.base, spec, trainer.precision)
     paths = save_samples(trainer.layout.samples, token, spec, grid, epoch=epoch, step=step)
     if epoch is not None:
         publish_samples(token, epoch, contact_sheet(grid, spec, title=f"{token} epoch {epoch}"))
@@ -112,7 +133,7 @@ def _trainer(request: TrainRequest, config: LoraConfig, epoch: int) -> Trainer:
             len(report.missing),
             len(report.unexpected),
         )
-        trainer.epoch = epoch - 1  # a resume round continues the run's numbering
+        trainer.resume_at(epoch - 1, 0)  # a resume round continues the run's numbering, its schedule anew
     for note in trainer.notes:
         logger.warning("train: %s", note)
     _TRAINERS[request.run_key] = trainer
@@ -134,51 +155,46 @@ def _on_step(trainer: Trainer, token: str, every: int) -> Callable[[int, float, 
 def train_epoch(request: TrainRequest, epoch: int) -> EpochResult:
     """Train one epoch; write `<token>-00000N.safetensors` and the state to continue from it.
 
-    On CUDA out-of-memory the epoch is tried again one rung down the seed's
-    ladder (see `lora_core.training.oom_step`); the steps taken are kept for the
-    rest of the run and recorded in its kohya_ss JSON and ss_training_comment.
+    On CUDA out-of-memory the epoch is tried again one rung down the ladder
+    (see `lora_core.memory`); the steps taken are kept for the rest of the run
+    and recorded in its kohya_ss JSON and ss_training_comment. Any other
+    failure drops the loaded trainer, so a retry starts from the last saved
+    epoch, never from a half-trained network.
     """
     layout = SubjectLayout(request.workdir, request.token)
+    last_epoch = request.first_epoch - 1 + request.config.max_train_epochs
     if (done := finished_epoch(layout, request.run_key, epoch)) is not None:
         get_run_logger().info("train: epoch %d was finished before the last run stopped; kept", epoch)
         return EpochResult(
             epoch=epoch,
-            lora=layout.epoch_lora(epoch),
+            lora=layout.epoch_lora(epoch) if done.get("lora", True) else None,
             global_step=done["global_step"],
             mean_loss=sum(done["losses"]) / max(1, len(done["losses"])),
             losses=done["losses"],
             lrs=done["lrs"],
             notes=done["notes"],
         )
-    steps = read_steps(layout, request.run_key)
-    while True:
-        config = apply_steps(request.config, steps)
-        try:
-            trainer = _trainer(request, config, epoch)
-            on_step = _on_step(trainer, request.token, config.sample_every_n_steps)
-            stats = trainer.run_epoch(epoch, on_step=on_step)
-            break
-        except torch.OutOfMemoryError:
-            release_trainers()
-            bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-            step = oom_step(config, bf16_ok)
-            if step is None:
-                raise
-            steps.append({"updates": step[0], "note": step[1]})
-            record_steps(layout, request.run_key, steps)
-            get_run_logger().warning("train: epoch %d ran out of GPU memory; trying again: %s", epoch, step[1])
-    info = run_info(trainer.layout, request.run_key, request.config.network_weights)
-    path = save_epoch(trainer, request.run_key, info, stats)
-    every = request.config.sample_every_n_epochs
-    samples = _render_samples(trainer, request.token, epoch=epoch) if every and epoch % every == 0 else []
+    try:
+        trainer, stats = _train_with_ladder(request, layout, epoch)
+        info = run_info(trainer.layout, request.run_key, request.config.network_weights)
+        write_lora = saves_lora(trainer.config, epoch, last_epoch)
+        path = save_epoch(trainer, request.run_key, info, stats, write_lora=write_lora)
+        every = request.config.sample_every_n_epochs
+        samples = _render_samples(trainer, request.token, epoch=epoch) if every and epoch % every == 0 else []
+    except BaseException:
+        release_trainers()  # a retry reloads the last saved epoch
+        raise
     get_run_logger().info(
         "train: epoch %d/%d: %d steps, mean loss %.4f -> %s",
         epoch,
-        request.first_epoch - 1 + request.config.max_train_epochs,
+        last_epoch,
         len(stats.losses),
         stats.mean_loss,
-        path.name,
+        path.name if path else "no LoRA file (save_every_n_epochs)",
     )
+    if stats.skipped_steps:
+        skipped = stats.skipped_steps
+        get_run_logger().warning("train: fp16 overflow: step(s) %s skipped, the loss scale lowered", skipped)
     result = EpochResult(
         epoch=epoch,
         lora=path,
@@ -191,3 +207,31 @@ def train_epoch(request: TrainRequest, epoch: int) -> EpochResult:
     )
     publish_epoch(request.token, result.epoch, result.losses, result.lrs, path)
     return result
+
+
+def _train_with_ladder(request: TrainRequest, layout: SubjectLayout, epoch: int) -> tuple[Trainer, Any]:
+    """Train `epoch`, stepping down the out-of-memory ladder until it fits (or the ladder is spent)."""
+    steps = read_steps(layout, request.run_key)
+    while True:
+        config = apply_steps(request.config, steps)
+        out_of_memory = False
+        try:
+            trainer = _trainer(request, config, epoch)
+            stats = trainer.run_epoch(epoch, on_step=_on_step(trainer, request.token, config.sample_every_n_steps))
+            return trainer, stats
+        except torch.OutOfMemoryError:
+            out_of_memory = True
+        # Outside the except block: its traceback no longer holds the failed attempt's tensors.
+        if out_of_memory:
+            trainer = None  # the last reference to the failed attempt's models
+            release_trainers()
+            bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+            step = oom_step(config, bf16_ok)
+            if step is None:
+                raise torch.OutOfMemoryError(
+                    f"epoch {epoch}: out of GPU memory with every rung of the ladder taken "
+                    f"({config.training_comment or 'none'}); try a smaller resolution or network_dim"
+                )
+            steps.append({"updates": step[0], "note": step[1]})
+            record_steps(layout, request.run_key, steps)
+            get_run_logger().warning("train: epoch %d ran out of GPU memory; trying again: %s", epoch, step[1])

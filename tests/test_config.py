@@ -39,8 +39,18 @@ def test_defaults_are_the_seed_recipe():
 def test_sdxl_preset_differs_only_where_the_seed_says():
     sd15, sdxl = preset_config("sd15").model_dump(), preset_config("sdxl").model_dump()
     changed = {k for k in sd15 if sd15[k] != sdxl[k]}
-    assert changed == {"sdxl", "resolution", "max_bucket_reso", "mixed_precision", "save_precision"}
+    assert changed == {
+        "sdxl",
+        "resolution",
+        "max_bucket_reso",
+        "mixed_precision",
+        "save_precision",
+        # the seed's 10 GB, as sd-scripts' 12 GB recipe: checkpointing, UNet only (text outputs cached)
+        "gradient_checkpointing",
+        "train_text_encoder",
+    }
     assert (sdxl["resolution"], sdxl["mixed_precision"]) == (1024, "bf16")
+    assert sdxl["gradient_checkpointing"] and not sdxl["train_text_encoder"]
 
 
 def test_unknown_preset_is_an_error():
@@ -69,6 +79,7 @@ def test_seed_civitai_json_imports_key_by_key():
         "shuffle_caption": False,
         "keep_tokens": 0,
         "clip_skip": 1,
+        "train_text_encoder": True,  # textEncoderLR > 0: CivitAI trains the encoders
     }
     assert {k: getattr(config, k) for k in expected} == expected
     # resolution 1024 starts from the SDXL preset (bf16, buckets to 2048)

@@ -24,7 +24,7 @@ from lora_core.evaluation import (
 )
 from lora_core.lora_io import read_lora
 from lora_core.models import load_base_model
-from lora_core.training import LoraNetwork
+from lora_core.network import LoraNetwork
 from tests.conftest import photo
 from tests.test_training import TINY_SD15, captioned_photos, flow_config
 

@@ -25,7 +25,9 @@ from lora_core.ingest import ingest
 from lora_core.layout import SubjectLayout
 from lora_core.lora_io import read_lora
 from lora_core.models import load_base_model
-from lora_core.training import Trainer, TrainItem, epoch_batches, save_epoch
+from lora_core.run_state import save_epoch
+from lora_core.train_data import TrainItem, epoch_batches
+from lora_core.training import Trainer
 from tests.conftest import ROOT, TINY_BLIP, photo
 
 TINY_SD15 = "builtin:tiny-sd15"
@@ -57,14 +59,19 @@ def flow_config(**updates) -> LoraConfig:
 
 
 def make_subject(root: Path, config: LoraConfig, sizes=((256, 320),), token: str = "t0k3n") -> SubjectLayout:
-    """Photos with their own captions, ingested, bucketed and captioned (no BLIP needed)."""
+    """Photos with their own captions, ingested, bucketed and captioned (no BLIP needed).
+
+    Photos under 256 px (the seed's floor) are let in here, never upscaled: small
+    buckets keep the slow half-precision CPU tests short.
+    """
     photos = root / "photos"
     photos.mkdir(parents=True)
     for i, size in enumerate(sizes):
         photo(size, 70 + i).save(photos / f"p{i}.png")
         (photos / f"p{i}.txt").write_text(f"a man in a suit, photo {i}")
     layout = SubjectLayout(root / "work", token)
-    ingest(photos, layout, IngestSettings(min_images=1), num_repeats=config.num_repeats, show_progress=False)
+    settings = IngestSettings(min_images=1, min_short_side=64)
+    ingest(photos, layout, settings, num_repeats=config.num_repeats, show_progress=False)
     bucket_subject(layout, BucketPlan.from_config(config), config.train_batch_size)
     caption_subject(layout, config.captioning.model_copy(update={"model": TINY_BLIP}), show_progress=False)
     return layout
@@ -327,14 +334,19 @@ def test_the_train_stage_caches_each_epoch_and_publishes_it(prefect_harness, bui
 
     photos = captioned_photos(tmp_path, seed=40)
     prompts = "{token}, portrait photo --w 64 --h 64 --s 2\n{token} at the beach --w 64 --h 64 --s 2 --d 5"
-    config = flow_config(num_repeats=2, max_train_epochs=2, sample_every_n_epochs=1, sample_prompts=prompts)
+    config = flow_config(
+        num_repeats=2, max_train_epochs=2, sample_every_n_epochs=1, sample_every_n_steps=4, sample_prompts=prompts
+    )
     work = tmp_path / "work"
     first = train_subject(photos=photos, token="Ep", workdir=work, config=config, stop_after="train")
     assert [e["epoch"] for e in first["train"]["epochs"]] == [1, 2] and "train-epoch" not in first["cached"]
     result = work / "Ep" / "result_current"
     # Samples after each epoch, named as sd-scripts names them: 2 seeds for the first prompt, seed 5 for the second.
-    names = sorted(p.name for p in (result / "sample").glob("*.png"))
+    names = sorted(p.name for p in (result / "sample").glob("Ep_e*.png"))
     assert len(names) == 6 and all(re.fullmatch(r"Ep_e00000[12]_0[01]_\d{14}_[125]\.png", n) for n in names)
+    # And every 4 optimizer steps (5 a epoch: 5 photos, 2 repeats, batches of 2): at steps 4 and 8.
+    steps = sorted(p.name for p in (result / "sample").glob("Ep_0*.png"))
+    assert len(steps) == 6 and {n.split("_")[1] for n in steps} == {"000004", "000008"}
     assert sum("_01_" in n and n.endswith("_5.png") for n in names) == 2
     assert (result / "Ep.safetensors").read_bytes() == (result / "Ep-000002.safetensors").read_bytes()
     exported = json.loads((result / "kohya_ss_config.json").read_text())
@@ -354,52 +366,62 @@ def test_the_train_stage_caches_each_epoch_and_publishes_it(prefect_harness, bui
 
 
 def test_oom_ladder_follows_the_seed():
-    from lora_core.training import apply_steps, oom_step
+    from lora_core.memory import apply_steps, oom_step
 
-    config = small_config(mixed_precision="no", train_batch_size=4)
+    config = small_config(mixed_precision="no", train_batch_size=4, cache_latents=False)
     seen = []
     while (step := oom_step(config, bf16_ok=True)) is not None:
         seen.append(step[1])
         config = apply_steps(config, [{"updates": step[0], "note": step[1]}]).model_copy(
             update={"training_comment": ""}
         )
+    # Cheapest first: rungs that save memory and time, then checkpointing, the batch, and what changes the recipe.
     assert seen == [
-        "cache latents to disk",
+        "cache latents",
         "train in bf16",
+        "gradient checkpointing",
         "halve the batch to 2",
         "halve the batch to 1",
-        "gradient checkpointing",
+        "train the UNet only",
     ]
-    assert oom_step(small_config(mixed_precision="no", cache_latents_to_disk=True), bf16_ok=False)[1] == "train in fp16"
+    assert oom_step(small_config(mixed_precision="no"), bf16_ok=False)[1] == "train in fp16"
+    assert oom_step(small_config(cache_latents=False, cache_latents_to_disk=True), bf16_ok=False)[1] != "cache latents"
 
 
 def test_out_of_memory_climbs_the_ladder_and_is_recorded(prefect_harness, builtin_models_home, tmp_path, monkeypatch):
     import json
+    import weakref
 
     from flows.train_subject import train_subject
 
-    real = Trainer.run_epoch
-    failures = []
+    real, real_init = Trainer.run_epoch, Trainer.__init__
+    failures, failed = [], []
 
     def run_epoch(self, epoch, **kwargs):
         if len(failures) < 3:
             failures.append(self.config.train_batch_size)
+            failed.append(weakref.ref(self))
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return real(self, epoch, **kwargs)
 
+    def init(self, *args, **kwargs):
+        # The failed attempt's models are gone before the next attempt loads its own copy.
+        assert all(ref() is None for ref in failed), "a failed attempt's trainer is still alive"
+        real_init(self, *args, **kwargs)
+
     monkeypatch.setattr(Trainer, "run_epoch", run_epoch)
+    monkeypatch.setattr(Trainer, "__init__", init)
     photos = captioned_photos(tmp_path, seed=60)
     config = flow_config(num_repeats=2, max_train_epochs=1, mixed_precision="no")
     work = tmp_path / "work"
     train_subject(photos=photos, token="oom", workdir=work, config=config, stop_after="train")
     assert failures == [2, 2, 2]  # the batch is halved only at the third rung
     exported = json.loads((work / "oom" / "result_current" / "kohya_ss_config.json").read_text())
-    assert exported["cache_latents_to_disk"] is True and exported["mixed_precision"] == "fp16"
+    assert exported["mixed_precision"] == "fp16" and exported["gradient_checkpointing"] is True
     assert exported["train_batch_size"] == 1
     assert exported["training_comment"] == (
-        "out of memory; took: cache latents to disk, train in fp16, halve the batch to 1"
+        "out of memory; took: train in fp16, gradient checkpointing, halve the batch to 1"
     )
-    assert len(list((work / "oom").glob("training_images/*/*.latents.safetensors"))) == 5
     with safe_open(work / "oom" / "result_current" / "oom.safetensors", framework="pt") as handle:
         assert handle.metadata()["ss_training_comment"] == exported["training_comment"]
         assert handle.metadata()["ss_batch_size_per_device"] == "1"
@@ -449,23 +471,33 @@ def test_continuing_a_lora_archives_the_last_run_and_records_the_source(prefect_
 
 
 def test_long_captions_are_encoded_in_75_token_windows(builtin_models_home, tmp_path):
+    from lora_core.conditioning import token_windows
+
     config = small_config(num_repeats=1, max_token_length=150, train_text_encoder=False)
     trainer = Trainer(config, load_base_model(TINY_SD15), make_subject(tmp_path, config), show_progress=False)
     tokenizer = trainer.base.tokenizers[0]
     captions = ["t0k3n, a man", "y" * 120]  # the tiny tokenizer spends one token per character
-    first, second = trainer._token_chunks(tokenizer, captions)
+    first, second = token_windows(tokenizer, captions, 150, trainer.device)
     standard = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
     assert torch.equal(first.cpu(), standard.input_ids)  # one window is exactly what CLIP's tokenizer gives
     assert second[1, 0] == tokenizer.bos_token_id and second[1, 1 + 45] == tokenizer.eos_token_id  # 120 - 75 = 45
-    hidden, _ = trainer._encode_text(captions)
-    assert hidden.shape[:2] == (2, 154)
+    # sd-scripts' length: one BOS, 75 tokens per window, one EOS; the inner BOS/EOS pairs are dropped.
+    text = trainer.conditioning.encode(captions, trainer.device)
+    assert text.hidden.shape[:2] == (2, 152)
+    encoder = trainer.base.text_encoders[0]
+    whole = [encoder(ids).last_hidden_state for ids in (first, second)]
+    assert torch.equal(text.hidden[:, :76], whole[0][:, :76])
+    assert torch.equal(text.hidden[:, 76:151], whole[1][:, 1:76]) and torch.equal(text.hidden[:, 151], whole[1][:, 76])
     assert trainer.run_epoch(1).losses
+    from lora_core.conditioning import conditioning_for
+
+    assert conditioning_for(trainer.base, 1, 225).encode(captions, trainer.device).hidden.shape[1] == 227
 
 
 def test_shuffle_tags_keeps_the_leading_tokens():
     import random
 
-    from lora_core.training import shuffle_tags
+    from lora_core.train_data import shuffle_tags
 
     caption = "t0k3n, a man, suit, tie, smiling, outdoors"
     seen = {shuffle_tags(caption, 1, random.Random(seed)) for seed in range(20)}
@@ -531,3 +563,18 @@ def test_epochs_on_disk_are_kept_when_prefect_lost_their_records(
     monkeypatch.setattr(Trainer, "run_epoch", never)
     again = train_subject(photos=photos, token="kp", workdir=work, config=config, stop_after="train")
     assert [e["mean_loss"] for e in again["train"]["epochs"]] == [e["mean_loss"] for e in first["train"]["epochs"]]
+
+
+def test_save_every_n_epochs_writes_every_nth_epoch_and_the_last(prefect_harness, builtin_models_home, tmp_path):
+    from flows.train_subject import train_subject
+
+    photos = captioned_photos(tmp_path, seed=170)
+    config = flow_config(num_repeats=1, max_train_epochs=3, save_every_n_epochs=2)
+    work = tmp_path / "work"
+    first = train_subject(photos=photos, token="sv", workdir=work, config=config, stop_after="train")
+    result = work / "sv" / "result_current"
+    assert sorted(p.name for p in result.glob("sv-*.safetensors")) == ["sv-000002.safetensors", "sv-000003.safetensors"]
+    assert [e["lora"] is None for e in first["train"]["epochs"]] == [True, False, False]
+    assert (result / "sv.safetensors").read_bytes() == (result / "sv-000003.safetensors").read_bytes()
+    again = train_subject(photos=photos, token="sv", workdir=work, config=config, stop_after="train")
+    assert again["cached"].count("train-epoch") == 3  # epoch 1, with no LoRA file, counts as done too

@@ -1,0 +1,278 @@
+"""The code a GPU runs, run on the CPU: fp16 loss scaling, bf16, accumulation, NaN stops, retry-safe epochs.
+
+torch runs fp16 and bf16 autocast and `GradScaler("cpu")` on the CPU, so an
+explicit `device="cpu"` with a `mixed_precision` takes exactly the step a
+user's NVIDIA card takes; nothing here is an fp32 shortcut.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from lora_core.config import LoraConfig
+from lora_core.lora_io import read_lora
+from lora_core.memory import apply_steps, oom_step
+from lora_core.models import load_base_model
+from lora_core.training import NonFiniteLossError, Trainer
+from tests.test_training import TINY_SD15, captioned_photos, flow_config, make_subject, small_config
+
+# Four small images in one bucket: half precision on a CPU is several times slower than fp32, keep steps few.
+FOUR = ((128, 160),) * 4
+
+
+def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {f"{k}.{i}": t.clone() for k, pair in trainer.network.weights().items() for i, t in enumerate(pair)}
+
+
+def _record_gradients(trainer: Trainer) -> list[list[torch.Tensor]]:
+    """The gradients each optimizer step applies (after unscaling and clipping)."""
+    steps: list[list[torch.Tensor]] = []
+    real = trainer.optimizer.step
+
+    def step(*args, **kwargs):
+        steps.append([p.grad.clone() for p in trainer.network.parameters()])
+        return real(*args, **kwargs)
+
+    trainer.optimizer.step = step
+    return steps
+
+
+def test_fp16_on_the_cpu_skips_an_overflowing_step_and_lowers_the_scale(builtin_models_home, tmp_path):
+    config = small_config(num_repeats=1, train_batch_size=1, mixed_precision="fp16", lr_scheduler="constant")
+    trainer = Trainer(config, load_base_model(TINY_SD15), make_subject(tmp_path, config, FOUR), device="cpu")
+    assert trainer.precision.name == "fp16" and trainer.scaler.is_enabled()
+    assert next(trainer.base.unet.parameters()).dtype == torch.float16  # frozen weights in fp16
+    assert all(p.dtype == torch.float32 for p in trainer.network.parameters())  # the LoRA in fp32
+    start = trainer.scaler.get_scale()
+    calls = []
+    probe = trainer.network.parameters("unet")[1]  # a lora_up weight: it gets a gradient from step 1
+
+    def overflow(grad: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return grad * math.inf if len(calls) == 3 else grad
+
+    probe.register_hook(overflow)
+    stats = trainer.run_epoch(1)
+    assert stats.skipped_steps == [3]
+    assert trainer.scaler.get_scale() == start / 2  # backed off once, not grown back
+    assert all(torch.isfinite(t).all() for t in _weights(trainer).values())
+    assert torch.count_nonzero(probe) > 0  # the other steps were taken
+
+
+def test_accumulating_two_batches_of_one_equals_one_batch_of_two(builtin_models_home, tmp_path, monkeypatch):
+    """Same items, same noise: accumulation 2 x batch 1 is batch 2, in half the optimizer steps."""
+    import lora_core.training
+
+    runs = {}
+    for name, batch, accumulate in (("batch2", 2, 1), ("accumulated", 1, 2), ("plain", 1, 1)):
+        order = [[0, 1], [2, 3]] if batch == 2 else [[0], [1], [2], [3]]
+        monkeypatch.setattr(lora_core.training, "epoch_batches", lambda *args, order=order: order)
+        config = small_config(
+            num_repeats=1,
+            train_batch_size=batch,
+            gradient_accumulation_steps=accumulate,
+            optimizer="AdamW",
+            lr_scheduler="constant",
+            mixed_precision="no",
+            train_text_encoder=False,
+        )
+        trainer = Trainer(config, load_base_model(TINY_SD15), make_subject(tmp_path / name, config, FOUR))
+        grads = _record_gradients(trainer)
+        stats = trainer.run_epoch(1)
+        runs[name] = (grads, stats, trainer)
+    batch2, accumulated, plain = runs["batch2"], runs["accumulated"], runs["plain"]
+    assert len(batch2[1].losses) == len(accumulated[1].losses) == 2 and len(plain[1].losses) == 4
+    assert accumulated[2].batches_per_epoch == 4 and accumulated[2].steps_per_epoch == 2
+    assert len(batch2[0]) == len(accumulated[0]) == 2  # optimizer steps
+    for step, (ours, theirs) in enumerate(zip(accumulated[0], batch2[0], strict=True)):
+        for index, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+            assert torch.allclose(a, b, rtol=1e-3, atol=1e-7), (step, index, float((a - b).abs().max()))
+    # The weights follow: equal up to Adam's sign-like first steps on gradients that are zero but for rounding.
+    lr = 4e-4
+    a, b = _weights(accumulated[2]), _weights(batch2[2])
+    assert all(torch.allclose(a[k], b[k], atol=lr / 10) for k in a)
+    assert not torch.allclose(plain[0][0][1], batch2[0][0][1], rtol=1e-3, atol=1e-7)  # one micro-batch per step
+
+
+def test_one_process_trains_fp16_then_bf16_then_takes_the_precision_rung(builtin_models_home, tmp_path):
+    """No per-process precision state: a worker trains subject after subject, and the ladder changes precision."""
+    for index, precision in enumerate(("fp16", "bf16")):
+        config = small_config(num_repeats=2, mixed_precision=precision)
+        layout = make_subject(tmp_path / precision, config, FOUR[:1])
+        trainer = Trainer(config, load_base_model(TINY_SD15), layout, device="cpu")
+        assert trainer.precision.name == precision and trainer.scaler.is_enabled() == (index == 0)
+        assert all(math.isfinite(loss) for loss in trainer.run_epoch(1).losses)
+    fp32 = small_config(num_repeats=1, mixed_precision="no")
+    rung = apply_steps(fp32, [dict(zip(("updates", "note"), oom_step(fp32, bf16_ok=True), strict=True))])
+    assert rung.mixed_precision.value == "bf16"
+    trainer = Trainer(rung, load_base_model(TINY_SD15), make_subject(tmp_path / "rung", rung, FOUR[:1]), device="cpu")
+    assert trainer.precision.name == "bf16" and trainer.run_epoch(1).losses
+
+
+def test_frozen_text_encoders_get_no_gradient(builtin_models_home, tmp_path):
+    # Shuffled tags are encoded at every step: the frozen encoders must not build a graph for them.
+    config = small_config(num_repeats=2, train_text_encoder=False, shuffle_caption=True, keep_tokens=1)
+    trainer = Trainer(config, load_base_model(TINY_SD15), make_subject(tmp_path, config), device="cpu")
+    assert trainer.text is None  # encoded per step, not cached
+    trainer.run_epoch(1)
+    encoders = trainer.base.text_encoders
+    assert all(not p.requires_grad and p.grad is None for encoder in encoders for p in encoder.parameters())
+    assert any(p.grad is not None or torch.count_nonzero(p) for p in trainer.network.parameters("unet"))
+
+
+def test_without_an_explicit_device_the_cpu_trains_in_fp32_with_a_note(builtin_models_home, tmp_path):
+    config = small_config(num_repeats=1, mixed_precision="fp16")
+    trainer = Trainer(config, load_base_model(TINY_SD15), make_subject(tmp_path, config))
+    assert trainer.precision.name == "no" and not trainer.scaler.is_enabled()
+    assert any("fp32" in note for note in trainer.notes)
+
+
+def _cli(tmp_path, photos, config: dict, *extra: str) -> tuple[int, str]:
+    from flows.train_subject import main
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    work = tmp_path / "work"
+    argv = [str(photos), "--token", "t0k3n", "--workdir", str(work), "--base-model", TINY_SD15]
+    return main([*argv, "--caption-model", "builtin:tiny-blip", "--config", str(path), *extra]), work
+
+
+SMALL_RUN = {
+    "resolution": 256,
+    "min_bucket_reso": 128,
+    "max_bucket_reso": 512,
+    "network_dim": 4,
+    "network_alpha": 2,
+    "sample_every_n_epochs": 0,
+    "sample_every_n_steps": 0,
+}
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_the_cli_trains_in_half_precision_with_accumulation_on_the_cpu(
+    prefect_harness, builtin_models_home, tmp_path, capsys, precision
+):
+    photos = captioned_photos(tmp_path, seed=140)
+    config = SMALL_RUN | {
+        "mixed_precision": precision,
+        "train_batch_size": 1,
+        "gradient_accumulation_steps": 2,
+        "num_repeats": 1,
+        "epoch": 2,
+        "unet_lr": 1e-3,
+    }
+    code, work = _cli(tmp_path, photos, config, "--device", "cpu", "--stop-after", "train")
+    assert code == 0, capsys.readouterr().err
+    final = work / "t0k3n" / "result_current" / "t0k3n.safetensors"
+    with safe_open(final, framework="pt") as handle:
+        meta = handle.metadata()
+    micro = 5  # five photos, one repeat, batches of one: the last optimizer step has one micro-batch
+    assert meta["ss_mixed_precision"] == precision
+    assert meta["ss_gradient_accumulation_steps"] == "2" and meta["ss_total_batch_size"] == "2"
+    assert meta["ss_num_batches_per_epoch"] == str(micro)
+    assert meta["ss_steps"] == str(2 * math.ceil(micro / 2))  # optimizer steps over two epochs
+    lora = read_lora(final).modules
+    assert all(torch.isfinite(t.float()).all() for down, up, _ in lora.values() for t in (down, up))
+    assert sum(int(torch.count_nonzero(up)) for _, up, _ in lora.values()) > 0  # it learned something
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_epoch(
+    prefect_harness, builtin_models_home, tmp_path, capsys, monkeypatch
+):
+    photos = captioned_photos(tmp_path, seed=150)
+    real = Trainer._loss
+    calls = {"epoch2": 0}
+
+    def loss(self, batch, rng):
+        value = real(self, batch, rng)
+        if self.epoch == 1:  # training epoch 2
+            calls["epoch2"] += 1
+            if calls["epoch2"] >= 3:
+                return value * float("nan")
+        return value
+
+    monkeypatch.setattr(Trainer, "_loss", loss)
+    config = SMALL_RUN | {"num_repeats": 1, "epoch": 2, "mixed_precision": "bf16"}
+    code, work = _cli(tmp_path, photos, config, "--device", "cpu", "--stop-after", "train")
+    err = capsys.readouterr().err
+    # Five photos, one repeat: epoch 1 took steps 1-5, so the third step of epoch 2 is step 8.
+    assert code == 1 and "epoch 2, step 8 (step 3 of the epoch): the loss is nan" in err, err[-2000:]
+    result = work / "t0k3n" / "result_current"
+    assert not (result / "t0k3n-000002.safetensors").exists()
+    epoch1 = read_lora(result / "t0k3n-000001.safetensors").modules
+    assert all(torch.isfinite(t.float()).all() for down, up, _ in epoch1.values() for t in (down, up))
+    assert calls["epoch2"] == 3  # not retried: the same state would give the same NaN
+
+
+def test_an_epoch_that_failed_midway_and_was_retried_equals_an_unbroken_one(
+    prefect_harness, builtin_models_home, tmp_path, monkeypatch
+):
+    """The retry must start from epoch 1's saved state, not from the half-trained network in memory."""
+    from flows.train_subject import train_subject
+
+    photos = captioned_photos(tmp_path, seed=160)
+    config = flow_config(num_repeats=3, max_train_epochs=2)
+    unbroken = train_subject(photos=photos, token="rt", workdir=tmp_path / "a", config=config, stop_after="train")
+    real = Trainer._loss
+    failed = []
+
+    def loss(self, batch, rng):
+        if self.epoch == 1 and not failed and self.global_step >= self.steps_per_epoch + 2:
+            failed.append(self.global_step)
+            raise OSError("the disk went away for a moment (injected)")
+        return real(self, batch, rng)
+
+    monkeypatch.setattr(Trainer, "_loss", loss)
+    retried = train_subject(photos=photos, token="rt", workdir=tmp_path / "b", config=config, stop_after="train")
+    assert failed, "the error was never injected"
+    a = read_lora(tmp_path / "a" / "rt" / "result_current" / "rt.safetensors").modules
+    b = read_lora(tmp_path / "b" / "rt" / "result_current" / "rt.safetensors").modules
+    for name, (down, up, _) in a.items():
+        assert torch.equal(b[name][0], down) and torch.equal(b[name][1], up), name
+    assert [e["mean_loss"] for e in retried["train"]["epochs"]] == [e["mean_loss"] for e in unbroken["train"]["epochs"]]
+
+
+def test_a_poisoned_cuda_context_is_not_retried_in_the_same_process():
+    from tasks.retries import retry_transient
+
+    class State:
+        def __init__(self, error: BaseException) -> None:
+            self.error = error
+
+        def result(self):
+            raise self.error
+
+    assert retry_transient(None, None, State(OSError("connection reset")))
+    assert retry_transient(None, None, State(RuntimeError("CUDA out of memory? no: a flaky read")))
+    for message in (
+        "CUDA error: an illegal memory access was encountered",
+        "CUDA error: device-side assert triggered",
+    ):
+        assert not retry_transient(None, None, State(RuntimeError(message))), message
+    assert not retry_transient(None, None, State(NonFiniteLossError("epoch 2, step 3: the loss is nan")))
+
+
+def test_a_device_that_is_not_here_is_refused_before_any_work(tmp_path, capsys):
+    from flows.train_subject import main
+
+    for device, why in (("cuda", "no CUDA device"), ("tpu", "want cpu, cuda or cuda:N")):
+        assert main([str(tmp_path), "--token", "t0k3n", "--device", device]) == 2
+        assert why in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
+
+
+def test_config_sdxl_and_v2_must_describe_the_model(builtin_models_home, tmp_path):
+    from lora_core.models import BaseModelError
+
+    base = load_base_model(TINY_SD15)
+    config = small_config(num_repeats=1)
+    layout = make_subject(tmp_path, config)
+    for wrong in ({"v2": True}, {"sdxl": True}):
+        bad = LoraConfig.model_validate(config.model_dump() | wrong)
+        with pytest.raises(BaseModelError, match=next(iter(wrong))):
+            Trainer(bad, base, layout)
