@@ -27,6 +27,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,11 +35,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lora_core.config import DEFAULT_CLASS_PROMPTS, LoraConfig, SelectionSettings, SubjectType
+from lora_core.config import DEFAULT_CLASS_PROMPTS, LoraConfig, Sampler, SelectionSettings, SubjectType
 from lora_core.fs import JsonCache, atomic_output, atomic_write_bytes, atomic_write_text, sha256_file
 from lora_core.layout import SubjectLayout
 from lora_core.lora_io import LoraFile, LoraFileError, read_lora, read_metadata
 from lora_core.models import BaseModel
+from lora_core.precision import Precision, resolve_precision
 from lora_core.sampling import SamplePrompt, SampleSpec, render
 from lora_core.selection import EpochMetrics, burn_score, copy_distance, diversity, fidelity, leave_one_out_ceiling
 
@@ -180,19 +182,25 @@ def publish_choice(run: RunFiles, epoch: int) -> Path:
 
 
 def metric_spec(
-    settings: SelectionSettings, token: str, subject_type: SubjectType | str, resolution: int
+    settings: SelectionSettings,
+    token: str,
+    subject_type: SubjectType | str,
+    resolution: int,
+    sampler: Sampler | str = Sampler.euler_a,
 ) -> SampleSpec:
-    """The metric grid: the token prompts, then the class prompt without the token (always last)."""
+    """The metric grid: the token prompts, then the class prompt without the token (always last),
+    drawn with the run's `sample_sampler`, so the grids look like the samples the user watched."""
     size = settings.size or resolution
     defaults = {"width": size, "height": size, "steps": settings.steps, "seeds": tuple(settings.seeds)}
     class_prompt = settings.class_prompt or DEFAULT_CLASS_PROMPTS[str(SubjectType(subject_type))]
     lines = [prompt.replace("{token}", token) for prompt in settings.prompts] + [class_prompt]
-    return SampleSpec(tuple(SamplePrompt.parse(line, **defaults) for line in lines))
+    return SampleSpec(tuple(SamplePrompt.parse(line, **defaults) for line in lines), sampler=sampler)
 
 
 def grid_key(spec: SampleSpec, base_identity: str, lora_sha: str | None) -> str:
-    """What makes a grid this grid: its prompts and seeds, the base model, and the LoRA's bytes."""
-    text = json.dumps([repr(spec), base_identity, lora_sha, 1])
+    """What makes a grid this grid: its prompts, seeds and sampler, the base model, and the LoRA's bytes."""
+    # 2: the VAE decodes in fp32 (fp16 gave SDXL black/NaN grids), so grids rendered before are redone.
+    text = json.dumps([repr(spec), base_identity, lora_sha, 2])
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -237,12 +245,15 @@ class GridRenderer:
     With our subject folder the network is a `Trainer`'s, so the validation
     loss on the captioned training images comes with it; a kohya output folder
     alone gets renders only (its validation loss is reported unavailable).
+    Either way it renders in the config's `mixed_precision`, as the trainer's
+    samples are, with the VAE and the LoRA weights in fp32.
     """
 
     def __init__(
         self, base: BaseModel, config: LoraConfig, lora: LoraFile, layout: SubjectLayout | None, device: str | None
     ) -> None:
-        from lora_core.training import LoraNetwork, Trainer
+        from lora_core.network import LoraNetwork
+        from lora_core.training import Trainer
 
         alpha = next(iter(lora.modules.values()))[2]
         self.base = base
@@ -251,20 +262,22 @@ class GridRenderer:
             config = LoraConfig.model_validate(config.model_dump() | fields)
             self.trainer: Trainer | None = Trainer(config, base, layout, device=device, show_progress=False)
             self.network = self.trainer.network
-            self.device = self.trainer.accelerator.device
+            self.precision: Precision = self.trainer.precision
         else:
             self.trainer = None
-            self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            self.precision = resolve_precision(config.mixed_precision, device)
             self.network = LoraNetwork(base, lora.rank, alpha, train_text_encoder=True)
-            dtype = torch.float16 if self.device.type == "cuda" else torch.float32
             for component in base.components.values():
-                component.to(self.device, dtype=dtype)
-            base.vae.to(self.device, dtype=torch.float32)
+                component.to(self.precision.device, dtype=self.precision.dtype)
+            base.vae.to(self.precision.device, dtype=torch.float32)
+            for param in self.network.parameters():  # cast with their layers above; the update stays fp32
+                param.data = param.data.float()
 
     def grid(self, spec: SampleSpec, lora: LoraFile | None, strength: float = 1.0) -> list[list[Image.Image]]:
         """`spec` rendered with `lora` at `strength` (None: the base model alone)."""
         self._apply(lora, strength)
-        return render(self.base, spec, self.device)
+        with self.trainer.models_on_device() if self.trainer else nullcontext():
+            return render(self.base, spec, self.precision)
 
     def validation_loss(self, lora: LoraFile | None) -> float | None:
         if self.trainer is None:

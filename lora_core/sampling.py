@@ -17,15 +17,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image, ImageDraw
 
+from lora_core.config import Sampler
 from lora_core.fs import atomic_output
 from lora_core.models import BaseModel
+from lora_core.precision import Precision
 
 __all__ = [
     "DEFAULT_PROMPTS",
+    "SCHEDULERS",
     "SamplePrompt",
     "SampleSpec",
     "contact_sheet",
@@ -82,17 +86,24 @@ class SamplePrompt:
 
 @dataclass(frozen=True)
 class SampleSpec:
-    """What to render: the prompts ({token} filled in), each with its size, steps and seeds."""
+    """What to render: the prompts ({token} filled in), each with its size, steps and seeds, and the sampler."""
 
     prompts: tuple[SamplePrompt, ...]
+    sampler: Sampler = Sampler.euler_a
+
+    def __post_init__(self) -> None:
+        # A name from a config file ("k_euler") becomes the enum; an unknown one fails here, not mid-render.
+        object.__setattr__(self, "sampler", Sampler(self.sampler))
 
     @classmethod
     def from_config(cls, config, token: str, **defaults) -> SampleSpec:
-        """The config's `sample_prompts`, one per line with kohya's options, at the training resolution."""
+        """The config's `sample_prompts`, one per line with kohya's options, at the training resolution,
+        with its `sample_sampler`."""
         lines = [line.strip() for line in config.sample_prompts.splitlines() if line.strip()]
         defaults = {"width": config.resolution, "height": config.resolution} | defaults
         return cls(
-            tuple(SamplePrompt.parse(line.replace("{token}", token), **defaults) for line in lines or DEFAULT_PROMPTS)
+            tuple(SamplePrompt.parse(line.replace("{token}", token), **defaults) for line in lines or DEFAULT_PROMPTS),
+            sampler=config.sample_sampler,
         )
 
     @property
@@ -101,14 +112,43 @@ class SampleSpec:
         return tuple(dict.fromkeys(seed for prompt in self.prompts for seed in prompt.seeds))
 
 
-def _scheduler(base: BaseModel):
-    """Euler ancestral (sd-scripts' `euler_a`, the seed's sampler) built from the model's own schedule."""
-    from diffusers import EulerAncestralDiscreteScheduler
+# sd-scripts' `sample_sampler` names: the diffusers scheduler each samples with, and what sets it apart
+# (as sd-scripts' `get_my_scheduler` maps them; a `k_` name is an alias of the name without it). Two
+# options sd-scripts leaves at diffusers' defaults are set, so every sampler works at any step count:
+# PNDM skips its Runge-Kutta warm-up (as SD's own scheduler config does; with it, fewer than 4 steps
+# fail), and the deprecated `dpmsolver` algorithm ends at sigma_min (recent diffusers reject "zero").
+SCHEDULERS: dict[Sampler, tuple[str, dict[str, Any]]] = {
+    Sampler.ddim: ("DDIMScheduler", {}),
+    Sampler.pndm: ("PNDMScheduler", {"skip_prk_steps": True}),
+    Sampler.lms: ("LMSDiscreteScheduler", {}),
+    Sampler.k_lms: ("LMSDiscreteScheduler", {}),
+    Sampler.euler: ("EulerDiscreteScheduler", {}),
+    Sampler.k_euler: ("EulerDiscreteScheduler", {}),
+    Sampler.euler_a: ("EulerAncestralDiscreteScheduler", {}),
+    Sampler.k_euler_a: ("EulerAncestralDiscreteScheduler", {}),
+    Sampler.heun: ("HeunDiscreteScheduler", {}),
+    Sampler.dpm_2: ("KDPM2DiscreteScheduler", {}),
+    Sampler.k_dpm_2: ("KDPM2DiscreteScheduler", {}),
+    Sampler.dpm_2_a: ("KDPM2AncestralDiscreteScheduler", {}),
+    Sampler.k_dpm_2_a: ("KDPM2AncestralDiscreteScheduler", {}),
+    Sampler.dpmsolver: (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"},
+    ),
+    Sampler.dpmsolver_pp: ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    Sampler.dpmsingle: ("DPMSolverSinglestepScheduler", {}),
+}
 
-    return EulerAncestralDiscreteScheduler.from_config(base.noise_scheduler.config)
+
+def _scheduler(base: BaseModel, sampler: Sampler):
+    """`sampler`'s scheduler on the model's own training schedule (its betas and prediction type)."""
+    import diffusers
+
+    name, options = SCHEDULERS[Sampler(sampler)]
+    return getattr(diffusers, name).from_config(base.noise_scheduler.config, **options)
 
 
-def _pipeline(base: BaseModel):
+def _pipeline(base: BaseModel, sampler: Sampler):
     """A diffusers pipeline over the trainer's modules (shared, not copied)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -120,14 +160,15 @@ def _pipeline(base: BaseModel):
             tokenizer=base.tokenizers[0],
             tokenizer_2=base.tokenizers[1],
             unet=base.unet,
-            scheduler=_scheduler(base),
+            scheduler=_scheduler(base, sampler),
+            add_watermarker=False,
         )
     return StableDiffusionPipeline(
         vae=base.vae,
         text_encoder=base.text_encoders[0],
         tokenizer=base.tokenizers[0],
         unet=base.unet,
-        scheduler=_scheduler(base),
+        scheduler=_scheduler(base, sampler),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -152,35 +193,51 @@ def _eval_mode(base: BaseModel) -> Iterator[None]:
             module.train(mode)
 
 
-def render(base: BaseModel, spec: SampleSpec, device: str | torch.device = "cpu") -> list[list[Image.Image]]:
-    """One image per prompt and seed, `[prompt][seed]`: the same inputs give the same pictures."""
-    pipeline = _pipeline(base)
+def render(base: BaseModel, spec: SampleSpec, precision: Precision) -> list[list[Image.Image]]:
+    """One image per prompt and seed, `[prompt][seed]`: the same inputs give the same pictures.
+
+    The text encoders and UNet run in the training precision (`precision.autocast()`),
+    and the VAE decodes outside that autocast, in its own fp32 weights (bf16 when
+    training in bf16): SDXL's VAE overflows in fp16 to black or NaN pictures.
+    """
+    pipeline = _pipeline(base, spec.sampler)
     pipeline.set_progress_bar_config(disable=True)
-    device = torch.device(device)
-    autocast = torch.autocast(device.type) if device.type == "cuda" else _nothing()
     grid = []
-    with _eval_mode(base), autocast:
+    with _eval_mode(base):
         for prompt in spec.prompts:
             row = []
             for seed in prompt.seeds:
                 generator = torch.Generator(device="cpu").manual_seed(seed)
-                image = pipeline(
-                    prompt.text,
-                    negative_prompt=prompt.negative,
-                    width=prompt.width,
-                    height=prompt.height,
-                    num_inference_steps=prompt.steps,
-                    guidance_scale=prompt.scale,
-                    generator=generator,
-                ).images[0]
-                row.append(image)
+                with precision.autocast():
+                    latents = pipeline(
+                        prompt.text,
+                        negative_prompt=prompt.negative,
+                        width=prompt.width,
+                        height=prompt.height,
+                        num_inference_steps=prompt.steps,
+                        guidance_scale=prompt.scale,
+                        generator=generator,
+                        output_type="latent",
+                    ).images
+                with precision.vae_autocast():
+                    image = _decode(base, latents)
+                row.append(pipeline.image_processor.postprocess(image.float(), output_type="pil")[0])
             grid.append(row)
     return grid
 
 
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
+def _decode(base: BaseModel, latents: torch.Tensor) -> torch.Tensor:
+    """Latents to pixels in [-1, 1] as diffusers' pipelines decode them, in the VAE's own weight dtype."""
+    vae = base.vae
+    latents = latents.to(vae.device, vae.dtype)
+    mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
+    if base.sdxl and mean is not None and std is not None:  # SDXL VAEs that normalise their latents
+        mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+        std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+        latents = latents * std / vae.config.scaling_factor + mean
+    else:
+        latents = latents / vae.config.scaling_factor
+    return vae.decode(latents, return_dict=False)[0]
 
 
 def sample_filename(

@@ -74,7 +74,9 @@ class SelectRequest(BaseModel):
 
     def spec(self) -> SampleSpec:
         config = self.config
-        return metric_spec(config.selection, self.run().name, config.subject_type, config.resolution)
+        return metric_spec(
+            config.selection, self.run().name, config.subject_type, config.resolution, sampler=config.sample_sampler
+        )
 
     def base_identity(self) -> str:
         return model_identity(self.config.pretrained_model_name_or_path or "")
