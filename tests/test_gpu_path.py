@@ -200,8 +200,8 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_epoch(
     config = SMALL_RUN | {"num_repeats": 1, "epoch": 2, "mixed_precision": "bf16"}
     code, work = _cli(tmp_path, photos, config, "--device", "cpu", "--stop-after", "train")
     err = capsys.readouterr().err
-    # Five photos, one repeat: epoch 1 took steps 1-5, so the third step of epoch 2 is step 8.
-    assert code == 1 and "epoch 2, step 8 (step 3 of the epoch): the loss is nan" in err, err[-2000:]
+    # Five photos, one repeat, batches of 2: epoch 1 took steps 1-3, so the third step of epoch 2 is step 6.
+    assert code == 1 and "epoch 2, step 6 (step 3 of the epoch): the loss is nan" in err, err[-2000:]
     result = work / "t0k3n" / "result_current"
     assert not (result / "t0k3n-000002.safetensors").exists()
     epoch1 = read_lora(result / "t0k3n-000001.safetensors").modules

@@ -142,7 +142,9 @@ def test_epoch_file_has_the_metadata_tools_read(builtin_models_home, tmp_path):
 
 def test_sdxl_trains_and_writes_kohyas_sdxl_file(builtin_models_home, tmp_path):
     config = LoraConfig.model_validate(
-        preset_config("sdxl").model_dump() | SMALL | {"num_repeats": 2, "max_train_epochs": 1}
+        preset_config("sdxl").model_dump()
+        | SMALL
+        | {"num_repeats": 2, "max_train_epochs": 1, "train_text_encoder": True}  # the preset trains the UNet only
     )
     layout = make_subject(tmp_path, config)
     trainer = Trainer(config, load_base_model("builtin:tiny-sdxl"), layout, show_progress=False)
@@ -222,6 +224,7 @@ def test_a_kohya_lora_continues_through_the_flow_and_sdxl_runs_end_to_end(
         preset_config("sdxl").model_dump()
         | SMALL
         | {"num_repeats": 2, "max_train_epochs": 1, "pretrained_model_name_or_path": "builtin:tiny-sdxl"}
+        | {"train_text_encoder": True}  # the preset trains the UNet only; both encoders' names are tested here
         | {"sample_every_n_epochs": 1, "sample_prompts": "{token}, portrait photo --w 64 --h 64 --s 2"}
         | {"selection": {"size": 64, "steps": 2, "seeds": [1, 2], "prompts": ["{token}, photo"], "max_resumes": 0}}
     )
