@@ -257,8 +257,9 @@ class Trainer:
             loss = self._loss(batch, rng)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
-                    f"{where}: the loss is {float(loss)} (mixed_precision {self.precision.name}); nothing from "
-                    "this epoch is saved, the last epoch's files stay. Try bf16 or fp32, or a lower learning rate"
+                    f"{where}: the loss is {float(loss.detach())} (mixed_precision {self.precision.name}); "
+                    "nothing from this epoch is saved, the last epoch's files stay. Try bf16 or fp32, or a lower "
+                    "learning rate"
                 )
             # Each micro-batch's share of the group's mean; the scaler multiplies the fp16 loss up.
             self.scaler.scale(loss / len(group)).backward()
