@@ -32,6 +32,7 @@ from lora_core.ingest import ingest
 from lora_core.layout import SubjectLayout
 from lora_core.lora_io import kohya_targets
 from lora_core.models import BaseModel
+from lora_core.tiny_models import sd_noise_scheduler
 
 __all__ = [
     "ARCHITECTURES",
@@ -202,21 +203,6 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
-def _noise_scheduler() -> Any:
-    from diffusers import DDPMScheduler
-
-    # Stable Diffusion's training schedule (SD1.5's and SDXL's scheduler_config.json).
-    return DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        prediction_type="epsilon",
-        steps_offset=1,
-    )
-
-
 def build_unet(arch: Architecture, seed: int = 0, device: str | torch.device = "cpu") -> torch.nn.Module:
     """The UNet alone, seeded: the same seed gives the same weights (the reference loop's fresh copy)."""
     from diffusers import UNet2DConditionModel
@@ -260,7 +246,7 @@ def build_base(arch: Architecture, seed: int = 0, device: str | torch.device = "
         vae=vae,
         text_encoders=encoders,
         tokenizers=tokenizers,
-        noise_scheduler=_noise_scheduler(),
+        noise_scheduler=sd_noise_scheduler(),
         pipeline_class=StableDiffusionXLPipeline if arch.sdxl else StableDiffusionPipeline,
     )
 
@@ -545,9 +531,8 @@ def timed(device: torch.device) -> Iterator[list[float]]:
 
 
 def precision_name(trainer: Any) -> str:
-    """The precision the trainer really uses: a `Precision`'s name, or the old trainer's string."""
-    precision = getattr(trainer, "precision", None)
-    return str(getattr(precision, "name", precision) or "no")
+    """The precision the trainer really uses (after any fallback)."""
+    return trainer.precision.name
 
 
 def all_finite(values: list[float]) -> bool:

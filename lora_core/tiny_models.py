@@ -188,10 +188,10 @@ def _vae():
     )
 
 
-def _noise_scheduler():
+def sd_noise_scheduler():
+    """Stable Diffusion's training noise schedule (SD1.5's and SDXL's scheduler_config.json)."""
     from diffusers import DDPMScheduler
 
-    # Stable Diffusion's training schedule.
     return DDPMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -229,7 +229,7 @@ def _build_tiny_sd15(folder: Path) -> None:
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=_noise_scheduler(),
+        scheduler=sd_noise_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -270,7 +270,7 @@ def _build_tiny_sdxl(folder: Path) -> None:
         tokenizer=tokenizer,
         tokenizer_2=_clip_tokenizer(),
         unet=unet,
-        scheduler=_noise_scheduler(),
+        scheduler=sd_noise_scheduler(),
         force_zeros_for_empty_prompt=True,
     )
     pipeline.save_pretrained(folder, safe_serialization=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from prefect import get_run_logger
@@ -38,7 +37,7 @@ from lora_core.run_state import (
     state_file,
 )
 from lora_core.sampling import SampleSpec, contact_sheet, render, save_samples
-from lora_core.training import Trainer
+from lora_core.training import EpochStats, Trainer
 from tasks.artifacts import publish_epoch, publish_samples
 from tasks.caching import CodeVersion
 from tasks.stage import stage
@@ -209,7 +208,7 @@ def train_epoch(request: TrainRequest, epoch: int) -> EpochResult:
     return result
 
 
-def _train_with_ladder(request: TrainRequest, layout: SubjectLayout, epoch: int) -> tuple[Trainer, Any]:
+def _train_with_ladder(request: TrainRequest, layout: SubjectLayout, epoch: int) -> tuple[Trainer, EpochStats]:
     """Train `epoch`, stepping down the out-of-memory ladder until it fits (or the ladder is spent)."""
     steps = read_steps(layout, request.run_key)
     while True:
