@@ -30,6 +30,7 @@ import pandera.pandas as pa
 from PIL import Image
 from pydantic import BaseModel
 
+from lora_core.errors import DAMAGED_FILE_ERRORS
 from lora_core.fs import atomic_output, ensure_inside
 from lora_core.layout import SubjectLayout
 from lora_core.manifest import accepted_images
@@ -315,6 +316,6 @@ def buckets_intact(layout: SubjectLayout, plan: BucketPlan) -> bool:
     try:
         rows = read_buckets(layout.buckets_csv)
         images = accepted_images(layout.manifest)
-    except Exception:
+    except DAMAGED_FILE_ERRORS:
         return False
     return rows == [plan.assign(i.image, (i.width, i.height)) for i in images]

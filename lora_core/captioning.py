@@ -35,6 +35,7 @@ from pydantic import BaseModel
 from rich.progress import Progress
 
 from lora_core.config import CaptionSettings
+from lora_core.errors import DAMAGED_FILE_ERRORS, UserError
 from lora_core.fs import JsonCache, atomic_output, atomic_write_text, ensure_inside, sha256_file, stamp_matches
 from lora_core.hub import hub_unreachable, model_identity, offline_help
 from lora_core.layout import SubjectLayout
@@ -59,7 +60,7 @@ Source = Literal["blip", "user", "edited"]
 TINY = "builtin:tiny-blip"
 
 
-class CaptionModelError(RuntimeError):
+class CaptionModelError(UserError, RuntimeError):
     """The captioning model cannot be loaded; the message says how to fix it."""
 
 
@@ -375,7 +376,7 @@ def captions_intact(
     try:
         records = {r.image: r.caption for r in read_captions(layout.captions_csv)}
         images = {item.image for item in accepted_images(layout.manifest)}
-    except Exception:
+    except DAMAGED_FILE_ERRORS:
         return False
     if set(records) != images:
         return False

@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 
 from lora_core.config import DEFAULT_CLASS_PROMPTS, LoraConfig, Sampler, SelectionSettings, SubjectType
+from lora_core.errors import UserError
 from lora_core.fs import JsonCache, atomic_output, atomic_write_bytes, atomic_write_text, sha256_file
 from lora_core.layout import SubjectLayout
 from lora_core.lora_io import LoraFile, LoraFileError, read_lora, read_metadata
@@ -69,7 +70,7 @@ EPOCH_FILE = re.compile(r"(?P<name>.+)-(?P<epoch>\d{6})\.safetensors")
 PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-class SelectionError(ValueError):
+class SelectionError(UserError, ValueError):
     """A run folder selection cannot work on; the message says what is missing."""
 
 

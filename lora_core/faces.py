@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lora_core.errors import UserError
+
 __all__ = ["Face", "FaceModelError", "FaceModels", "face_models"]
 
 _LANDMARKS = "shape_predictor_5_face_landmarks.dat"
@@ -33,7 +35,7 @@ CHIP_SIZE = 150  # the descriptor's input size
 DETECTION_THRESHOLD = 0.0  # dlib's own; real faces in our test photos score 0.9 and more
 
 
-class FaceModelError(RuntimeError):
+class FaceModelError(UserError, RuntimeError):
     """The face models are not installed."""
 
 

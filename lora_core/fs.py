@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from lora_core.errors import UserError
+
 __all__ = [
     "JsonCache",
     "PathEscapeError",
@@ -30,7 +32,7 @@ __all__ = [
 ]
 
 
-class PathEscapeError(ValueError):
+class PathEscapeError(UserError, ValueError):
     """A path would leave the folder it must stay in."""
 
 

@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from rich.progress import Progress
 
 from lora_core.config import IngestSettings
+from lora_core.errors import DAMAGED_FILE_ERRORS, UserError
 from lora_core.fs import atomic_write_text, content_stamp, sha256_bytes, stamp_matches
 from lora_core.layout import SubjectLayout, repeats_for
 from lora_core.manifest import read_manifest, write_manifest
@@ -45,11 +46,11 @@ _EXIF_ORIENTATION = 0x0112
 _MAX_CAPTION_BYTES = 16 * 1024
 
 
-class RejectedImage(Exception):
+class RejectedImage(UserError):
     """An input file that is not a usable photo; the message is the reason."""
 
 
-class TooFewImagesError(ValueError):
+class TooFewImagesError(UserError, ValueError):
     """Fewer usable photos than the minimum; carries every row so nothing is lost."""
 
     def __init__(self, message: str, rows: list[dict]):
@@ -309,7 +310,7 @@ def _carry_sidecars(layout: SubjectLayout, new_dir: Path, new_name_by_sha: dict[
         return
     try:
         old = read_manifest(layout.manifest)
-    except Exception:
+    except DAMAGED_FILE_ERRORS:
         return
     for _, row in old[old["status"] == "accepted"].iterrows():
         new_name = new_name_by_sha.get(row["sha256"])
@@ -452,7 +453,7 @@ def layout_intact(layout: SubjectLayout, stamp: str | None = None) -> bool:
         return False
     try:
         frame = read_manifest(layout.manifest)
-    except Exception:
+    except DAMAGED_FILE_ERRORS:
         return False
     images = frame.loc[frame["status"] == "accepted", "image"]
     return all((layout.root / image).is_file() for image in images)

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora_core.errors import UserError
 from lora_core.fs import ensure_inside
 
 __all__ = ["InvalidTokenError", "SubjectLayout", "repeats_for", "validate_token"]
@@ -24,7 +25,7 @@ _TOKEN_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 SEED_REPEAT_BUDGET = 400
 
 
-class InvalidTokenError(ValueError):
+class InvalidTokenError(UserError, ValueError):
     """The trigger token cannot name a folder safely."""
 
 

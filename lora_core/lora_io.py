@@ -35,6 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import save as save_bytes
 from torch import nn
 
+from lora_core.errors import DAMAGED_FILE_ERRORS, UserError
 from lora_core.fs import atomic_write_bytes
 
 __all__ = [
@@ -52,7 +53,7 @@ _UNET_BLOCKS = ("Transformer2DModel",)
 _TEXT_BLOCKS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
 
 
-class LoraFileError(ValueError):
+class LoraFileError(UserError, ValueError):
     """A LoRA file that cannot be used here; the message names the file and the key."""
 
 
@@ -184,7 +185,7 @@ def read_metadata(path: Path) -> dict[str, str]:
     try:
         with safe_open(Path(path), framework="pt") as handle:
             return dict(handle.metadata() or {})
-    except Exception as err:
+    except DAMAGED_FILE_ERRORS as err:
         raise LoraFileError(f"{path}: not a readable safetensors file ({err})") from None
 
 
@@ -197,7 +198,7 @@ def read_lora(path: Path) -> LoraFile:
         with safe_open(path, framework="pt") as handle:
             metadata = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-    except Exception as err:
+    except DAMAGED_FILE_ERRORS as err:
         raise LoraFileError(f"{path}: not a readable safetensors file ({err})") from None
     modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
     for key in tensors:

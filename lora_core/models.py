@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora_core.errors import UserError
 from lora_core.hub import hub_unreachable, model_identity, offline_help
 from lora_core.tiny_models import is_builtin, materialize
 
@@ -30,7 +31,7 @@ __all__ = [
 _FILE_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")
 
 
-class BaseModelError(RuntimeError):
+class BaseModelError(UserError, RuntimeError):
     """The base model cannot be loaded; the message says how to fix it."""
 
 

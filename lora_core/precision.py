@@ -26,12 +26,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lora_core.errors import UserError
+
 __all__ = ["DeviceError", "Precision", "resolve_device", "resolve_precision"]
 
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class DeviceError(ValueError):
+class DeviceError(UserError, ValueError):
     """A device that cannot be used here; the message says which and why."""
 
 

@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from lora_core.errors import UserError
+
 __all__ = [
     "CAPTION_SUFFIXES",
     "Entry",
@@ -31,7 +33,7 @@ _SYSTEM_NAMES = {"thumbs.db", "ehthumbs.db", "desktop.ini", "__macosx", "$recycl
 _DRIVE_RE = re.compile(r"^[A-Za-z]:")
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """The input as a whole cannot be used (missing, not a folder or zip, bad zip)."""
 
 

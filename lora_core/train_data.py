@@ -19,6 +19,7 @@ from safetensors.torch import save as save_bytes
 
 from lora_core.buckets import BucketAssignment, apply_bucket, read_buckets
 from lora_core.captioning import read_caption
+from lora_core.errors import DAMAGED_FILE_ERRORS
 from lora_core.fs import atomic_write_bytes, ensure_inside
 from lora_core.layout import SubjectLayout
 
@@ -154,7 +155,7 @@ class Latents:
                 with safe_open(str(cache), framework="pt") as handle:
                     if handle.metadata() == key and set(wanted) <= set(handle.keys()):
                         return {flipped: handle.get_tensor(name) for name, flipped in wanted.items()}
-            except Exception:
+            except DAMAGED_FILE_ERRORS:
                 pass  # damaged or foreign: encode again
         out = {
             flipped: self._encode(self._pixels(index, flipped)[None])[0].cpu().contiguous()
@@ -163,4 +164,3 @@ class Latents:
         if self.to_disk:
             atomic_write_bytes(cache, save_bytes({name: out[flipped] for name, flipped in wanted.items()}, key))
         return out
-

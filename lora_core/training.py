@@ -23,6 +23,7 @@ import torch
 
 from lora_core.conditioning import TextCondition, conditioning_for
 from lora_core.config import LoraConfig
+from lora_core.errors import RunFailure
 from lora_core.layout import SubjectLayout
 from lora_core.models import BaseModel, check_config_matches
 from lora_core.network import LoraNetwork
@@ -37,7 +38,7 @@ __all__ = ["MAX_GRAD_NORM", "EpochStats", "NonFiniteLossError", "Trainer"]
 MAX_GRAD_NORM = 1.0
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunFailure, RuntimeError):
     """The loss (or the gradient norm) became NaN or inf: the epoch stops, nothing is saved from it."""
 
 
