@@ -559,6 +559,7 @@ def epoch_boundary(trainer: Any, stats: Any, repeats: int = 3) -> dict[str, Any]
         "network_weights": "",
     }
     from lora_core.run_state import save_epoch as save
+
     kept: list[dict[str, Any]] = []
     saves, artifacts = [], []
     for _ in range(repeats):

@@ -18,11 +18,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import save as save_bytes
 
-from lora_core.config import LoraConfig
+from lora_core.config import LoraConfig, write_kohya_gui
+from lora_core.errors import RunFailure
 from lora_core.fs import atomic_write_bytes
 from lora_core.layout import SubjectLayout
-from lora_core.lora_io import save_lora
+from lora_core.lora_io import read_lora, save_lora
+from lora_core.memory import apply_steps
 from lora_core.metadata import kohya_metadata
+from lora_core.models import model_identity, require_base_model
+from lora_core.precision import resolve_device, resolve_precision
 
 if TYPE_CHECKING:
     from lora_core.training import EpochStats, Trainer
@@ -31,7 +35,10 @@ __all__ = [
     "NonFiniteWeightsError",
     "begin_run",
     "epoch_done",
+    "export_run_config",
     "finished_epoch",
+    "open_run",
+    "preflight",
     "publish_final",
     "read_state",
     "read_steps",
@@ -44,11 +51,46 @@ __all__ = [
 ]
 
 
-class NonFiniteWeightsError(RuntimeError):
+class NonFiniteWeightsError(RunFailure, RuntimeError):
     """The LoRA holds NaN or inf: nothing is written from it."""
 
 
 _SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
+
+
+def preflight(config: LoraConfig, device: str | None) -> None:
+    """What training needs, checked before any work: a base model named, a usable device, and a
+    starting LoRA (`network_weights`) that is one. Raises the `UserError` that says what to fix."""
+    require_base_model(config.pretrained_model_name_or_path)
+    resolve_device(device)
+    if config.network_weights:
+        read_lora(Path(config.network_weights))
+
+
+def open_run(
+    layout: SubjectLayout,
+    config: LoraConfig,
+    device: str | None,
+    *,
+    first_epoch: int = 1,
+    continues: str | None = None,
+) -> tuple[LoraConfig, str]:
+    """The run `config` trains, made `result_current/`'s own (`begin_run`): its config and key.
+
+    A starting LoRA sets the rank and alpha (the seed's resume trains at the
+    LoRA's own), and the returned config reads it from the run's own copy. The
+    key includes the precision that will really be used on `device`.
+    """
+    if config.network_weights:
+        source = read_lora(Path(config.network_weights))
+        shape = (source.rank, next(iter(source.modules.values()))[2])
+        if shape != (config.network_dim, config.network_alpha):
+            config = config.model_copy(update={"network_dim": shape[0], "network_alpha": shape[1]})
+    identity = model_identity(config.pretrained_model_name_or_path or "")
+    precision = resolve_precision(config.mixed_precision, device).name
+    key = run_key(config, identity, layout, first_epoch=first_epoch, precision=precision)
+    start = begin_run(layout, key, config.network_weights, continues=continues)
+    return config.model_copy(update={"network_weights": start}), key
 
 
 def begin_run(
@@ -278,6 +320,25 @@ def publish_final(layout: SubjectLayout, epoch: int) -> Path:
     """`result_current/<token>.safetensors`: the chosen epoch under the name users load."""
     atomic_write_bytes(layout.final_lora, layout.epoch_lora(epoch).read_bytes())
     return layout.final_lora
+
+
+def export_run_config(layout: SubjectLayout, config: LoraConfig, run_key: str | None = None) -> Path | None:
+    """`result_current/kohya_ss_config.json`: the run's settings as kohya_ss GUI JSON (the seed loads it there).
+
+    Before training (`run_key` None): the settings as given, but never over a
+    trained run's own file (None then). After: what the run really used, its
+    out-of-memory steps applied and the LoRA it started from under the user's
+    path, not the run's private copy.
+    """
+    if run_key is None and any(layout.result_current.glob("*.safetensors")):
+        return None
+    if run_key is not None:
+        config = apply_steps(config, read_steps(layout, run_key))
+        config = config.model_copy(update={"network_weights": run_info(layout, run_key).get("network_weights") or None})
+    path = layout.result_current / "kohya_ss_config.json"
+    paths = {"train_data_dir": layout.training_images.resolve(), "output_dir": layout.result_current.resolve()}
+    write_kohya_gui(path, config, output_name=layout.token, **paths)
+    return path
 
 
 def read_steps(layout: SubjectLayout, run_key: str) -> list[dict[str, Any]]:

@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import imagehash
 import numpy as np
 from PIL import Image, ImageDraw
 
-from lora_core.config import SelectionSettings
+from lora_core.config import LoraConfig, SelectionSettings
 from lora_core.quality import blockiness, sharpness
 
 __all__ = [
@@ -46,7 +47,9 @@ __all__ = [
     "guards",
     "leave_one_out_ceiling",
     "metric_chart",
+    "resume_config",
     "select",
+    "verdict_note",
 ]
 
 
@@ -341,3 +344,31 @@ def metric_chart(metrics: list[dict], chosen: int | None = None, size: tuple[int
         draw.text((width - right + 8, legend), f"{name} {low:.3g}-{high:.3g}", fill=colour)
         legend += 14
     return image
+
+
+# --- After the choice: train on, or finish --------------------------------------------
+
+
+def resume_config(config: LoraConfig, verdict: str, rounds: int, last_lora: Path) -> LoraConfig | None:
+    """The seed's resume rule, automated: an undertrained run trains `resume_epochs` more epochs from its
+    last epoch's LoRA, at most `max_resumes` times. None when it is done (not undertrained, or resumes
+    used up); `rounds` counts the selections made so far, this one included."""
+    settings = config.selection
+    if verdict != "undertrained" or rounds > settings.max_resumes:
+        return None
+    more = {"network_weights": str(last_lora), "max_train_epochs": settings.resume_epochs}
+    return LoraConfig.model_validate(config.model_dump() | more)
+
+
+def verdict_note(verdict: str, chosen_epoch: int, last_lora: Path, resumes: int | None, max_resumes: int) -> str | None:
+    """The last word on an undertrained choice: how to train more by hand. `resumes`: the automatic
+    resumes used (None where the run was only selected in, not trained)."""
+    if verdict != "undertrained":
+        return None
+    how = f"to train more, run again with --network-weights {last_lora}"
+    if resumes is None:
+        return f"undertrained: epoch {chosen_epoch} is the best so far; {how}"
+    return (
+        f"still undertrained after {resumes} resume(s) (max_resumes {max_resumes}): epoch "
+        f"{chosen_epoch} is the best so far; {how}"
+    )

@@ -9,7 +9,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 import lora_core.buckets
 import lora_core.manifest
-from lora_core.buckets import BucketPlan, BucketResult, bucket_subject
+from lora_core.buckets import BucketPlan, BucketResult, bucket_subject, buckets_intact
 from lora_core.layout import SubjectLayout
 from lora_core.quality import QualityResult
 from tasks.artifacts import publish_buckets
@@ -20,7 +20,11 @@ from tasks.stage import stage
 BUCKETS_CACHE = TASK_SOURCE + INPUTS + CodeVersion(modules=(lora_core.buckets, lora_core.manifest))
 
 
-@stage("buckets", BUCKETS_CACHE)
+def _outputs_intact(dataset: QualityResult, workdir: Path, plan: BucketPlan, batch_size: int) -> bool:
+    return buckets_intact(SubjectLayout(workdir, dataset.token), plan)
+
+
+@stage("buckets", BUCKETS_CACHE, outputs_intact=_outputs_intact)
 def bucket_images(dataset: QualityResult, workdir: Path, plan: BucketPlan, batch_size: int) -> BucketResult:
     """Assign each training image to an aspect-ratio bucket; write buckets.csv."""
     result = bucket_subject(SubjectLayout(workdir, dataset.token), plan, batch_size)

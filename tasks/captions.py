@@ -10,7 +10,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 import lora_core.captioning
 import lora_core.manifest
 import lora_core.tiny_models
-from lora_core.captioning import CaptionResult, caption_subject
+from lora_core.captioning import CaptionResult, caption_subject, captions_intact
 from lora_core.config import CaptionSettings
 from lora_core.layout import SubjectLayout
 from lora_core.quality import QualityResult
@@ -23,7 +23,14 @@ CAPTIONS_CACHE = (
 )
 
 
-@stage("captions", CAPTIONS_CACHE)
+def _outputs_intact(
+    dataset: QualityResult, workdir: Path, settings: CaptionSettings, caption_extension: str, model_identity: str
+) -> bool:
+    """Every accepted image has its caption, as written, for these settings (an edit re-runs, and is kept)."""
+    return captions_intact(SubjectLayout(workdir, dataset.token), caption_extension, settings)
+
+
+@stage("captions", CAPTIONS_CACHE, outputs_intact=_outputs_intact)
 def caption_images(
     dataset: QualityResult,
     workdir: Path,

@@ -15,8 +15,8 @@ import lora_core.quality
 from lora_core.config import CheckSettings, SubjectType
 from lora_core.ingest import IngestResult
 from lora_core.layout import SubjectLayout
-from lora_core.orientation import OrientationResult, check_orientation
-from lora_core.quality import QualityResult, check_quality
+from lora_core.orientation import OrientationResult, check_orientation, orientation_intact
+from lora_core.quality import QualityResult, check_quality, quality_intact
 from tasks.artifacts import publish_checks
 from tasks.caching import CodeVersion
 from tasks.stage import stage
@@ -29,7 +29,13 @@ _CODE = CodeVersion(
 CHECKS_CACHE = TASK_SOURCE + INPUTS + _CODE
 
 
-@stage("checks", CHECKS_CACHE)
+def _checks_intact(
+    ingested: IngestResult, workdir: Path, settings: CheckSettings, subject_type: SubjectType, min_images: int
+) -> bool:
+    return orientation_intact(SubjectLayout(workdir, ingested.token), ingested.rows, settings, subject_type, min_images)
+
+
+@stage("checks", CHECKS_CACHE, outputs_intact=_checks_intact)
 def check_images(
     ingested: IngestResult, workdir: Path, settings: CheckSettings, subject_type: SubjectType, min_images: int
 ) -> OrientationResult:
@@ -44,7 +50,13 @@ def check_images(
     return result
 
 
-@stage("crop", CHECKS_CACHE)
+def _crop_intact(
+    checked: OrientationResult, workdir: Path, settings: CheckSettings, subject_type: SubjectType, min_images: int
+) -> bool:
+    return quality_intact(SubjectLayout(workdir, checked.token), checked.rows, settings, subject_type, min_images)
+
+
+@stage("crop", CHECKS_CACHE, outputs_intact=_crop_intact)
 def crop_images(
     checked: OrientationResult,
     workdir: Path,

@@ -11,7 +11,7 @@ import lora_core.ingest
 import lora_core.manifest
 import lora_core.sources
 from lora_core.config import IngestSettings
-from lora_core.ingest import IngestResult, TooFewImagesError, ingest
+from lora_core.ingest import IngestResult, TooFewImagesError, ingest, ingest_stamp, layout_intact
 from lora_core.layout import SubjectLayout
 from tasks.artifacts import ingest_summary, publish_ingest
 from tasks.caching import CodeVersion, InputContent
@@ -25,7 +25,15 @@ INGEST_CACHE = (
 )
 
 
-@stage("ingest", INGEST_CACHE)
+def _outputs_intact(
+    photos: Path, token: str, workdir: Path, settings: IngestSettings, num_repeats: int | None = None
+) -> bool:
+    """The layout on disk was made from these photos and settings, and every accepted image is there."""
+    layout = SubjectLayout(workdir, token)
+    return layout_intact(layout, ingest_stamp(Path(photos), layout, settings, num_repeats))
+
+
+@stage("ingest", INGEST_CACHE, outputs_intact=_outputs_intact)
 def ingest_photos(
     photos: Path, token: str, workdir: Path, settings: IngestSettings, num_repeats: int | None = None
 ) -> IngestResult:

@@ -6,6 +6,7 @@ import copy
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from prefect import get_run_logger
@@ -21,6 +22,7 @@ from lora_core.evaluation import (
     RunFiles,
     SelectionError,
     find_run,
+    grids_intact,
     measure_run,
     metric_spec,
     publish_choice,
@@ -33,10 +35,10 @@ from lora_core.fs import sha256_file
 from lora_core.lora_io import LoraFile, read_lora
 from lora_core.models import load_base_model, model_identity
 from lora_core.sampling import SampleSpec, contact_sheet
-from lora_core.selection import select
+from lora_core.selection import select, verdict_note
 from tasks.artifacts import publish_selection, publish_strengths
 from tasks.caching import CodeVersion
-from tasks.stage import stage
+from tasks.stage import stage, step
 
 SELECT_CACHE = (
     TASK_SOURCE + INPUTS + CodeVersion(modules=(lora_core.evaluation, lora_core.selection, lora_core.sampling))
@@ -81,6 +83,10 @@ class SelectRequest(BaseModel):
     def base_identity(self) -> str:
         return model_identity(self.config.pretrained_model_name_or_path or "")
 
+    def with_epochs(self, epochs: list[Any]) -> SelectRequest:
+        """This request over the epochs trained so far that wrote a LoRA file."""
+        return self.model_copy(update={"epochs": [e.epoch for e in epochs if e.lora]})
+
     def epoch_hashes(self) -> dict[int, str]:
         """The epoch files' bytes, so the stage's cache key follows them (not just their names)."""
         return {epoch: sha256_file(path) for epoch, path in self.run().epochs.items()}
@@ -104,7 +110,11 @@ class GridsResult(BaseModel):
     rendered: list[int]  # 0: the base model
 
 
-@stage("samples", SELECT_CACHE)
+def _grids_intact(request: SelectRequest, epoch_hashes: dict[int, str]) -> bool:
+    return grids_intact(request.run(), request.spec(), request.base_identity())
+
+
+@stage("samples", SELECT_CACHE, outputs_intact=_grids_intact)
 def render_metric_grids(request: SelectRequest, epoch_hashes: dict[int, str]) -> GridsResult:
     """The metric grid of the base model and of every epoch not rendered before (kept on disk)."""
     logger = get_run_logger()
@@ -129,19 +139,21 @@ class SelectResult(BaseModel):
     record: dict  # what selection.json holds
 
 
-@stage("select", SELECT_CACHE)
+def _selection_intact(request: SelectRequest, epoch_hashes: dict[int, str], rounds: list[dict]) -> bool:
+    return request.run().selection_json.is_file()
+
+
+@stage("select", SELECT_CACHE, outputs_intact=_selection_intact)
 def select_epoch(request: SelectRequest, epoch_hashes: dict[int, str], rounds: list[dict]) -> SelectResult:
     """Measure every epoch, choose one, write `selection.json`, publish the report.
 
     `rounds` are the earlier rounds of this run (before each resume); this round is added to them.
     """
-    logger = get_run_logger()
     run, spec, settings = request.run(), request.spec(), request.config.selection
     embed, why_not = subject_embedder(request.config)
     series, notes = measure_run(run, spec, request.base_identity(), embed)
-    notes = ([why_not] if why_not else []) + notes
     selection = select(series, settings)
-    reasons = selection.reasons + notes
+    reasons = selection.reasons + ([why_not] if why_not else []) + notes
     this_round = {
         "round": len(rounds) + 1,
         "epochs": sorted(run.epochs),
@@ -163,7 +175,7 @@ def select_epoch(request: SelectRequest, epoch_hashes: dict[int, str], rounds: l
     }
     write_selection(run, record)
     publish_selection(run, spec, record)
-    logger.info("select: %s, epoch %d: %s", selection.verdict, selection.chosen_epoch, "; ".join(reasons))
+    get_run_logger().info("select: %s, epoch %d: %s", selection.verdict, selection.chosen_epoch, "; ".join(reasons))
     return SelectResult(
         verdict=selection.verdict,
         chosen_epoch=selection.chosen_epoch,
@@ -175,9 +187,14 @@ def select_epoch(request: SelectRequest, epoch_hashes: dict[int, str], rounds: l
     )
 
 
-def finish_selection(request: SelectRequest, result: SelectResult, note: str | None) -> SelectResult:
-    """Record the last word (e.g. resumes used up) in `selection.json` and make the choice the final file."""
+@step("publish-choice")
+def publish_chosen(request: SelectRequest, result: SelectResult, resuming: bool) -> SelectResult:
+    """The choice becomes `<name>.safetensors`; `selection.json` gets the last word (how to train an
+    undertrained LoRA more; `resuming`: the flow trained on automatically, so say how often)."""
     run = request.run()
+    resumes = len(result.rounds) - 1 if resuming else None
+    last = run.epochs[max(run.epochs)]
+    note = verdict_note(result.verdict, result.chosen_epoch, last, resumes, request.config.selection.max_resumes)
     record = copy.deepcopy(result.record)
     if note:
         record["reasons"].append(note)
@@ -189,7 +206,11 @@ def finish_selection(request: SelectRequest, result: SelectResult, note: str | N
     return result
 
 
-@stage("txt2img", SELECT_CACHE)
+def _chosen_intact(request: SelectRequest, epoch: int, lora_sha: str, txt2img: Path) -> bool:
+    return any(Path(txt2img).glob(f"{request.run().name}_e{epoch:06d}_w*.png"))
+
+
+@stage("txt2img", SELECT_CACHE, outputs_intact=_chosen_intact)
 def render_chosen(request: SelectRequest, epoch: int, lora_sha: str, txt2img: Path) -> list[Path]:
     """The chosen epoch at each strength (`selection.strengths`), the sample prompts, into `txt2img-images/`."""
     run, config = request.run(), request.config

@@ -1,25 +1,107 @@
-"""The options every pipeline stage shares, so each stage module states only what differs."""
+"""The one way to write a pipeline stage: a Prefect task that also knows whether its files are still whole.
+
+A stage's cached result is only worth returning while the files it wrote are
+on disk and unchanged, so each stage declares that check (`outputs_intact`,
+called with the task's own arguments) next to the task, and calling the stage
+decides `refresh_cache` from it. A flow then calls a stage like a function:
+
+    with stage_results(layout.prefect_results) as cached:
+        ingested = ingest_photos(photos, token, workdir, config.ingest, config.num_repeats)
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, ParamSpec, TypeVar
 
-from prefect import task
+from prefect import Task, task
 from prefect.cache_policies import CachePolicy
 
 from tasks.retries import retry_transient
 
+P = ParamSpec("P")
+R = TypeVar("R")
 
-def stage(name: str, cache_policy: CachePolicy) -> Callable[[Callable[..., Any]], Any]:
-    """A Prefect task whose JSON result persists (so a cache hit survives the process),
-    retried twice on transient failures and never on bad input."""
-    return task(
-        name=name,
-        cache_policy=cache_policy,
-        persist_result=True,
-        result_serializer="json",
-        retries=2,
-        retry_delay_seconds=[2, 10],
-        retry_condition_fn=retry_transient,
-    )
+
+@dataclass
+class _Results:
+    storage: Path
+    cached: list[str] = field(default_factory=list)
+
+
+_RESULTS: ContextVar[_Results | None] = ContextVar("stage_results", default=None)
+
+
+@contextmanager
+def stage_results(storage: Path, cached: list[str] | None = None) -> Iterator[list[str]]:
+    """Stages called inside keep their results in `storage` (so a cache hit survives the process);
+    yields the list (`cached`, if given) of stage names answered from the cache, in call order."""
+    results = _Results(Path(storage).resolve(), cached if cached is not None else [])
+    token = _RESULTS.set(results)
+    try:
+        yield results.cached
+    finally:
+        _RESULTS.reset(token)
+
+
+class Stage(Generic[P, R]):
+    """A Prefect task plus the check that its outputs on disk are intact; calling it runs the task."""
+
+    def __init__(self, task: Task[P, R], outputs_intact: Callable[P, bool] | None = None) -> None:
+        self.task = task
+        self.outputs_intact = outputs_intact
+
+    @property
+    def name(self) -> str:
+        return self.task.name
+
+    @property
+    def fn(self) -> Callable[P, R]:
+        """The undecorated function (no Prefect), for tests and for callers outside a flow."""
+        return self.task.fn
+
+    def with_options(self, **options: Any) -> Stage[P, R]:
+        return Stage(self.task.with_options(**options), self.outputs_intact)
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        results = _RESULTS.get()
+        options: dict[str, Any] = {}
+        if self.outputs_intact is not None:
+            options["refresh_cache"] = not self.outputs_intact(*args, **kwargs)
+        if results is not None:
+            options["result_storage"] = results.storage
+        state = self.task.with_options(**options)(*args, return_state=True, **kwargs)
+        if results is not None and state.name == "Cached":
+            results.cached.append(self.name)
+        return state.result()
+
+
+def stage(
+    name: str, cache_policy: CachePolicy, outputs_intact: Callable[..., bool] | None = None
+) -> Callable[[Callable[P, R]], Stage[P, R]]:
+    """Make a stage: a Prefect task whose JSON result persists, retried twice on transient failures
+    and never on bad input (`tasks.retries`), refreshed whenever `outputs_intact(*args)` is False."""
+
+    def decorate(fn: Callable[P, R]) -> Stage[P, R]:
+        prefect_task = task(
+            name=name,
+            cache_policy=cache_policy,
+            persist_result=True,
+            result_serializer="json",
+            retries=2,
+            retry_delay_seconds=[2, 10],
+            retry_condition_fn=retry_transient,
+        )(fn)
+        return Stage(prefect_task, outputs_intact)
+
+    return decorate
+
+
+def step(name: str) -> Callable[[Callable[P, R]], Task[P, R]]:
+    """A bookkeeping task between stages (start a run, publish its file): run every time, nothing
+    cached, retried like a stage."""
+    return task(name=name, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient)

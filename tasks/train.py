@@ -28,6 +28,7 @@ from lora_core.lora_io import read_lora
 from lora_core.memory import apply_steps, free_memory, oom_step
 from lora_core.models import load_base_model
 from lora_core.run_state import (
+    epoch_done,
     finished_epoch,
     read_steps,
     record_steps,
@@ -83,6 +84,13 @@ class TrainRequest(BaseModel):
     device: str | None = None
     base_model_config: str | None = None  # a single-file checkpoint's diffusers config folder or hub id
     first_epoch: int = 1  # a resume round numbers its epochs on from the run it continues
+
+    @property
+    def last_epoch(self) -> int:
+        return self.first_epoch - 1 + self.config.max_train_epochs
+
+    def epochs(self) -> range:
+        return range(self.first_epoch, self.last_epoch + 1)
 
 
 class EpochResult(BaseModel):
@@ -150,7 +158,11 @@ def _on_step(trainer: Trainer, token: str, every: int) -> Callable[[int, float, 
     return on_step
 
 
-@stage("train-epoch", TRAIN_CACHE)
+def _epoch_intact(request: TrainRequest, epoch: int) -> bool:
+    return epoch_done(SubjectLayout(request.workdir, request.token), request.run_key, epoch)
+
+
+@stage("train-epoch", TRAIN_CACHE, outputs_intact=_epoch_intact)
 def train_epoch(request: TrainRequest, epoch: int) -> EpochResult:
     """Train one epoch; write `<token>-00000N.safetensors` and the state to continue from it.
 
@@ -161,12 +173,12 @@ def train_epoch(request: TrainRequest, epoch: int) -> EpochResult:
     epoch, never from a half-trained network.
     """
     layout = SubjectLayout(request.workdir, request.token)
-    last_epoch = request.first_epoch - 1 + request.config.max_train_epochs
     if (done := finished_epoch(layout, request.run_key, epoch)) is not None:
         get_run_logger().info("train: epoch %d was finished before the last run stopped; kept", epoch)
+        lora = layout.epoch_lora(epoch) if done.get("lora", True) else None
         return EpochResult(
             epoch=epoch,
-            lora=layout.epoch_lora(epoch) if done.get("lora", True) else None,
+            lora=lora,
             global_step=done["global_step"],
             mean_loss=sum(done["losses"]) / max(1, len(done["losses"])),
             losses=done["losses"],
@@ -176,24 +188,14 @@ def train_epoch(request: TrainRequest, epoch: int) -> EpochResult:
     try:
         trainer, stats = _train_with_ladder(request, layout, epoch)
         info = run_info(trainer.layout, request.run_key, request.config.network_weights)
-        write_lora = saves_lora(trainer.config, epoch, last_epoch)
+        write_lora = saves_lora(trainer.config, epoch, request.last_epoch)
         path = save_epoch(trainer, request.run_key, info, stats, write_lora=write_lora)
         every = request.config.sample_every_n_epochs
         samples = _render_samples(trainer, request.token, epoch=epoch) if every and epoch % every == 0 else []
     except BaseException:
         release_trainers()  # a retry reloads the last saved epoch
         raise
-    get_run_logger().info(
-        "train: epoch %d/%d: %d steps, mean loss %.4f -> %s",
-        epoch,
-        last_epoch,
-        len(stats.losses),
-        stats.mean_loss,
-        path.name if path else "no LoRA file (save_every_n_epochs)",
-    )
-    if stats.skipped_steps:
-        skipped = stats.skipped_steps
-        get_run_logger().warning("train: fp16 overflow: step(s) %s skipped, the loss scale lowered", skipped)
+    _log_epoch(request, stats, path)
     result = EpochResult(
         epoch=epoch,
         lora=path,
@@ -206,6 +208,21 @@ def train_epoch(request: TrainRequest, epoch: int) -> EpochResult:
     )
     publish_epoch(request.token, result.epoch, result.losses, result.lrs, path)
     return result
+
+
+def _log_epoch(request: TrainRequest, stats: EpochStats, path: Path | None) -> None:
+    logger = get_run_logger()
+    saved = path.name if path else "no LoRA file (save_every_n_epochs)"
+    logger.info(
+        "train: epoch %d/%d: %d steps, mean loss %.4f -> %s",
+        stats.epoch,
+        request.last_epoch,
+        len(stats.losses),
+        stats.mean_loss,
+        saved,
+    )
+    if stats.skipped_steps:
+        logger.warning("train: fp16 overflow: step(s) %s skipped, the loss scale lowered", stats.skipped_steps)
 
 
 def _train_with_ladder(request: TrainRequest, layout: SubjectLayout, epoch: int) -> tuple[Trainer, EpochStats]:

@@ -259,7 +259,7 @@ def test_a_second_run_is_served_from_the_cache(trained_run):
 
 
 def test_select_only_on_a_kohya_folder_and_on_our_run(trained_run, tmp_path, capsys):
-    from flows.train_subject import main
+    from flows.cli import main
 
     files = {e: trained_run.epoch_lora(e).read_bytes() for e in (1, 2, 3)}
     folder = _kohya_folder(tmp_path, {1: files[1], 2: files[2]}, last=(3, files[3]))
@@ -291,7 +291,7 @@ def test_select_only_on_a_kohya_folder_and_on_our_run(trained_run, tmp_path, cap
     # A folder with no epoch files fails clearly, before loading anything.
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main(["--select-only", str(empty), "--token", "x", "--base-model", TINY_SD15]) == 1
+    assert main(["--select-only", str(empty), "--token", "x", "--base-model", TINY_SD15]) == 2  # a user error
     assert "no epoch files" in capsys.readouterr().err
 
 

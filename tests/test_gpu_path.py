@@ -133,7 +133,7 @@ def test_without_an_explicit_device_the_cpu_trains_in_fp32_with_a_note(builtin_m
 
 
 def _cli(tmp_path, photos, config: dict, *extra: str) -> tuple[int, str]:
-    from flows.train_subject import main
+    from flows.cli import main
 
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
@@ -258,7 +258,7 @@ def test_a_poisoned_cuda_context_is_not_retried_in_the_same_process():
 
 
 def test_a_device_that_is_not_here_is_refused_before_any_work(tmp_path, capsys):
-    from flows.train_subject import main
+    from flows.cli import main
 
     for device, why in (("cuda", "no CUDA device"), ("tpu", "want cpu, cuda or cuda:N")):
         assert main([str(tmp_path), "--token", "t0k3n", "--device", device]) == 2

@@ -1,0 +1,325 @@
+"""The command line: `python -m flows.train_subject PHOTOS --token TOKEN` (flags, settings, the printed summary).
+
+Errors follow `lora_core.errors`: a `UserError` (bad input, unreachable model,
+bad setting) prints its message and exits 2, a `RunFailure` (a NaN loss)
+exits 1, anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from flows.report import STAGES
+from lora_core.config import preset_config
+from lora_core.errors import EXIT_USER_ERROR, RunFailure, UserError, exit_code
+from lora_core.layout import validate_token
+from lora_core.precision import resolve_device
+from lora_core.run_config import resolve_config
+from lora_core.run_state import preflight
+
+PROG = "python -m flows.train_subject"
+_Option = tuple[tuple[str, ...], dict[str, Any]]
+
+OPTIONS: tuple[_Option, ...] = (
+    (
+        ("photos",),
+        {
+            "type": Path,
+            "nargs": "?",
+            "help": "folder of photos (searched recursively) or a .zip of them; with --select-only, optional "
+            "reference photos of the subject (default: the run's own training images)",
+        },
+    ),
+    (
+        ("--token",),
+        {"required": True, "help": "trigger token naming the subject, e.g. t0k3n: letters, digits, '_' or '-'"},
+    ),
+    (
+        ("--workdir",),
+        {
+            "type": Path,
+            "default": Path("work"),
+            "help": "work folder; the subject goes to WORKDIR/TOKEN/ (default: ./work)",
+        },
+    ),
+    (
+        ("--config",),
+        {"type": Path, "help": "kohya_ss GUI LoRA JSON or CivitAI training JSON; its values override the preset"},
+    ),
+    (
+        ("--preset",),
+        {
+            "choices": ["sd15", "sdxl"],
+            "help": "starting settings from the seed's recipe (default: sd15, or sdxl when the config file is SDXL)",
+        },
+    ),
+    (
+        ("--subject-type",),
+        {
+            "choices": ["person", "object", "style"],
+            "help": "what the LoRA learns (default: person); face-based checks apply to a person only",
+        },
+    ),
+    (
+        ("--mirror-policy",),
+        {
+            "choices": ["flag", "fix", "reject"],
+            "help": "photos that look mirrored: flag (report, keep; default), fix (flip back) or reject",
+        },
+    ),
+    (
+        ("--quality-policy",),
+        {
+            "choices": ["flag", "reject"],
+            "help": "photos a quality check flags (faces, blur, pixelation, upscaling, another person): flag "
+            "(default) or reject",
+        },
+    ),
+    (
+        ("--caption-model",),
+        {
+            "help": "BLIP captioning model: hub id, local folder, or builtin:tiny-blip (no download; nonsense "
+            f"words) (default: {preset_config().captioning.model})"
+        },
+    ),
+    (
+        ("--recaption",),
+        {
+            "action": "store_true",
+            "default": None,
+            "help": "caption with BLIP even photos that came with a caption (hand-edited caption files are "
+            "always kept)",
+        },
+    ),
+    (
+        ("--base-model",),
+        {
+            "help": "base model: hub id, local diffusers folder, .safetensors checkpoint, or builtin:tiny-sd15 / "
+            "builtin:tiny-sdxl (no download; for trying the pipeline)"
+        },
+    ),
+    (
+        ("--base-model-config",),
+        {
+            "help": "for a single-file checkpoint: a diffusers folder (or hub id) of the same architecture whose "
+            "configs describe it; needed offline, as diffusers otherwise fetches them from the hub"
+        },
+    ),
+    (
+        ("--device",),
+        {
+            "help": "where to train and render: cpu, cuda or cuda:N (default: cuda when there is one, else the "
+            "CPU in fp32); an explicit device trains in the config's mixed_precision, on the CPU too"
+        },
+    ),
+    (
+        ("--network-weights",),
+        {
+            "type": Path,
+            "help": "start from this kohya-format LoRA (ours or kohya's): the seed's way to train an "
+            "undertrained LoRA more",
+        },
+    ),
+    (
+        ("--epochs",),
+        {"type": int, "help": "epochs to train (kohya: max_train_epochs; the seed starts with 6)"},
+    ),
+    (
+        ("--stop-after",),
+        {
+            "choices": STAGES,
+            "default": STAGES[-1],
+            "help": f"stop after this stage (stages: {', '.join(STAGES)})",
+        },
+    ),
+    (
+        ("--select-only",),
+        {
+            "type": Path,
+            "metavar": "RUN_FOLDER",
+            "help": "no training: choose an epoch of an existing run, ours (WORKDIR/TOKEN) or a kohya output "
+            "folder of <name>-000001.safetensors files; needs --base-model (or the run's kohya_ss_config.json)",
+        },
+    ),
+    (
+        ("--max-resumes",),
+        {
+            "type": int,
+            "help": "an undertrained run continues from its last epoch at most this often (default: 2; 0: never)",
+        },
+    ),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Train a Stable Diffusion LoRA of a subject from a folder of photos "
+        "(the seed's recipe, automated). Runs locally on Prefect's embedded default; "
+        "set PREFECT_API_URL to report to a Prefect server instead.",
+    )
+    for names, options in OPTIONS:
+        parser.add_argument(*names, **options)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The run's config: the preset, then the config file, then the command line's flags
+    (`lora_core.run_config.resolve_config`). Raises `ConfigError` naming the file or flag and the field."""
+    config_file = args.config
+    if config_file is None and args.select_only is not None:  # the run's own settings, as we exported them
+        for candidate in (args.select_only / "result_current", args.select_only):
+            if (candidate / "kohya_ss_config.json").is_file():
+                config_file = candidate / "kohya_ss_config.json"
+    overrides = {
+        "pretrained_model_name_or_path": args.base_model,
+        "network_weights": str(args.network_weights) if args.network_weights else None,
+        "max_train_epochs": args.epochs,
+        "subject_type": args.subject_type,
+        "selection": {"max_resumes": args.max_resumes},
+        "checks": {"mirror_policy": args.mirror_policy, "quality_policy": args.quality_policy},
+        "captioning": {"model": args.caption_model, "recaption": args.recaption},
+    }
+    return resolve_config(args.preset, config_file, overrides, origin="the command line")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # The embedded server has no network here or on most GPU boxes: don't try to phone home.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if args.select_only is None and args.photos is None:
+        return _fail("name the photos folder (or --select-only RUN_FOLDER to choose an epoch of a run)")
+    try:
+        validate_token(args.token)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            config = config_from_args(args)
+        for warning in caught:
+            print(f"warning: {warning.message}", file=sys.stderr)
+        resolve_device(args.device)
+        if config.network_weights and args.select_only is None:
+            preflight(config, args.device)  # a starting LoRA that is not one fails now, before any work
+        summary = _run(args, config)
+    except (UserError, RunFailure) as err:
+        return _fail(str(err), exit_code(err))
+    print_summary(summary)
+    return 0
+
+
+def _fail(message: str, code: int | None = EXIT_USER_ERROR) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code or EXIT_USER_ERROR
+
+
+def _run(args: argparse.Namespace, config: Any) -> dict:
+    from flows.train_subject import select_only, train_subject  # Prefect loads only once the flags are good
+
+    common = {"token": args.token, "config": config, "base_model_config": args.base_model_config}
+    if args.select_only is not None:
+        return select_only(folder=args.select_only, photos=args.photos, device=args.device, **common)
+    return train_subject(
+        photos=args.photos, workdir=args.workdir, stop_after=args.stop_after, device=args.device, **common
+    )
+
+
+# --- The summary -------------------------------------------------------------------
+
+
+def print_summary(summary: dict) -> None:
+    """One line per stage that ran, naming the files a user opens next."""
+
+    def name(stage: str) -> str:
+        return f"{stage} (cached)" if stage in summary["cached"] else stage
+
+    if "select_only" not in summary:
+        for stage, printer in _PRINTERS.items():
+            if stage in summary:
+                printer(summary, name)
+    _print_selection(summary, name)
+
+
+def _print_ingest(summary: dict, name: Callable[[str], str]) -> None:
+    ingest = summary["ingest"]
+    print(
+        f"{name('ingest')}: {ingest['accepted']} accepted, {ingest['rejected']} rejected, {ingest['ignored']} ignored "
+        f"-> {ingest['class_dir']} (manifest: {ingest['manifest']})"
+    )
+
+
+def _print_checks(summary: dict, name: Callable[[str], str]) -> None:
+    checks = summary["checks"]
+    print(f"{name('checks')}: {checks['rotated']} turned upright, {checks['mirrored']} look mirrored")
+    for note in checks["notes"]:
+        print(f"checks: {note}")
+
+
+def _print_crop(summary: dict, name: Callable[[str], str]) -> None:
+    crop = summary["crop"]
+    framing = ", ".join(f"{n} {kind}" for kind, n in crop["framing"].items())
+    print(f"{name('crop')}: {crop['kept']} kept, {crop['flagged']} flagged, {crop['rejected']} left out; {framing}")
+    for note in [crop["guidance"], *crop["notes"]]:
+        print(f"crop: {note}")
+    print(f"crop: scores and decisions per photo in {summary['ingest']['manifest']}")
+
+
+def _print_buckets(summary: dict, name: Callable[[str], str]) -> None:
+    buckets = summary["buckets"]
+    counts = ", ".join(f"{bucket}: {n}" for bucket, n in buckets["counts"].items())
+    print(f"{name('buckets')}: {counts} (buckets.csv: {buckets['buckets_csv']})")
+    if buckets["short"]:
+        print(f"buckets: fewer images than a batch in {', '.join(buckets['short'])}")
+
+
+def _print_captions(summary: dict, name: Callable[[str], str]) -> None:
+    captions = summary["captions"]
+    sources = ", ".join(f"{n} {source}" for source, n in captions["by_source"].items() if n)
+    ran = "" if "captions" in summary["cached"] else f"; BLIP ran on {captions['generated']} image(s)"
+    print(f"{name('captions')}: {sources}{ran} (captions.csv: {captions['captions_csv']})")
+
+
+def _print_train(summary: dict, name: Callable[[str], str]) -> None:
+    cached_epochs = summary["cached"].count("train-epoch")
+    for epoch in summary["train"]["epochs"]:
+        label = "train (cached)" if cached_epochs >= epoch["epoch"] else "train"
+        lora = epoch["lora"] or "no file (save_every_n_epochs)"
+        print(f"{label}: epoch {epoch['epoch']}: mean loss {epoch['mean_loss']:.4f} -> {lora}")
+    samples = [path for epoch in summary["train"]["epochs"] for path in epoch.get("samples", [])]
+    if samples:
+        print(f"train: {len(samples)} sample image(s) in {Path(samples[0]).parent}")
+    print(f"train: final LoRA {summary['train']['final']}")
+
+
+_PRINTERS: dict[str, Callable[[dict, Callable[[str], str]], None]] = {
+    "ingest": _print_ingest,
+    "checks": _print_checks,
+    "crop": _print_crop,
+    "buckets": _print_buckets,
+    "captions": _print_captions,
+    "train": _print_train,
+}
+
+
+def _print_selection(summary: dict, name: Callable[[str], str]) -> None:
+    """The samples and select stages: what was rendered, the verdict with its reasons, the files."""
+    if "samples" in summary:
+        grids = summary["samples"]
+        rendered = ", ".join("base" if e == 0 else str(e) for e in grids["rendered"]) or "none new"
+        rendered = "" if "samples" in summary["cached"] else f" ({rendered} rendered)"
+        print(f"{name('samples')}: metric grids of epochs {grids['epochs']} and the base model{rendered}")
+        print(f"samples: grids in {grids['folder']}")
+    if "select" in summary:
+        choice = summary["select"]
+        print(f"{name('select')}: {choice['verdict']}, epoch {choice['chosen_epoch']} -> {choice.get('final', '')}")
+        for round_ in choice["rounds"][:-1]:
+            print(f"select: round {round_['round']}: {round_['verdict']} after epoch {round_['epochs'][-1]}: resumed")
+        for reason in choice["reasons"]:
+            print(f"select: {reason}")
+        print(f"select: metrics and reasons in {choice['selection_json']}")
+        if choice.get("txt2img"):
+            print(f"txt2img: {len(choice['txt2img'])} image(s) in {Path(choice['txt2img'][0]).parent}")

@@ -1,0 +1,61 @@
+"""The run folder's bookkeeping as Prefect tasks: its kohya_ss JSON, starting a run, publishing its LoRA.
+
+Each writes files, so each is a task the dashboard shows, never a side effect
+hidden in the flow's body.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger
+
+from lora_core.config import LoraConfig
+from lora_core.layout import SubjectLayout
+from lora_core.run_state import export_run_config, open_run, publish_final
+from tasks.stage import step
+from tasks.train import EpochResult, TrainRequest
+
+
+@step("export-settings")
+def export_settings(token: str, workdir: Path, config: LoraConfig) -> Path | None:
+    """The settings as kohya_ss GUI JSON in `result_current/`, before training (never over a trained run's)."""
+    return export_run_config(SubjectLayout(workdir, token), config)
+
+
+@step("start-run")
+def start_run(
+    token: str,
+    workdir: Path,
+    config: LoraConfig,
+    device: str | None = None,
+    base_model_config: str | None = None,
+    first_epoch: int = 1,
+    continues: str | None = None,
+) -> TrainRequest:
+    """Name the run and make `result_current/` its own: earlier results archived, never overwritten;
+    a resume round (`continues`) adds its epochs beside the run it extends."""
+    layout = SubjectLayout(workdir, token)
+    config, key = open_run(layout, config, device, first_epoch=first_epoch, continues=continues)
+    get_run_logger().info(
+        "train: run %s, epochs %d-%d", key[:12], first_epoch, first_epoch + config.max_train_epochs - 1
+    )
+    return TrainRequest(
+        token=token,
+        workdir=workdir,
+        config=config,
+        run_key=key,
+        base_model_config=base_model_config,
+        first_epoch=first_epoch,
+        device=device,
+    )
+
+
+@step("publish-run")
+def publish_run(request: TrainRequest, epochs: list[EpochResult]) -> Path:
+    """The last epoch as `<token>.safetensors` (until selection chooses), and the kohya_ss JSON of what
+    the run really used (out-of-memory steps included)."""
+    layout = SubjectLayout(request.workdir, request.token)
+    final = publish_final(layout, epochs[-1].epoch)
+    export_run_config(layout, request.config, request.run_key)
+    return final
