@@ -26,6 +26,7 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,11 +139,10 @@ def _optimizer_state(trainer: Any) -> dict[str, str]:
     optimizer = getattr(trainer, "optimizer", None)
     if optimizer is None:
         return {}
-    states = optimizer.state_dict()["state"]
+    states = list(optimizer.state.values())  # the live slots: bitsandbytes nests them in its state_dict
     if not states:
         return {}
-    first = states[min(states)]
-    return {key: str(value.dtype).removeprefix("torch.") for key, value in first.items() if torch.is_tensor(value)}
+    return {key: str(value.dtype).removeprefix("torch.") for key, value in states[0].items() if torch.is_tensor(value)}
 
 
 class _Stop(Exception):
@@ -326,6 +326,8 @@ def report(result: dict[str, Any]) -> str:
             f"same weights both ways {case['bare']['same_weights']}",
             f"optimizer slots {case['resume']['optimizer_slots']}",
         ]
+        if not case["boundary"].get("artifact_timed", True):
+            details.append("epoch boundary: save_epoch alone (no Prefect on this machine: the artifact not timed)")
         if case["ours"]["skipped_steps"]:
             details.append(f"fp16 steps skipped on overflow {case['ours']['skipped_steps']}")
         details += [f"note: {note}" for note in case["notes"]]
@@ -373,7 +375,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 result["cases"].append(run_case(cases[key], args, device, work))
             except Exception as error:  # one failed case (NaN, out of memory) must not lose the others' figures
-                result["cases"].append({"case": key, "error": f"{type(error).__name__}: {error}"})
+                failure = {"case": key, "error": f"{type(error).__name__}: {error}"}
+                result["cases"].append(failure | {"traceback": traceback.format_exc()})
+                print(traceback.format_exc(), file=sys.stderr)
             _free()
             print(f"{key}: {result['cases'][-1].get('error', 'done')}", file=sys.stderr, flush=True)
     finally:

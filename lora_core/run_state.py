@@ -230,9 +230,10 @@ def write_state(trainer: Trainer, path: Path) -> None:
     state = trainer.optimizer.state_dict()
     scalars: dict[str, Any] = {}
     for index, slots in state["state"].items():
-        for key, value in slots.items():
+        for key, value in _flat_slots(slots):
             if torch.is_tensor(value):
-                tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
+                # A copy each: 8-bit optimizers share one quantisation map between parameters.
+                tensors[f"optimizer.{index}.{key}"] = value.detach().to("cpu", copy=True).contiguous()
             else:
                 scalars[f"{index}.{key}"] = value
     tensors["rng.noise"] = trainer.noise.get_state()
@@ -244,6 +245,30 @@ def write_state(trainer: Trainer, path: Path) -> None:
         "grad_scaler": json.dumps(trainer.scaler.state_dict()),
     }
     atomic_write_bytes(Path(path), save_bytes(tensors, meta))
+
+
+def _flat_slots(slots: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """An optimizer's per-parameter state as (name, value) pairs, nested dicts named `outer/inner`.
+
+    bitsandbytes' 8-bit optimizers nest their quantisation state (`state1`,
+    `qmap1`, `absmax1`, ...) under `__bnb_optimizer_quant_state__`; torch's
+    keep every slot at the top.
+    """
+    pairs: list[tuple[str, Any]] = []
+    for key, value in slots.items():
+        if isinstance(value, dict):
+            pairs += _flat_slots(value, f"{prefix}{key}/")
+        else:
+            pairs.append((f"{prefix}{key}", value))
+    return pairs
+
+
+def _put_slot(slots: dict[str, Any], name: str, value: Any) -> None:
+    """Undo `_flat_slots` for one value: `outer/inner` goes back into the nested dict."""
+    *outer, last = name.split("/")
+    for key in outer:
+        slots = slots.setdefault(key, {})
+    slots[last] = value
 
 
 def read_state(trainer: Trainer, path: Path) -> None:
@@ -263,10 +288,10 @@ def read_state(trainer: Trainer, path: Path) -> None:
     for key, value in tensors.items():
         if key.startswith("optimizer."):
             _, index, slot = key.split(".", 2)
-            slots.setdefault(int(index), {})[slot] = value.to(trainer.device)
+            _put_slot(slots.setdefault(int(index), {}), slot, value.to(trainer.device))
     for key, value in json.loads(meta["optimizer_scalars"]).items():
         index, slot = key.split(".", 1)
-        slots.setdefault(int(index), {})[slot] = value
+        _put_slot(slots.setdefault(int(index), {}), slot, value)
     for group, saved in zip(state["param_groups"], json.loads(meta["param_groups"]), strict=True):
         group.update({k: v for k, v in saved.items() if k != "params"})
     trainer.optimizer.load_state_dict({"state": slots, "param_groups": state["param_groups"]})

@@ -276,3 +276,38 @@ def test_config_sdxl_and_v2_must_describe_the_model(builtin_models_home, tmp_pat
         bad = LoraConfig.model_validate(config.model_dump() | wrong)
         with pytest.raises(BaseModelError, match=next(iter(wrong))):
             Trainer(bad, base, layout)
+
+
+def test_an_8bit_adamw_state_saves_and_resumes(builtin_models_home, tmp_path, monkeypatch):
+    """The GPU's default optimizer, bitsandbytes' AdamW8bit, nests its quantisation state in its state
+    dict; an epoch's saved state must hold it and a fresh trainer must get it back (run on the CPU here,
+    which bitsandbytes' optimizers support, through the same `write_state`/`read_state` a GPU run uses)."""
+    import bitsandbytes
+
+    from lora_core.config import Optimizer
+    from lora_core.optim import OPTIMIZERS
+
+    def adamw8bit(groups, args, device):
+        return bitsandbytes.optim.AdamW8bit(groups, **args), None
+
+    monkeypatch.setitem(OPTIMIZERS, Optimizer.AdamW8bit, adamw8bit)
+    # min_8bit_size: the tiny LoRA's tensors are small; 8-bit state for all of them, as for SD's.
+    config = small_config(num_repeats=1, train_batch_size=2, optimizer="AdamW8bit", optimizer_args={"min_8bit_size": 1})
+    layout = make_subject(tmp_path, config, FOUR)
+    trainer = Trainer(config, load_base_model(TINY_SD15), layout, device="cpu")
+    assert isinstance(trainer.optimizer, bitsandbytes.optim.AdamW8bit)
+    trainer.run_epoch(1)
+    saved = trainer.optimizer.state_dict()["state"]
+    nested = saved[0]["__bnb_optimizer_quant_state__"]
+    assert nested["state1"].dtype == torch.uint8  # 8-bit moments: the state this test is about
+    path = tmp_path / "state.safetensors"
+    trainer.save_state(path)
+    fresh = Trainer(config, load_base_model(TINY_SD15), layout, device="cpu")
+    fresh.load_state(path)
+    loaded = fresh.optimizer.state_dict()["state"]
+    assert loaded.keys() == saved.keys()
+    for index, slots in saved.items():
+        for key, value in slots["__bnb_optimizer_quant_state__"].items():
+            assert torch.equal(loaded[index]["__bnb_optimizer_quant_state__"][key].cpu(), value.cpu()), (index, key)
+        assert loaded[index]["step"] == slots["step"]
+    assert fresh.global_step == trainer.global_step
