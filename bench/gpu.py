@@ -33,19 +33,9 @@ from typing import Any
 
 import torch
 
-from bench.models import (
-    ARCHITECTURES,
-    BareLoop,
-    StepClock,
-    all_finite,
-    bare_inputs,
-    build_base,
-    epoch_boundary,
-    fingerprint,
-    make_subject,
-    precision_name,
-    sample_decodes,
-)
+from bench.bare_loop import BareLoop, bare_inputs
+from bench.measure import StepClock, all_finite, epoch_boundary, precision_name, sample_decodes
+from bench.models import ARCHITECTURES, build_base, fingerprint, make_subject
 from lora_core.config import LoraConfig, preset_config
 from lora_core.layout import SEED_REPEAT_BUDGET
 

@@ -31,17 +31,9 @@ from typing import Any
 
 import torch
 
-from bench.models import (
-    ARCHITECTURES,
-    BareLoop,
-    StepClock,
-    all_finite,
-    bare_inputs,
-    build_base,
-    epoch_boundary,
-    make_subject,
-    precision_name,
-)
+from bench.bare_loop import BareLoop, bare_inputs
+from bench.measure import StepClock, all_finite, epoch_boundary, precision_name
+from bench.models import ARCHITECTURES, build_base, make_subject
 from lora_core.config import LoraConfig, preset_config
 from lora_core.layout import SEED_REPEAT_BUDGET
 

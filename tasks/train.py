@@ -103,6 +103,19 @@ class EpochResult(BaseModel):
     notes: list[str]
     samples: list[Path] = []
 
+    @classmethod
+    def kept(cls, layout: SubjectLayout, epoch: int, done: dict) -> EpochResult:
+        """An epoch finished on disk before (`run_state.finished_epoch`'s numbers)."""
+        return cls(
+            epoch=epoch,
+            lora=layout.epoch_lora(epoch) if done.get("lora", True) else None,
+            global_step=done["global_step"],
+            mean_loss=sum(done["losses"]) / max(1, len(done["losses"])),
+            losses=done["losses"],
+            lrs=done["lrs"],
+            notes=done["notes"],
+        )
+
 
 def _render_samples(trainer: Trainer, token: str, *, epoch: int | None = None, step: int | None = None) -> list[Path]:
     """The config's sample prompts on the trainer's loaded models, saved in `result_current/sample/`."""
@@ -175,16 +188,7 @@ def train_epoch(request: TrainRequest, epoch: int) -> EpochResult:
     layout = SubjectLayout(request.workdir, request.token)
     if (done := finished_epoch(layout, request.run_key, epoch)) is not None:
         get_run_logger().info("train: epoch %d was finished before the last run stopped; kept", epoch)
-        lora = layout.epoch_lora(epoch) if done.get("lora", True) else None
-        return EpochResult(
-            epoch=epoch,
-            lora=lora,
-            global_step=done["global_step"],
-            mean_loss=sum(done["losses"]) / max(1, len(done["losses"])),
-            losses=done["losses"],
-            lrs=done["lrs"],
-            notes=done["notes"],
-        )
+        return EpochResult.kept(layout, epoch, done)
     try:
         trainer, stats = _train_with_ladder(request, layout, epoch)
         info = run_info(trainer.layout, request.run_key, request.config.network_weights)

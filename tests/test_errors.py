@@ -114,7 +114,7 @@ def test_the_flow_refuses_a_starting_file_that_is_not_a_lora_before_any_work(pre
     config = preset_config().model_copy(
         update={"network_weights": str(bad), "pretrained_model_name_or_path": "builtin:tiny-sd15"}
     )
-    with pytest.raises(LoraFileError, match="start.safetensors"):
+    with pytest.raises(LoraFileError, match=r"start\.safetensors"):
         train_subject(photos=tmp_path, token="t0k3n", workdir=tmp_path / "W", config=config)
     assert not (tmp_path / "W" / "t0k3n").exists()
 
