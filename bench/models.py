@@ -27,11 +27,12 @@ from PIL import Image
 
 from lora_core.buckets import BucketPlan, apply_bucket, bucket_subject, read_buckets
 from lora_core.captioning import BlipCaptioner, caption_subject, read_caption
-from lora_core.config import IngestSettings, LoraConfig
+from lora_core.config import LoraConfig
 from lora_core.ingest import ingest
 from lora_core.layout import SubjectLayout
 from lora_core.lora_io import kohya_targets
 from lora_core.models import BaseModel
+from lora_core.settings import IngestSettings
 from lora_core.tiny_models import sd_noise_scheduler
 
 __all__ = [
@@ -559,6 +560,7 @@ def epoch_boundary(trainer: Any, stats: Any, repeats: int = 3) -> dict[str, Any]
         "network_weights": "",
     }
     from lora_core.run_state import save_epoch as save
+
     kept: list[dict[str, Any]] = []
     saves, artifacts = [], []
     for _ in range(repeats):

@@ -36,7 +36,8 @@ from pydantic import ValidationError
 
 from lora_core.buckets import BucketPlan, buckets_intact
 from lora_core.captioning import BlipCaptioner, CaptionModelError, captions_intact
-from lora_core.config import ConfigError, LoraConfig, load_config, preset_config, write_kohya_gui
+from lora_core.config import ConfigError, LoraConfig, preset_config
+from lora_core.config_io import load_config, write_kohya_gui
 from lora_core.evaluation import SelectionError, find_run, grids_intact
 from lora_core.faces import FaceModelError
 from lora_core.fs import PathEscapeError, sha256_file

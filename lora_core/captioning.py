@@ -34,11 +34,11 @@ from PIL import Image
 from pydantic import BaseModel
 from rich.progress import Progress
 
-from lora_core.config import CaptionSettings
 from lora_core.fs import JsonCache, atomic_output, atomic_write_text, ensure_inside, sha256_file, stamp_matches
 from lora_core.hub import hub_unreachable, model_identity, offline_help
 from lora_core.layout import SubjectLayout
 from lora_core.manifest import accepted_images
+from lora_core.settings import CaptionSettings
 from lora_core.tiny_models import is_builtin, materialize
 
 __all__ = [

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lora_core.config import DEFAULT_CLASS_PROMPTS, LoraConfig, Sampler, SelectionSettings, SubjectType
+from lora_core.config import LoraConfig, Sampler
 from lora_core.fs import JsonCache, atomic_output, atomic_write_bytes, atomic_write_text, sha256_file
 from lora_core.layout import SubjectLayout
 from lora_core.lora_io import LoraFile, LoraFileError, read_lora, read_metadata
@@ -43,6 +43,7 @@ from lora_core.models import BaseModel
 from lora_core.precision import Precision, resolve_precision
 from lora_core.sampling import SamplePrompt, SampleSpec, render
 from lora_core.selection import EpochMetrics, burn_score, copy_distance, diversity, fidelity, leave_one_out_ceiling
+from lora_core.settings import DEFAULT_CLASS_PROMPTS, SelectionSettings, SubjectType
 
 __all__ = [
     "BlipEmbedder",

@@ -22,10 +22,10 @@ from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel
 from rich.progress import Progress
 
-from lora_core.config import IngestSettings
 from lora_core.fs import atomic_write_text, content_stamp, sha256_bytes, stamp_matches
 from lora_core.layout import SubjectLayout, repeats_for
 from lora_core.manifest import read_manifest, write_manifest
+from lora_core.settings import IngestSettings
 from lora_core.sources import CAPTION_SUFFIXES, Entry, InputError, fingerprint_input, open_input
 
 __all__ = [

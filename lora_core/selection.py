@@ -33,8 +33,8 @@ import imagehash
 import numpy as np
 from PIL import Image, ImageDraw
 
-from lora_core.config import SelectionSettings
 from lora_core.quality import blockiness, sharpness
+from lora_core.settings import SelectionSettings
 
 __all__ = [
     "EpochMetrics",

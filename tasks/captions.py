@@ -11,9 +11,9 @@ import lora_core.captioning
 import lora_core.manifest
 import lora_core.tiny_models
 from lora_core.captioning import CaptionResult, caption_subject
-from lora_core.config import CaptionSettings
 from lora_core.layout import SubjectLayout
 from lora_core.quality import QualityResult
+from lora_core.settings import CaptionSettings
 from tasks.artifacts import publish_captions
 from tasks.caching import CodeVersion
 from tasks.stage import stage

@@ -10,9 +10,9 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 import lora_core.ingest
 import lora_core.manifest
 import lora_core.sources
-from lora_core.config import IngestSettings
 from lora_core.ingest import IngestResult, TooFewImagesError, ingest
 from lora_core.layout import SubjectLayout
+from lora_core.settings import IngestSettings
 from tasks.artifacts import ingest_summary, publish_ingest
 from tasks.caching import CodeVersion, InputContent
 from tasks.stage import stage

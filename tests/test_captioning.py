@@ -18,9 +18,9 @@ from lora_core.captioning import (
     strip_phrases,
     with_prefix,
 )
-from lora_core.config import DEFAULT_STRIP_PHRASES, CaptionSettings
 from lora_core.ingest import ingest
 from lora_core.layout import SubjectLayout
+from lora_core.settings import DEFAULT_STRIP_PHRASES, CaptionSettings
 from lora_core.tiny_models import materialize
 from tests.conftest import TINY_BLIP, photo
 

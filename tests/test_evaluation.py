@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from lora_core.config import LoraConfig, SelectionSettings
+from lora_core.config import LoraConfig
 from lora_core.evaluation import (
     FaceEmbedder,
     Reference,
@@ -25,6 +25,7 @@ from lora_core.evaluation import (
 from lora_core.lora_io import read_lora
 from lora_core.models import load_base_model
 from lora_core.network import LoraNetwork
+from lora_core.settings import SelectionSettings
 from tests.conftest import photo
 from tests.test_training import TINY_SD15, captioned_photos, flow_config
 

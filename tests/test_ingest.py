@@ -13,10 +13,10 @@ import pytest
 from PIL import Image
 
 import lora_core.sources
-from lora_core.config import IngestSettings
 from lora_core.ingest import InputError, TooFewImagesError, decode_image, ingest, layout_intact, to_rgb8
 from lora_core.layout import InvalidTokenError, SubjectLayout
 from lora_core.manifest import ALL_COLUMNS, read_manifest
+from lora_core.settings import IngestSettings
 from lora_core.sources import fingerprint_input
 from tests.conftest import encode, photo
 

@@ -8,7 +8,6 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from PIL import ImageEnhance, ImageFilter
 
-from lora_core.config import SelectionSettings
 from lora_core.selection import (
     EpochMetrics,
     burn_score,
@@ -19,6 +18,7 @@ from lora_core.selection import (
     leave_one_out_ceiling,
     select,
 )
+from lora_core.settings import SelectionSettings
 from tests.test_quality import jpeg
 
 
