@@ -38,17 +38,18 @@ from lora_core.buckets import BucketPlan, buckets_intact
 from lora_core.captioning import BlipCaptioner, CaptionModelError, captions_intact
 from lora_core.config import ConfigError, LoraConfig, preset_config
 from lora_core.config_io import load_config, write_kohya_gui
-from lora_core.evaluation import SelectionError, find_run, grids_intact
 from lora_core.faces import FaceModelError
 from lora_core.fs import PathEscapeError, sha256_file
 from lora_core.ingest import InputError, TooFewImagesError, ingest_stamp, layout_intact
 from lora_core.layout import InvalidTokenError, SubjectLayout, validate_token
 from lora_core.lora_io import LoraFileError, read_lora, read_metadata
 from lora_core.memory import apply_steps
+from lora_core.metric_grids import grids_intact
 from lora_core.models import BaseModelError, model_identity, require_base_model
 from lora_core.orientation import orientation_intact
 from lora_core.precision import DeviceError, resolve_device, resolve_precision
 from lora_core.quality import quality_intact
+from lora_core.run_folder import SelectionError, find_run
 from lora_core.run_state import (
     NonFiniteWeightsError,
     begin_run,

@@ -163,4 +163,3 @@ class Latents:
         if self.to_disk:
             atomic_write_bytes(cache, save_bytes({name: out[flipped] for name, flipped in wanted.items()}, key))
         return out
-

@@ -10,7 +10,7 @@ import torch
 from PIL import ImageChops
 
 from lora_core.config import Sampler
-from lora_core.evaluation import grid_key, metric_spec
+from lora_core.metric_grids import grid_key, metric_spec
 from lora_core.models import load_base_model
 from lora_core.precision import Precision
 from lora_core.sampling import (
