@@ -25,8 +25,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lora_core.blip import BlipCaptioner
 from lora_core.buckets import BucketPlan, apply_bucket, bucket_subject, read_buckets
-from lora_core.captioning import BlipCaptioner, caption_subject, read_caption
+from lora_core.caption_text import read_caption
+from lora_core.captioning import caption_subject
 from lora_core.config import LoraConfig
 from lora_core.ingest import ingest
 from lora_core.layout import SubjectLayout

@@ -34,8 +34,9 @@ from typing import Any
 from prefect import Task, flow
 from pydantic import ValidationError
 
+from lora_core.blip import BlipCaptioner, CaptionModelError
 from lora_core.buckets import BucketPlan, buckets_intact
-from lora_core.captioning import BlipCaptioner, CaptionModelError, captions_intact
+from lora_core.captioning import captions_intact
 from lora_core.config import ConfigError, LoraConfig, preset_config
 from lora_core.config_io import load_config, write_kohya_gui
 from lora_core.faces import FaceModelError

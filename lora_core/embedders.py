@@ -56,7 +56,7 @@ class BlipEmbedder:
     """The pooled image embedding of the captioning model's BLIP vision encoder."""
 
     def __init__(self, spec: str, device: str | None = None) -> None:
-        from lora_core.captioning import BlipCaptioner
+        from lora_core.blip import BlipCaptioner
 
         self.captioner = BlipCaptioner(spec, device)
         self.name = f"BLIP vision encoder of {spec} (pooled image embedding)"
@@ -88,7 +88,7 @@ def cached_embeddings(
 def subject_embedder(config: LoraConfig) -> tuple[FaceEmbedder | BlipEmbedder | None, str]:
     """The embedding fidelity is measured with (face identity for a person, BLIP's encoder otherwise),
     or None and why, when its model cannot be loaded (fidelity is then reported unavailable)."""
-    from lora_core.captioning import CaptionModelError
+    from lora_core.blip import CaptionModelError
     from lora_core.faces import FaceModelError
 
     try:

@@ -7,6 +7,8 @@ from pathlib import Path
 from prefect import get_run_logger
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
+import lora_core.blip
+import lora_core.caption_text
 import lora_core.captioning
 import lora_core.manifest
 import lora_core.tiny_models
@@ -19,7 +21,17 @@ from tasks.caching import CodeVersion
 from tasks.stage import stage
 
 CAPTIONS_CACHE = (
-    TASK_SOURCE + INPUTS + CodeVersion(modules=(lora_core.captioning, lora_core.manifest, lora_core.tiny_models))
+    TASK_SOURCE
+    + INPUTS
+    + CodeVersion(
+        modules=(
+            lora_core.captioning,
+            lora_core.caption_text,
+            lora_core.blip,
+            lora_core.manifest,
+            lora_core.tiny_models,
+        )
+    )
 )
 
 

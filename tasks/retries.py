@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lora_core.captioning import CaptionModelError
+from lora_core.blip import CaptionModelError
 from lora_core.config import ConfigError
 from lora_core.faces import FaceModelError
 from lora_core.fs import PathEscapeError

@@ -11,7 +11,7 @@ from prefect import flow
 from prefect.states import Completed, Failed
 
 import tasks.ingest
-from lora_core.captioning import CaptionModelError
+from lora_core.blip import CaptionModelError
 from lora_core.config import ConfigError
 from lora_core.ingest import TooFewImagesError
 from lora_core.settings import IngestSettings
