@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from lora_core.buckets import apply_bucket, read_buckets
-from lora_core.captioning import read_caption
+from lora_core.caption_text import read_caption
 from lora_core.config import LoraConfig
 from lora_core.layout import SubjectLayout
 from lora_core.lora_io import kohya_targets

@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lora_core.config import CheckSettings, IngestSettings
 from lora_core.faces import face_models
 from lora_core.ingest import ingest
 from lora_core.layout import SubjectLayout
 from lora_core.orientation import check_orientation, turn
 from lora_core.quality import check_quality
+from lora_core.settings import CheckSettings, IngestSettings
 
 DEMO = Path(__file__).resolve().parent.parent / "demo" / "photos"
 

@@ -20,12 +20,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lora_core.blip import BlipCaptioner
 from lora_core.buckets import BucketPlan, bucket_subject
-from lora_core.captioning import BlipCaptioner, caption_subject
-from lora_core.config import IngestSettings, LoraConfig
+from lora_core.captioning import caption_subject
+from lora_core.config import LoraConfig
 from lora_core.ingest import ingest
 from lora_core.layout import SubjectLayout
 from lora_core.models import BaseModel
+from lora_core.settings import IngestSettings
 from lora_core.tiny_models import sd_noise_scheduler
 
 __all__ = ["ARCHITECTURES", "Architecture", "build_base", "fingerprint", "make_subject", "photo"]

@@ -31,14 +31,14 @@ from pathlib import Path
 from prefect import flow
 
 from flows.report import STAGES, Report
+from lora_core.blip import BlipCaptioner
 from lora_core.buckets import BucketPlan
-from lora_core.captioning import BlipCaptioner
 from lora_core.config import LoraConfig, preset_config
-from lora_core.evaluation import find_run
 from lora_core.fs import sha256_file
 from lora_core.layout import SubjectLayout
 from lora_core.lora_io import read_metadata
 from lora_core.models import require_base_model
+from lora_core.run_folder import find_run
 from lora_core.run_state import preflight
 from lora_core.selection import resume_config
 from tasks.buckets import bucket_images

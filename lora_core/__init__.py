@@ -1,21 +1,42 @@
 """The pure library behind the pipeline: no Prefect here, so every stage is testable alone.
 
-One module per concept: `config` (the settings), `layout` (the seed's folders),
-`sources` (reading an input safely), `ingest`, `manifest`, `faces`, `orientation`,
-`quality`, `image_store`, `buckets`, `captioning`, `models` (the base model),
-`precision` (device and mixed precision), `network` (the LoRA layers), `train_data`,
-`conditioning`, `optim`, `training` (the step and the epoch loop), `run_state` (a run
-on disk), `metadata` (kohya's ss_* keys), `memory` (the out-of-memory ladder),
-`lora_io` (kohya's LoRA files), `sampling`, `evaluation`, `selection`, `hub` (where
-models come from), `tiny_models` (offline models built from configs), `fs` (atomic writes).
+One module per concept, in five layers. A module imports only from its own
+layer and those below it, so the layers read bottom-up; `LAYERS` is the table,
+and tests/test_layers.py checks every import against it.
+
+- foundations: `errors` (which failures the user fixes), `fs` (atomic writes,
+  path containment), `layout` (the seed's folders), `settings` (each stage's
+  settings), `config` (the training config and its presets), `hub` (where
+  models come from), `tiny_models` (offline models built from configs).
+- formats, the files other tools read or write: `config_io` (kohya_ss and
+  CivitAI configs), `run_config` (a run's settings: preset, file, overrides),
+  `lora_io` (kohya's LoRA files), `manifest` (manifest.csv).
+- data preparation: `sources` (reading an input safely), `decoding` (one photo
+  to 8-bit RGB), `ingest`, `faces`, `image_store`, `orientation`, `quality`,
+  `checks`, `buckets`, `caption_text` (the caption rules), `blip` (the
+  captioning model), `captioning`.
+- models and training: `models` (the base model), `precision` (device and
+  mixed precision), `network` (the LoRA layers), `train_data`, `conditioning`,
+  `optim`, `training` (the step and the epoch loop), `run_state` (a run on
+  disk), `metadata` (kohya's ss_* keys), `memory` (the out-of-memory ladder),
+  `sampling`.
+- evaluation: `run_folder` (the epoch files, and what selection writes back),
+  `metric_grids` (the renders every epoch is judged on), `embedders`,
+  `metrics` (the numbers), `selection` (the decision).
 """
 
 __all__ = [
+    "LAYERS",
+    "blip",
     "buckets",
+    "caption_text",
     "captioning",
     "conditioning",
     "config",
-    "evaluation",
+    "config_io",
+    "decoding",
+    "embedders",
+    "errors",
     "faces",
     "fs",
     "hub",
@@ -26,17 +47,63 @@ __all__ = [
     "manifest",
     "memory",
     "metadata",
+    "metric_grids",
+    "metrics",
     "models",
     "network",
     "optim",
     "orientation",
     "precision",
     "quality",
+    "run_config",
+    "run_folder",
     "run_state",
     "sampling",
     "selection",
+    "settings",
     "sources",
     "tiny_models",
     "train_data",
     "training",
 ]
+
+# The layers from the bottom up: (name, modules). A package (a folder) is one entry; its modules are in its layer.
+# `errors` and `checks` are placed ahead of the work that adds them (the test allows only these two to be absent).
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("foundations", ("errors", "fs", "layout", "settings", "config", "hub", "tiny_models")),
+    ("formats", ("config_io", "run_config", "lora_io", "manifest")),
+    (
+        "data preparation",
+        (
+            "sources",
+            "decoding",
+            "ingest",
+            "faces",
+            "image_store",
+            "orientation",
+            "quality",
+            "checks",
+            "buckets",
+            "caption_text",
+            "blip",
+            "captioning",
+        ),
+    ),
+    (
+        "models and training",
+        (
+            "models",
+            "precision",
+            "network",
+            "train_data",
+            "conditioning",
+            "optim",
+            "training",
+            "run_state",
+            "metadata",
+            "memory",
+            "sampling",
+        ),
+    ),
+    ("evaluation", ("run_folder", "metric_grids", "embedders", "metrics", "selection")),
+)

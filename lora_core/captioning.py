@@ -3,9 +3,10 @@
 The seed runs kohya_ss's BLIP tool with a prefix of "<token>, ", 9 beams and a
 minimum length of 15, then fixes what BLIP invents. Here:
 
-- BLIP (transformers' `BlipForConditionalGeneration`) continues a prompt
-  ("a picture of ", as kohya's BLIP does) and the prompt is removed.
-- Phrases BLIP likes to invent are stripped, and each removal is reported.
+- BLIP (`lora_core.blip`) continues a prompt ("a picture of ", as kohya's
+  BLIP does) and the prompt is removed.
+- Phrases BLIP likes to invent are stripped, and each removal is reported
+  (the text rules are `lora_core.caption_text`).
 - A caption that came with a photo wins over BLIP, unless `recaption`.
 - The prefix appears exactly once, at the start.
 - BLIP's output is cached per image content, model and settings, so adding a
@@ -22,11 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import pandas as pd
 import pandera.pandas as pa
@@ -34,201 +33,24 @@ from PIL import Image
 from pydantic import BaseModel
 from rich.progress import Progress
 
-from lora_core.config import CaptionSettings
-from lora_core.errors import DAMAGED_FILE_ERRORS, UserError
+from lora_core.blip import BlipCaptioner
+from lora_core.caption_text import read_caption, strip_phrases, with_prefix
+from lora_core.errors import DAMAGED_FILE_ERRORS
 from lora_core.fs import JsonCache, atomic_output, atomic_write_text, ensure_inside, sha256_file, stamp_matches
-from lora_core.hub import hub_unreachable, model_identity, offline_help
 from lora_core.layout import SubjectLayout
 from lora_core.manifest import accepted_images
-from lora_core.tiny_models import is_builtin, materialize
+from lora_core.settings import CaptionSettings
 
 __all__ = [
     "CAPTIONS_COLUMNS",
-    "BlipCaptioner",
-    "CaptionModelError",
     "CaptionRecord",
     "CaptionResult",
     "caption_subject",
     "captions_intact",
-    "clean_caption",
     "read_captions",
-    "strip_phrases",
-    "with_prefix",
 ]
 
 Source = Literal["blip", "user", "edited"]
-TINY = "builtin:tiny-blip"
-
-
-class CaptionModelError(UserError, RuntimeError):
-    """The captioning model cannot be loaded; the message says how to fix it."""
-
-
-# --- Text rules --------------------------------------------------------------
-
-
-def read_caption(path: Path) -> tuple[str, bool]:
-    """A caption file's text on one line, and whether it was UTF-8 (kohya reads only UTF-8).
-
-    A file saved in a Windows code page (an editor's "ANSI") is read as cp1252
-    rather than stopping the run; the caller rewrites it as UTF-8.
-    """
-    raw = path.read_bytes()
-    try:
-        return clean_caption(raw.decode("utf-8-sig")), not raw.startswith(b"\xef\xbb\xbf")
-    except UnicodeDecodeError:
-        return clean_caption(raw.decode("cp1252", errors="replace")), False
-
-
-def clean_caption(text: str) -> str:
-    """One line, single spaces: kohya reads only a caption file's first line."""
-    return " ".join(text.split())
-
-
-_CONNECTORS = r"(?:and|with|while|who is|that is|is)"
-
-
-def strip_phrases(text: str, phrases: Sequence[str]) -> tuple[str, list[str]]:
-    """Remove each phrase (whole words, any case); return the text and what was removed.
-
-    Longer phrases go first, so "holding a remote control" wins over "holding a
-    remote". A connector left dangling at an end ("a man smiling and") goes too,
-    and "an" before what is now a consonant becomes "a".
-    """
-    removed: list[str] = []
-    patterns = [
-        re.compile(r"(?<![\w-])" + r"\s+".join(map(re.escape, phrase.split())) + r"(?![\w-])", re.I)
-        for phrase in sorted({p.strip() for p in phrases if p.strip()}, key=len, reverse=True)
-    ]
-    changed = True
-    while changed:  # a removal can join the halves of another phrase
-        changed = False
-        for pattern in patterns:
-            found = pattern.findall(text)
-            if found:
-                removed.extend(found)
-                text = clean_caption(pattern.sub(" ", text))
-                changed = True
-    if not removed:
-        return text, removed
-    text = clean_caption(text)
-    text = re.sub(r"\s+([,.])", r"\1", text)
-    text = re.sub(r"(,\s*)+,", ",", text)
-    text = re.sub(rf"^(?:[,\s]|{_CONNECTORS}\b)+", "", text, flags=re.I)
-    text = re.sub(rf"(?:[,\s]|\b{_CONNECTORS})+$", "", text, flags=re.I)
-    text = re.sub(r"\b([Aa])n (?=[b-df-gj-np-tv-z])", r"\1 ", text)
-    return clean_caption(text), removed
-
-
-def with_prefix(text: str, token: str, prefix: str = "{token}, ", postfix: str = "") -> str:
-    """`prefix` + `text` + `postfix`, with the prefix exactly once at the start.
-
-    A caption that already starts with the prefix or the token (a user wrote
-    "t0k3n, a man" or "t0k3n a man") does not get it twice; "t0k3n's dog" is
-    not taken for the token. The token inside the text is left alone.
-    """
-    head, tail = prefix.format(token=token), postfix.format(token=token)
-    body = clean_caption(text)
-    if head.strip():
-        # The prefix, or the bare token when the prefix carries it, followed by a separator or the end.
-        starts = [re.escape(head.strip())] + ([re.escape(token)] if "{token}" in prefix else [])
-        lead = rf"^(?:(?:{'|'.join(starts)})(?=[\s,:;]|$)[\s,:;]*)+"
-        body = re.sub(lead, "", body, flags=re.I).lstrip(" ,:;")
-    if tail and body.endswith(tail.strip()):
-        tail = ""
-    return clean_caption(head + body + tail).rstrip(" ,;:") if body or tail else clean_caption(head).rstrip(" ,;:")
-
-
-# --- The model ----------------------------------------------------------------
-
-
-class BlipCaptioner:
-    """A BLIP captioning model named by a hub id, a local folder, or `builtin:tiny-blip`.
-
-    Nothing is loaded until the first caption is asked for, so a run whose
-    captions are all cached never loads the model.
-    """
-
-    def __init__(self, spec: str, device: str | None = None) -> None:
-        self.spec = spec
-        self._device = device
-        self._loaded: tuple[Any, Any] | None = None
-
-    @property
-    def identity(self) -> str:
-        """What makes this model's output what it is, known without loading it."""
-        return model_identity(self.spec)
-
-    def _folder_or_id(self) -> tuple[str, bool]:
-        """Where to load from, and whether it is a local folder."""
-        if is_builtin(self.spec):
-            return str(materialize(self.spec)), True
-        path = Path(self.spec).expanduser()
-        if path.exists():
-            if not (path.is_dir() and (path / "config.json").is_file()):
-                raise CaptionModelError(
-                    f"caption model {self.spec!r}: not a BLIP model folder (want a folder with config.json, "
-                    "as `save_pretrained` or `hf download` writes it)"
-                )
-            return str(path), True
-        if self.spec.startswith((".", "/", "~")) or self.spec.count("/") > 1:
-            raise CaptionModelError(f"caption model {self.spec!r}: no such folder")
-        return self.spec, False
-
-    def load(self) -> tuple[Any, Any]:
-        """(processor, model) on the device: fp16 on a GPU, fp32 on the CPU."""
-        if self._loaded is not None:
-            return self._loaded
-        import torch
-        from transformers import AutoTokenizer, BlipForConditionalGeneration, BlipImageProcessorPil, BlipProcessor
-
-        source, local = self._folder_or_id()
-        device = self._device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.float16 if device.startswith("cuda") else torch.float32
-
-        def from_pretrained(**kwargs: Any) -> tuple[Any, Any]:
-            # The PIL image processor: the default one wants torchvision, which we don't need.
-            processor = BlipProcessor(
-                image_processor=BlipImageProcessorPil.from_pretrained(source, **kwargs),
-                tokenizer=AutoTokenizer.from_pretrained(source, **kwargs),
-            )
-            model = BlipForConditionalGeneration.from_pretrained(source, dtype=dtype, use_safetensors=True, **kwargs)
-            return processor, model
-
-        try:
-            processor, model = from_pretrained(local_files_only=True)
-        except OSError as err:
-            if local:
-                raise CaptionModelError(f"caption model {self.spec!r}: cannot load it: {err}") from err
-            why = hub_unreachable(source)
-            if why:
-                message = offline_help("caption model", source, "--caption-model", "captioning.model", TINY)
-                raise CaptionModelError(f"{message} ({why})") from None
-            try:
-                processor, model = from_pretrained()
-            except OSError as err:  # a typo'd or private repo: the hub answers, but not with a model
-                raise CaptionModelError(f"caption model {self.spec!r}: cannot download it: {err}") from None
-        self._loaded = (processor, model.to(device).eval())
-        return self._loaded
-
-    def caption(self, images: Sequence[Image.Image], settings: CaptionSettings) -> list[str]:
-        """BLIP's captions of `images` in one batch, the prompt removed."""
-        import torch
-
-        processor, model = self.load()
-        prompt = settings.prompt
-        inputs = processor(images=list(images), text=[prompt] * len(images) if prompt else None, return_tensors="pt")
-        inputs = {k: v.to(model.device) for k, v in inputs.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-        if settings.beam_search:
-            options: dict[str, Any] = {"num_beams": settings.num_beams, "do_sample": False}
-        else:
-            options = {"do_sample": True, "top_p": settings.top_p, "num_beams": 1}
-        with torch.inference_mode():
-            out = model.generate(**inputs, min_length=settings.min_length, max_length=settings.max_length, **options)
-        texts = processor.batch_decode(out, skip_special_tokens=True)
-        head = clean_caption(prompt).lower()
-        return [clean_caption(t[len(head) :] if head and t.lower().startswith(head) else t) for t in texts]
 
 
 # --- Records --------------------------------------------------------------------

@@ -30,12 +30,12 @@ from pydantic import BaseModel
 from rich.progress import Progress
 
 from lora_core import faces as faces_module
-from lora_core.config import CheckSettings, MirrorPolicy, SubjectType
 from lora_core.faces import Face, FaceModels, face_models
 from lora_core.fs import JsonCache, atomic_write_text, content_stamp, sha256_file, source_version, stamp_matches
 from lora_core.image_store import ImageStore
 from lora_core.layout import SubjectLayout
 from lora_core.manifest import ORIENTATION_COLUMNS, QUALITY_COLUMNS, manifest_rows, write_manifest
+from lora_core.settings import CheckSettings, MirrorPolicy, SubjectType
 
 __all__ = [
     "ROTATIONS",

@@ -34,12 +34,12 @@ from rich.progress import Progress
 from scipy.ndimage import laplace
 
 from lora_core import faces as faces_module
-from lora_core.config import CheckSettings, QualityPolicy, SubjectType
 from lora_core.faces import FaceModels, face_models
 from lora_core.fs import JsonCache, atomic_write_text, content_stamp, sha256_file, source_version, stamp_matches
 from lora_core.image_store import ImageStore
 from lora_core.layout import SubjectLayout
 from lora_core.manifest import manifest_rows, write_manifest
+from lora_core.settings import CheckSettings, QualityPolicy, SubjectType
 
 __all__ = [
     "QUALITY_FLAGS",

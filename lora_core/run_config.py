@@ -13,7 +13,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from lora_core.config import ConfigError, LoraConfig, Preset, _describe, load_config, preset_config
+from lora_core.config import ConfigError, LoraConfig, Preset, preset_config
+from lora_core.config_io import describe_validation_error, load_config
 
 __all__ = ["merge_settings", "resolve_config"]
 
@@ -49,4 +50,4 @@ def resolve_config(
     try:
         return LoraConfig.model_validate(merge_settings(config.model_dump(), overrides))
     except ValidationError as err:
-        raise ConfigError(_describe(Path(origin), err, {})) from None
+        raise ConfigError(describe_validation_error(Path(origin), err, {})) from None

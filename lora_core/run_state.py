@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import save as save_bytes
 
-from lora_core.config import LoraConfig, write_kohya_gui
+from lora_core.config import LoraConfig
+from lora_core.config_io import write_kohya_gui
 from lora_core.errors import RunFailure
 from lora_core.fs import atomic_write_bytes
 from lora_core.layout import SubjectLayout

@@ -20,119 +20,22 @@ cannot be computed (never 0 in its place):
   blockiness relative to the base model's samples at the same seed: the seed's
   "pixelated made of clay").
 
-The decision (`select`) is a few documented rules over these series, so it can
-be tested on synthetic ones and explained in plain words.
+`lora_core.metrics` measures them; this module only judges. The decision
+(`select`) is a few documented rules over these series, so it can be tested on
+synthetic ones and explained in plain words; `metric_chart` draws them.
 """
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import imagehash
-import numpy as np
 from PIL import Image, ImageDraw
 
-from lora_core.config import LoraConfig, SelectionSettings
-from lora_core.quality import blockiness, sharpness
+from lora_core.config import LoraConfig
+from lora_core.settings import SelectionSettings
 
-__all__ = [
-    "EpochMetrics",
-    "Selection",
-    "burn_score",
-    "copy_distance",
-    "diversity",
-    "fidelity",
-    "guards",
-    "leave_one_out_ceiling",
-    "metric_chart",
-    "resume_config",
-    "select",
-    "verdict_note",
-]
-
-
-# --- Image metrics ------------------------------------------------------------------
-
-
-def _grey_small(image: Image.Image, side: int = 128) -> np.ndarray:
-    return np.asarray(image.convert("L").resize((side, side), Image.Resampling.BILINEAR), dtype=np.float64)
-
-
-def diversity(images: list[Image.Image]) -> float:
-    """Mean pairwise distance between renders of one prompt at different seeds (0: all identical).
-
-    Distance: root-mean-square difference of the 128 px grey images, in units
-    of the grey scale (0-1), so it needs no model and reads the same on any.
-    """
-    if len(images) < 2:
-        raise ValueError("diversity needs at least two images")
-    grey = [_grey_small(image) / 255.0 for image in images]
-    return float(np.mean([np.sqrt(np.mean((a - b) ** 2)) for a, b in itertools.combinations(grey, 2)]))
-
-
-def copy_distance(samples: list[Image.Image], photos: list[Image.Image]) -> int:
-    """The smallest perceptual-hash distance (of 64 bits) between any sample and any training photo.
-
-    Ingest calls two photos the same at 6 or less; a sample that close to a
-    training photo is a copy of it, not a new picture of the subject.
-    """
-    photo_hashes = [imagehash.phash(photo) for photo in photos]
-    return int(min(imagehash.phash(sample) - known for sample in samples for known in photo_hashes))
-
-
-def burn_score(sample: Image.Image, base: Image.Image) -> float:
-    """How much more "cooked" `sample` looks than the base model's render at the same seed (0: no worse).
-
-    The sum of four increases over the base render, each in its own unit:
-    saturation (mean HSV S, 0-1), clipped pixels (share at 0 or 255), lost
-    fine texture (1 - Laplacian-variance ratio, when lower), and JPEG-like
-    blockiness (ratio - 1, when higher). Only increases count, so a sample that
-    is cleaner than the base scores 0, not below.
-    """
-
-    def parts(image: Image.Image) -> tuple[float, float, float, float]:
-        rgb = np.asarray(image.convert("RGB"), dtype=np.float64)
-        hsv = np.asarray(image.convert("HSV"), dtype=np.float64)
-        clipped = float(np.mean((rgb <= 0) | (rgb >= 255)))
-        grey = np.asarray(image.convert("L"), dtype=np.float64)
-        return float(hsv[..., 1].mean() / 255.0), clipped, sharpness(grey), blockiness(grey)
-
-    s_sat, s_clip, s_sharp, s_block = parts(sample)
-    b_sat, b_clip, b_sharp, b_block = parts(base)
-    texture_loss = max(0.0, 1.0 - s_sharp / b_sharp) if b_sharp > 0 else 0.0
-    return (
-        max(0.0, s_sat - b_sat)
-        + max(0.0, s_clip - b_clip)
-        + texture_loss
-        + max(0.0, (s_block - 1.0) - max(0.0, b_block - 1.0))
-    )
-
-
-def leave_one_out_ceiling(photo_embeddings: np.ndarray) -> float:
-    """How alike the training photos are to each other: mean cosine of each to the centroid of the others."""
-    if len(photo_embeddings) < 2:
-        raise ValueError("the ceiling needs at least two photos")
-    unit = photo_embeddings / np.linalg.norm(photo_embeddings, axis=1, keepdims=True)
-    total = unit.sum(axis=0)
-    scores = []
-    for vector in unit:
-        rest = total - vector
-        scores.append(float(vector @ rest / np.linalg.norm(rest)))
-    return float(np.mean(scores))
-
-
-def fidelity(sample_embeddings: np.ndarray, photo_embeddings: np.ndarray) -> float:
-    """Mean cosine of the samples to the photos' centroid, over the leave-one-out ceiling.
-
-    1.0: the samples are as alike to the photos as the photos are to each other.
-    """
-    unit = sample_embeddings / np.linalg.norm(sample_embeddings, axis=1, keepdims=True)
-    photos = photo_embeddings / np.linalg.norm(photo_embeddings, axis=1, keepdims=True)
-    centroid = photos.mean(axis=0)
-    centroid /= np.linalg.norm(centroid)
-    return float(np.mean(unit @ centroid) / leave_one_out_ceiling(photo_embeddings))
+__all__ = ["EpochMetrics", "Selection", "guards", "metric_chart", "resume_config", "select", "verdict_note"]
 
 
 # --- Decision --------------------------------------------------------------------------

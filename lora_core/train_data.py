@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 from safetensors.torch import save as save_bytes
 
 from lora_core.buckets import BucketAssignment, apply_bucket, read_buckets
-from lora_core.captioning import read_caption
+from lora_core.caption_text import read_caption
 from lora_core.errors import DAMAGED_FILE_ERRORS
 from lora_core.fs import atomic_write_bytes, ensure_inside
 from lora_core.layout import SubjectLayout

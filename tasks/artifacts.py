@@ -12,8 +12,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from lora_core.buckets import BucketResult
 from lora_core.captioning import CaptionResult
-from lora_core.evaluation import RunFiles, load_grid
 from lora_core.layout import SubjectLayout
+from lora_core.metric_grids import load_grid
+from lora_core.run_folder import RunFiles
 from lora_core.sampling import SampleSpec, contact_sheet
 from lora_core.selection import metric_chart
 

@@ -7,19 +7,31 @@ from pathlib import Path
 from prefect import get_run_logger
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
+import lora_core.blip
+import lora_core.caption_text
 import lora_core.captioning
 import lora_core.manifest
 import lora_core.tiny_models
 from lora_core.captioning import CaptionResult, caption_subject, captions_intact
-from lora_core.config import CaptionSettings
 from lora_core.layout import SubjectLayout
 from lora_core.quality import QualityResult
+from lora_core.settings import CaptionSettings
 from tasks.artifacts import publish_captions
 from tasks.caching import CodeVersion
 from tasks.stage import stage
 
 CAPTIONS_CACHE = (
-    TASK_SOURCE + INPUTS + CodeVersion(modules=(lora_core.captioning, lora_core.manifest, lora_core.tiny_models))
+    TASK_SOURCE
+    + INPUTS
+    + CodeVersion(
+        modules=(
+            lora_core.captioning,
+            lora_core.caption_text,
+            lora_core.blip,
+            lora_core.manifest,
+            lora_core.tiny_models,
+        )
+    )
 )
 
 

@@ -12,11 +12,11 @@ import lora_core.image_store
 import lora_core.manifest
 import lora_core.orientation
 import lora_core.quality
-from lora_core.config import CheckSettings, SubjectType
 from lora_core.ingest import IngestResult
 from lora_core.layout import SubjectLayout
 from lora_core.orientation import OrientationResult, check_orientation, orientation_intact
 from lora_core.quality import QualityResult, check_quality, quality_intact
+from lora_core.settings import CheckSettings, SubjectType
 from tasks.artifacts import publish_checks
 from tasks.caching import CodeVersion
 from tasks.stage import stage

@@ -7,12 +7,13 @@ from pathlib import Path
 from prefect import get_run_logger
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
+import lora_core.decoding
 import lora_core.ingest
 import lora_core.manifest
 import lora_core.sources
-from lora_core.config import IngestSettings
 from lora_core.ingest import IngestResult, TooFewImagesError, ingest, ingest_stamp, layout_intact
 from lora_core.layout import SubjectLayout
+from lora_core.settings import IngestSettings
 from tasks.artifacts import ingest_summary, publish_ingest
 from tasks.caching import CodeVersion, InputContent
 from tasks.stage import stage
@@ -21,7 +22,7 @@ INGEST_CACHE = (
     TASK_SOURCE
     + INPUTS
     + InputContent(parameter="photos", exclude_parameter="workdir")
-    + CodeVersion(modules=(lora_core.ingest, lora_core.sources, lora_core.manifest))
+    + CodeVersion(modules=(lora_core.ingest, lora_core.decoding, lora_core.sources, lora_core.manifest))
 )
 
 

@@ -13,27 +13,20 @@ from prefect import get_run_logger
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from pydantic import BaseModel
 
-import lora_core.evaluation
+import lora_core.embedders
+import lora_core.metric_grids
+import lora_core.metrics
+import lora_core.run_folder
 import lora_core.sampling
 import lora_core.selection
 from lora_core.config import LoraConfig
-from lora_core.evaluation import (
-    GridRenderer,
-    RunFiles,
-    SelectionError,
-    find_run,
-    grids_intact,
-    measure_run,
-    metric_spec,
-    publish_choice,
-    render_grids,
-    render_strengths,
-    subject_embedder,
-    write_selection,
-)
+from lora_core.embedders import subject_embedder
 from lora_core.fs import sha256_file
 from lora_core.lora_io import LoraFile, read_lora
+from lora_core.metric_grids import GridRenderer, grids_intact, metric_spec, render_grids, render_strengths
+from lora_core.metrics import measure_run
 from lora_core.models import load_base_model, model_identity
+from lora_core.run_folder import RunFiles, SelectionError, find_run, publish_choice, write_selection
 from lora_core.sampling import SampleSpec, contact_sheet
 from lora_core.selection import select, verdict_note
 from tasks.artifacts import publish_selection, publish_strengths
@@ -41,7 +34,18 @@ from tasks.caching import CodeVersion
 from tasks.stage import stage, step
 
 SELECT_CACHE = (
-    TASK_SOURCE + INPUTS + CodeVersion(modules=(lora_core.evaluation, lora_core.selection, lora_core.sampling))
+    TASK_SOURCE
+    + INPUTS
+    + CodeVersion(
+        modules=(
+            lora_core.run_folder,
+            lora_core.metric_grids,
+            lora_core.embedders,
+            lora_core.metrics,
+            lora_core.selection,
+            lora_core.sampling,
+        )
+    )
 )
 
 # The loaded base model with a LoRA network on it, shared by the samples and txt2img tasks of one run.
@@ -57,7 +61,7 @@ def release_renderers() -> None:
 class SelectRequest(BaseModel):
     """A run folder to select in, and the settings that say how (the run's config)."""
 
-    folder: Path  # a run folder as `lora_core.evaluation.find_run` reads it
+    folder: Path  # a run folder as `lora_core.run_folder.find_run` reads it
     token: str
     config: LoraConfig
     photos: Path | None = None  # reference photos; default: the run's own training images

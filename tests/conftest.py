@@ -89,7 +89,7 @@ def builtin_models_home(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def blip_captioner(builtin_models_home):
     """One loaded tiny BLIP for every test that captions in-process."""
-    from lora_core.captioning import BlipCaptioner
+    from lora_core.blip import BlipCaptioner
 
     captioner = BlipCaptioner(TINY_BLIP, device="cpu")
     captioner.load()

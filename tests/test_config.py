@@ -10,16 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lora_core.config import (
-    ConfigError,
-    ConfigWarning,
-    LoraConfig,
-    format_optimizer_args,
-    load_config,
-    parse_optimizer_args,
-    preset_config,
-    to_kohya_gui,
-)
+from lora_core.config import ConfigError, LoraConfig, format_optimizer_args, parse_optimizer_args, preset_config
+from lora_core.config_io import ConfigWarning, load_config, to_kohya_gui
 
 DATA = Path(__file__).parent / "data"
 

@@ -124,8 +124,8 @@ def test_a_user_error_inside_a_stage_fails_at_once(prefect_harness, good_folder,
     from prefect import flow
 
     import tasks.ingest
-    from lora_core.config import IngestSettings
     from lora_core.lora_io import LoraFileError
+    from lora_core.settings import IngestSettings
 
     calls = []
 

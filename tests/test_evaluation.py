@@ -1,4 +1,4 @@
-"""Epoch metrics from renders (lora_core.evaluation), the samples and select stages, auto-resume, --select-only."""
+"""Epoch metrics from renders (lora_core.metrics), the samples and select stages, auto-resume, --select-only."""
 
 from __future__ import annotations
 
@@ -9,22 +9,15 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from lora_core.config import LoraConfig, SelectionSettings
-from lora_core.evaluation import (
-    FaceEmbedder,
-    Reference,
-    SelectionError,
-    epoch_metrics,
-    find_run,
-    grid_key,
-    load_grid,
-    metric_spec,
-    publish_choice,
-    save_grid,
-)
+from lora_core.config import LoraConfig
+from lora_core.embedders import FaceEmbedder
 from lora_core.lora_io import read_lora
+from lora_core.metric_grids import grid_key, load_grid, metric_spec, save_grid
+from lora_core.metrics import Reference, epoch_metrics
 from lora_core.models import load_base_model
 from lora_core.network import LoraNetwork
+from lora_core.run_folder import SelectionError, find_run, publish_choice
+from lora_core.settings import SelectionSettings
 from tests.conftest import photo
 from tests.test_training import TINY_SD15, captioned_photos, flow_config
 

@@ -263,7 +263,7 @@ def test_going_back_to_an_earlier_check_policy_puts_its_files_back(prefect_harne
     """fix -> flag -> fix: the third run's cached result is only trusted once its files are back."""
     from PIL import Image
 
-    from lora_core.config import CheckSettings
+    from lora_core.settings import CheckSettings
     from tests.test_orientation import crops, same_pixels
 
     photos = tmp_path / "photos"

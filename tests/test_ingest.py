@@ -13,10 +13,11 @@ import pytest
 from PIL import Image
 
 import lora_core.sources
-from lora_core.config import IngestSettings
-from lora_core.ingest import InputError, TooFewImagesError, decode_image, ingest, layout_intact, to_rgb8
+from lora_core.decoding import decode_image, to_rgb8
+from lora_core.ingest import InputError, TooFewImagesError, ingest, layout_intact
 from lora_core.layout import InvalidTokenError, SubjectLayout
 from lora_core.manifest import ALL_COLUMNS, read_manifest
+from lora_core.settings import IngestSettings
 from lora_core.sources import fingerprint_input
 from tests.conftest import encode, photo
 
@@ -112,7 +113,7 @@ def test_bomb_is_refused_before_decoding(monkeypatch):
 
     monkeypatch.setattr(Image.Image, "load", no_decode)
     monkeypatch.setattr("PIL.ImageFile.ImageFile.load", no_decode)
-    from lora_core.ingest import RejectedImage
+    from lora_core.decoding import RejectedImage
 
     with pytest.raises(RejectedImage, match=r"12000x9000 \(108 MP\), over the 100 MP limit"):
         decode_image(bomb, IngestSettings())

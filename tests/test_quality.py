@@ -11,7 +11,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image, ImageFilter
 
-from lora_core.config import CheckSettings, IngestSettings, SubjectType
 from lora_core.ingest import ingest
 from lora_core.layout import SubjectLayout
 from lora_core.manifest import read_manifest
@@ -29,6 +28,7 @@ from lora_core.quality import (
     sharpness,
     upscale_signature,
 )
+from lora_core.settings import CheckSettings, IngestSettings, SubjectType
 from tests.conftest import DEMO_PHOTOS
 
 

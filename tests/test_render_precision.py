@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from lora_core.config import LoraConfig
-from lora_core.evaluation import GridRenderer
 from lora_core.lora_io import LoraFile, kohya_targets
+from lora_core.metric_grids import GridRenderer
 from lora_core.models import BaseModel, load_base_model
 from lora_core.precision import Precision
 from lora_core.sampling import SamplePrompt, SampleSpec, render

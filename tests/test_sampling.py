@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import ImageChops
 
-from lora_core.config import Sampler, SelectionSettings
-from lora_core.evaluation import grid_key, metric_spec
+from lora_core.config import Sampler
+from lora_core.metric_grids import grid_key, metric_spec
 from lora_core.models import load_base_model
 from lora_core.precision import Precision
 from lora_core.sampling import (
@@ -23,6 +23,7 @@ from lora_core.sampling import (
     sample_filename,
     save_samples,
 )
+from lora_core.settings import SelectionSettings
 from lora_core.training import Trainer
 from tests.test_training import TINY_SD15, make_subject, small_config
 

@@ -8,17 +8,9 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from PIL import ImageEnhance, ImageFilter
 
-from lora_core.config import SelectionSettings
-from lora_core.selection import (
-    EpochMetrics,
-    burn_score,
-    copy_distance,
-    diversity,
-    fidelity,
-    guards,
-    leave_one_out_ceiling,
-    select,
-)
+from lora_core.metrics import burn_score, copy_distance, diversity, fidelity, leave_one_out_ceiling
+from lora_core.selection import EpochMetrics, guards, select
+from lora_core.settings import SelectionSettings
 from tests.test_quality import jpeg
 
 

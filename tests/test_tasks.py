@@ -11,9 +11,10 @@ from prefect import flow
 from prefect.states import Completed, Failed
 
 import tasks.ingest
-from lora_core.captioning import CaptionModelError
-from lora_core.config import ConfigError, IngestSettings
+from lora_core.blip import CaptionModelError
+from lora_core.config import ConfigError
 from lora_core.ingest import TooFewImagesError
+from lora_core.settings import IngestSettings
 from tasks.artifacts import artifact_key
 from tasks.retries import retry_transient
 

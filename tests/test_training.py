@@ -20,12 +20,13 @@ from safetensors.torch import save_file
 
 from lora_core.buckets import BucketAssignment, BucketPlan, bucket_subject
 from lora_core.captioning import caption_subject
-from lora_core.config import IngestSettings, LoraConfig, preset_config
+from lora_core.config import LoraConfig, preset_config
 from lora_core.ingest import ingest
 from lora_core.layout import SubjectLayout
 from lora_core.lora_io import read_lora
 from lora_core.models import load_base_model
 from lora_core.run_state import save_epoch
+from lora_core.settings import IngestSettings
 from lora_core.train_data import TrainItem, epoch_batches
 from lora_core.training import Trainer
 from tests.conftest import ROOT, TINY_BLIP, photo
