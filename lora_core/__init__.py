@@ -1,7 +1,7 @@
 """The pure library behind the pipeline: no Prefect here, so every stage is testable alone.
 
 One module per concept: `config` (the settings), `layout` (the seed's folders),
-`sources` (reading an input safely), `ingest`, `manifest`, `faces`, `orientation`,
+`sources` (reading an input safely), `ingest`, `manifest`, `faces`, `checks` (one record a check), `orientation`,
 `quality`, `image_store`, `buckets`, `captioning`, `models` (the base model),
 `precision` (device and mixed precision), `network` (the LoRA layers), `train_data`,
 `conditioning`, `optim`, `training` (the step and the epoch loop), `run_state` (a run
@@ -13,6 +13,7 @@ models come from), `tiny_models` (offline models built from configs), `fs` (atom
 __all__ = [
     "buckets",
     "captioning",
+    "checks",
     "conditioning",
     "config",
     "evaluation",

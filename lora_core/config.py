@@ -23,6 +23,7 @@ from lora_core.checks import (
     MirrorPolicy,
     OrientationSettings,
     QualityPolicy,
+    VarietySettings,
 )
 from lora_core.fs import atomic_write_text
 
@@ -180,7 +181,7 @@ class SubjectType(StrEnum):
     style = "style"
 
 
-class CheckSettings(ImageSettings, FaceSettings, OrientationSettings):
+class CheckSettings(VarietySettings, ImageSettings, FaceSettings, OrientationSettings):
     """The dataset checks the seed's author does by eye, with their thresholds.
 
     Each check's thresholds are declared beside it, in `lora_core.checks`;

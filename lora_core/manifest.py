@@ -54,7 +54,7 @@ MANIFEST_COLUMNS = [
 # Written by the dataset checks (stages `checks` and `crop`); empty until they run. Each check
 # declares its own columns (`lora_core.checks`): name, type and meaning.
 ORIENTATION_COLUMNS = [column.name for column in stage_columns("checks")]
-QUALITY_COLUMNS = [column.name for column in stage_columns("crop")]
+QUALITY_COLUMNS = [column.name for column in stage_columns("crop")]  # every crop-stage check's, variety's too
 CHECK_COLUMNS = [
     *ORIENTATION_COLUMNS,
     *QUALITY_COLUMNS,

@@ -1,8 +1,9 @@
 """Crop and quality: what the seed's author checks photo by photo before training, as the `crop` stage.
 
 "No low-res or pixelated images", "never upscale", portraits with the face
-clear and whole, and only the subject. The checks themselves are records in
-`lora_core.checks` (`face`, `image`): each measure is a number with
+clear and whole, and only the subject; and, for the set, different
+backgrounds, clothes and head turns. The checks themselves are records in
+`lora_core.checks` (`face`, `image`, `variety`): each measure is a number with
 a plain definition, recorded in the manifest, and a flag is raised against a
 threshold (`CheckSettings`). This module runs them: it measures every image
 once (cached by content), relates what is judged against the set (sharpness,
@@ -47,7 +48,7 @@ __all__ = [
     "upscale_signature",
 ]
 
-# Flags the quality policy acts on (orientation's own flags are not among them).
+# Flags the quality policy acts on (orientation's own flags and the variety advice are not among them).
 QUALITY_FLAGS = policy_flags("crop")
 _CODE_VERSION = source_version(
     __file__, faces_module.__file__, *sorted(Path(lora_core.checks.__file__).parent.glob("*.py"))
@@ -97,6 +98,7 @@ def check_quality(
     Starts from the `checks` stage's `rows`. Per-image measures are cached by
     image content; what is judged against the set (sharpness, identity) is
     recomputed on every run. Rejection never leaves fewer than `min_images`.
+    The variety advice is on the photos that are kept.
     """
     stamp = quality_stamp(rows, settings, subject_type, min_images)
     rows = [dict(row) for row in rows]

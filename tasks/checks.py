@@ -12,6 +12,7 @@ import lora_core.checks.base
 import lora_core.checks.face
 import lora_core.checks.image
 import lora_core.checks.orientation
+import lora_core.checks.variety
 import lora_core.faces
 import lora_core.image_store
 import lora_core.manifest
@@ -32,6 +33,7 @@ _CHECK_MODULES = (
     lora_core.checks.face,
     lora_core.checks.image,
     lora_core.checks.orientation,
+    lora_core.checks.variety,
 )
 _CODE = CodeVersion(
     modules=(

@@ -7,7 +7,8 @@ bases (`lora_core.config`), and its test. Stages run their checks in
 registry order, so a check may look at the flags raised before it.
 
 Modules: `orientation` (stage `checks`: rotated, sideways, mirrored), `face`
-and `image` (stage `crop`: the quality checks).
+and `image` (stage `crop`: the quality checks), `variety` (stage `crop`: the
+set's backgrounds, clothing and head turns, as advice).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from lora_core.checks.base import Check, Column, Finding, Photo, QualityPolicy, 
 from lora_core.checks.face import FACE_CUT, NO_FACE, OTHER_FACES, OTHER_PERSON, SMALL_FACE, FaceSettings
 from lora_core.checks.image import BLURRED, JPEG_BLOCKY, PIXELATED, UPSCALED, ImageSettings
 from lora_core.checks.orientation import MIRRORED, ROTATED, SIDEWAYS, MirrorPolicy, OrientationSettings
+from lora_core.checks.variety import VARIETY, VarietySettings
 
 __all__ = [
     "CHECKS",
@@ -31,6 +33,7 @@ __all__ = [
     "Photo",
     "QualityPolicy",
     "Sample",
+    "VarietySettings",
     "apply_findings",
     "measure_sample",
     "policy_flags",
@@ -56,6 +59,7 @@ CHECKS: tuple[Check, ...] = (
     JPEG_BLOCKY,
     UPSCALED,
     BLURRED,
+    VARIETY,
 )
 
 
