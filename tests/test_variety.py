@@ -163,8 +163,13 @@ def test_a_uniform_set_is_told_what_to_shoot(uniform_set):
     layout, rows = uniform_set
     result = check_quality(layout, rows, CheckSettings(), show_progress=False)
     advice = _advice(result.notes)
-    assert advice["background"].startswith("6 of 6 photos have blue background: the seed asks for different")
-    assert advice["clothing"].startswith("6 of 6 photos have red clothing: the seed asks for different cloth colors")
+    assert advice["background"] == (
+        "6 of 6 photos have a blue background: the seed asks for different backgrounds; "
+        "take some photos in other places"
+    )
+    assert advice["clothing"] == (
+        "6 of 6 photos show red clothing: the seed asks for different cloth colors; add photos in other clothes"
+    )
     assert "faces looking to different sides" in advice["turn"]
     frame = read_manifest(layout.manifest)
     assert set(frame["background_color"]) == {"blue"} and set(frame["clothing_color"]) == {"red"}
@@ -228,4 +233,4 @@ def test_the_crop_artifact_shows_the_numbers_and_the_advice(uniform_set, monkeyp
         assert row["background_color"] == "blue" and row["clothing_color"] == "red"
         assert row["yaw"] == pytest.approx(frame.loc[row["source"], "yaw"])
         assert row["background_rgb"] == frame.loc[row["source"], "background_rgb"]
-    assert "6 of 6 photos have blue background" in published["page"]
+    assert "6 of 6 photos have a blue background" in published["page"]

@@ -100,8 +100,8 @@ def background_colour(rgb: np.ndarray, chin: int | None) -> np.ndarray:
     height, width = rgb.shape[:2]
     strip = max(2, round(_BORDER * min(height, width)))
     bottom = max(strip + 1, min(height, chin if chin is not None else height // 2))
-    pixels = [rgb[:strip].reshape(-1, 3), rgb[strip:bottom, :strip].reshape(-1, 3), rgb[strip:bottom, -strip:]]
-    return _median(np.concatenate([p.reshape(-1, 3) for p in pixels]))
+    strips = [rgb[:strip], rgb[strip:bottom, :strip], rgb[strip:bottom, -strip:]]
+    return _median(np.concatenate([pixels.reshape(-1, 3) for pixels in strips]))
 
 
 def clothing_colour(rgb: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray | None:
@@ -156,14 +156,15 @@ def _advise(rows: list[dict], settings: VarietySettings) -> list[str]:
     """Plain-words advice when the kept photos share one background, one outfit, or one head turn."""
     notes = []
     wants = {
-        "background_color": ("background", "different backgrounds: take some photos in other places"),
-        "clothing_color": ("clothing", "different cloth colors: add photos in other clothes"),
+        "background_color": "have a {name} background: the seed asks for different backgrounds; "
+        "take some photos in other places",
+        "clothing_color": "show {name} clothing: the seed asks for different cloth colors; add photos in other clothes",
     }
-    for column, (what, advice) in wants.items():
+    for column, words in wants.items():
         common = _most_common(rows, column)
         if common and common[1] / common[2] > settings.variety_share:
             name, count, total = common
-            notes.append(f"{count} of {total} photos have {name} {what}: the seed asks for {advice}")
+            notes.append(f"{count} of {total} photos " + words.format(name=name))
     turns = [row["yaw"] for row in rows if row.get("yaw") is not None]
     if len(turns) >= MIN_RELATIVE and max(turns) - min(turns) < settings.min_yaw_spread:
         notes.append(
