@@ -1,20 +1,28 @@
 """The pure library behind the pipeline: no Prefect here, so every stage is testable alone.
 
-One module per concept, in five layers. A module imports only from its own
+One module per concept, in seven layers. A module imports only from its own
 layer and those below it, so the layers read bottom-up; `LAYERS` is the table,
 and tests/test_layers.py checks every import against it.
 
-- foundations: `errors` (which failures the user fixes), `fs` (atomic writes,
-  path containment), `layout` (the seed's folders), `settings` (each stage's
-  settings), `config` (the training config and its presets), `hub` (where
-  models come from), `tiny_models` (offline models built from configs).
+- foundations: `errors` (which failures the user fixes, which a run cannot get
+  past), `fs` (atomic writes, path containment), `layout` (the seed's
+  folders), `hub` (where models come from), `tiny_models` (offline models
+  built from configs).
+- check records: `checks` (each dataset check as one declared record: what it
+  measures, how it judges, its words, its manifest columns, its settings) and
+  `faces` (the face models they measure with). Below the settings, because the
+  settings gather each check's own thresholds.
+- settings: `settings` (each stage's settings), `config` (the training config
+  and its presets).
 - formats, the files other tools read or write: `config_io` (kohya_ss and
   CivitAI configs), `run_config` (a run's settings: preset, file, overrides),
-  `lora_io` (kohya's LoRA files), `manifest` (manifest.csv).
+  `lora_io` (kohya's LoRA files), `manifest` (manifest.csv, its columns from
+  the check records).
 - data preparation: `sources` (reading an input safely), `decoding` (one photo
-  to 8-bit RGB), `ingest`, `faces`, `image_store`, `orientation`, `quality`,
-  `checks`, `buckets`, `caption_text` (the caption rules), `blip` (the
-  captioning model), `captioning`.
+  to 8-bit RGB), `ingest`, `image_store`, `orientation` and `quality` (the
+  `checks` and `crop` stages running the check records), `buckets`,
+  `caption_text` (the caption rules), `blip` (the captioning model),
+  `captioning`.
 - models and training: `models` (the base model), `precision` (device and
   mixed precision), `network` (the LoRA layers), `train_data`, `conditioning`,
   `optim`, `training` (the step and the epoch loop), `run_state` (a run on
@@ -22,7 +30,7 @@ and tests/test_layers.py checks every import against it.
   `sampling`.
 - evaluation: `run_folder` (the epoch files, and what selection writes back),
   `metric_grids` (the renders every epoch is judged on), `embedders`,
-  `metrics` (the numbers), `selection` (the decision).
+  `metrics` (the numbers), `selection` (the decision, and the resume rule).
 """
 
 __all__ = [
@@ -31,6 +39,7 @@ __all__ = [
     "buckets",
     "caption_text",
     "captioning",
+    "checks",
     "conditioning",
     "config",
     "config_io",
@@ -68,9 +77,10 @@ __all__ = [
 ]
 
 # The layers from the bottom up: (name, modules). A package (a folder) is one entry; its modules are in its layer.
-# `errors` and `checks` are placed ahead of the work that adds them (the test allows only these two to be absent).
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("foundations", ("errors", "fs", "layout", "settings", "config", "hub", "tiny_models")),
+    ("foundations", ("errors", "fs", "layout", "hub", "tiny_models")),
+    ("check records", ("faces", "checks")),
+    ("settings", ("settings", "config")),
     ("formats", ("config_io", "run_config", "lora_io", "manifest")),
     (
         "data preparation",
@@ -78,11 +88,9 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "sources",
             "decoding",
             "ingest",
-            "faces",
             "image_store",
             "orientation",
             "quality",
-            "checks",
             "buckets",
             "caption_text",
             "blip",

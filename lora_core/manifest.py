@@ -13,6 +13,7 @@ from pathlib import Path, PurePosixPath
 import pandas as pd
 import pandera.pandas as pa
 
+from lora_core.checks import Column, stage_columns
 from lora_core.fs import atomic_output
 
 __all__ = [
@@ -50,50 +51,25 @@ MANIFEST_COLUMNS = [
     "user_caption",  # text of a caption file that came with the image
 ]
 
-# Written by the dataset checks (stages `checks` and `crop`); empty until they run.
+# Written by the dataset checks (stages `checks` and `crop`); empty until they run. Each check
+# declares its own columns (`lora_core.checks`): name, type and meaning.
+ORIENTATION_COLUMNS = [column.name for column in stage_columns("checks")]
+QUALITY_COLUMNS = [column.name for column in stage_columns("crop")]  # every crop-stage check's, variety's too
 CHECK_COLUMNS = [
-    "rotation",  # degrees (counter-clockwise) the photo was turned to stand upright
-    "rotation_score",  # face detector's confidence at that rotation
-    "mirror_score",  # agreement with the set's orientation: below 0 looks mirrored
-    "mirror_confidence",  # share of the other faces that agree with that verdict
-    "faces",  # faces found
-    "face_share",  # face height over image height
-    "framing",  # portrait | half body | full body
-    "sharpness",  # variance of the Laplacian (face region for a person), set-relative
-    "pixelation",  # share of edge energy on one block grid
-    "blockiness",  # JPEG 8x8 grid edge strength over in-block edge strength
-    "upscale",  # strength of the periodic pattern resampling leaves
-    "identity_distance",  # face descriptor distance to the set's median face
+    *ORIENTATION_COLUMNS,
+    *QUALITY_COLUMNS,
     "flags",  # what the checks found, ';'-separated codes
     "decision",  # keep | fixed | rejected
     "check_notes",  # the flags in plain words
     "checked_sha256",  # of the training image as the checks left it
 ]
-ORIENTATION_COLUMNS = ["rotation", "rotation_score", "mirror_score", "mirror_confidence"]
-QUALITY_COLUMNS = [
-    "faces",
-    "face_share",
-    "framing",
-    "sharpness",
-    "pixelation",
-    "blockiness",
-    "upscale",
-    "identity_distance",
-]
 ALL_COLUMNS = MANIFEST_COLUMNS + CHECK_COLUMNS
 
-_INT_COLUMNS = ["width", "height", "source_width", "source_height", "rotation", "faces"]
-_FLOAT_COLUMNS = [
-    "rotation_score",
-    "mirror_score",
-    "mirror_confidence",
-    "face_share",
-    "sharpness",
-    "pixelation",
-    "blockiness",
-    "upscale",
-    "identity_distance",
+_CHECK_VALUES = [column for stage in ("checks", "crop") for column in stage_columns(stage)]
+_INT_COLUMNS = ["width", "height", "source_width", "source_height"] + [
+    column.name for column in _CHECK_VALUES if column.dtype == "int"
 ]
+_FLOAT_COLUMNS = [column.name for column in _CHECK_VALUES if column.dtype == "float"]
 _BOOL_COLUMNS = ["resized", "exif_rotated"]
 
 
@@ -102,6 +78,20 @@ def _safe_relative(path: str) -> bool:
         return True
     pure = PurePosixPath(path)
     return not pure.is_absolute() and ".." not in pure.parts and "\\" not in path
+
+
+def _schema_column(column: Column) -> pa.Column:
+    """A check's column as the schema checks it: its type, and its allowed values or pattern when it has them."""
+    checks = []
+    if column.values:
+        checks.append(pa.Check.isin(list(column.values) + ([] if column.dtype in ("int", "float") else [""])))
+    if column.minimum is not None:
+        checks.append(pa.Check.ge(column.minimum))
+    if column.pattern is not None:
+        checks.append(pa.Check.str_matches(column.pattern))
+    if column.dtype == "str":
+        return pa.Column(str, checks)
+    return pa.Column("Int64" if column.dtype == "int" else float, checks, nullable=True)
 
 
 _SCHEMA_COLUMNS = {
@@ -120,10 +110,7 @@ _SCHEMA_COLUMNS = {
     "exif_rotated": pa.Column(bool),
     "duplicate_of": pa.Column(str),
     "user_caption": pa.Column(str),
-    "rotation": pa.Column("Int64", pa.Check.isin([0, 90, 180, 270]), nullable=True),
-    "faces": pa.Column("Int64", pa.Check.ge(0), nullable=True),
-    **{column: pa.Column(float, nullable=True) for column in _FLOAT_COLUMNS},
-    "framing": pa.Column(str, pa.Check.isin(["", "portrait", "half body", "full body"])),
+    **{column.name: _schema_column(column) for column in _CHECK_VALUES},
     "flags": pa.Column(str),
     "decision": pa.Column(str, pa.Check.isin(["", "keep", "fixed", "rejected"])),
     "check_notes": pa.Column(str),

@@ -21,7 +21,6 @@ photo that agrees best with all the others; no reference photo is needed.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,10 @@ from PIL import Image
 from pydantic import BaseModel
 from rich.progress import Progress
 
+import lora_core.checks
 from lora_core import faces as faces_module
+from lora_core.checks import apply_findings, relations, stage_checks, summaries
+from lora_core.checks.orientation import MirrorVerdict, mirror_consensus
 from lora_core.faces import Face, FaceModels, face_models
 from lora_core.fs import JsonCache, atomic_write_text, content_stamp, sha256_file, source_version, stamp_matches
 from lora_core.image_store import ImageStore
@@ -53,9 +55,9 @@ __all__ = [
 ROTATIONS = (0, 90, 180, 270)  # counter-clockwise degrees
 _CONFIDENT_SCORE = 0.5  # a face this clear at 0 degrees: no need to try other rotations
 _ROTATION_MARGIN = 0.3  # another rotation must beat 0 degrees by this much
-_MIN_MIRROR_VOTES = 0.6  # share of the other faces that must agree a photo is mirrored
-_CODE_VERSION = source_version(__file__, faces_module.__file__)
-_MIN_SCORE = 0.05  # and the mean disagreement must be at least this (cosine), not noise around 0
+_CODE_VERSION = source_version(
+    __file__, faces_module.__file__, *sorted(Path(lora_core.checks.__file__).parent.glob("*.py"))
+)
 
 
 def turn(image: Image.Image, rotation: int, mirror: bool = False) -> Image.Image:
@@ -88,43 +90,6 @@ def face_antisymmetry(models: FaceModels, rgb: np.ndarray, face: Face) -> np.nda
     """The part of the face's identity descriptor that changes sign when the photo is mirrored."""
     chip = models.chip(rgb, face)
     return models.descriptor(chip) - models.descriptor(chip[:, ::-1])
-
-
-@dataclass(frozen=True)
-class MirrorVerdict:
-    """One photo's place in the set's orientation consensus."""
-
-    score: float  # mean agreement with the others' consensus orientation; < 0: mirrored
-    confidence: float  # share of the others whose own evidence agrees with the verdict
-    mirrored: bool
-
-
-def mirror_consensus(vectors: np.ndarray) -> list[MirrorVerdict]:
-    """Which rows of `vectors` (one antisymmetric vector per photo) are mirrored relative to the majority.
-
-    Sign synchronisation: the leading eigenvector of the correlation matrix
-    gives every photo the orientation that agrees best with all the others;
-    the orientation most photos share is taken as the true one.
-    """
-    count = len(vectors)
-    if count < 3:
-        raise ValueError("the mirroring consensus needs at least 3 faces")
-    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    corr = unit @ unit.T
-    np.fill_diagonal(corr, 0.0)
-    signs = np.sign(np.linalg.eigh(corr)[1][:, -1])
-    signs[signs == 0] = 1
-    if (signs > 0).sum() < (signs < 0).sum() or ((signs > 0).sum() == (signs < 0).sum() and signs[0] < 0):
-        signs = -signs  # the majority's orientation is "not mirrored"
-    evidence = corr * signs[None, :]  # what each other photo says about this one, as it is
-    verdicts = []
-    for i in range(count):
-        others = np.delete(evidence[i], i)
-        score = float(others.mean())
-        mirrored = score < 0
-        agree = float(np.mean(others < 0) if mirrored else np.mean(others > 0))
-        verdicts.append(MirrorVerdict(score, agree, mirrored and agree >= _MIN_MIRROR_VOTES and score <= -_MIN_SCORE))
-    return verdicts
 
 
 class OrientationResult(BaseModel):
@@ -182,64 +147,51 @@ def check_orientation(
 
     models = models or face_models()
     salt = json.dumps({"models": models.identity, "code": _CODE_VERSION})
-    analyses = {}
+    checks = stage_checks("checks")
+    analyses = []
     with Progress(disable=not show_progress, transient=True) as progress:
         bar = progress.add_task("checks: orientation", total=len(accepted))
         for row in accepted:
-            analyses[row["image"]] = _analyse(layout, store.original(row), salt, models)
+            analyses.append(_analyse(layout, store.original(row), salt, models))
             progress.advance(bar)
 
-    with_face = [row for row in accepted if analyses[row["image"]]["antisymmetry"] is not None]
-    consensus = len(with_face) >= settings.min_mirror_faces
-    verdicts: dict[str, MirrorVerdict] = {}
-    if consensus:
-        vectors = np.array([analyses[row["image"]]["antisymmetry"] for row in with_face], dtype=np.float64)
-        verdicts = dict(zip((row["image"] for row in with_face), mirror_consensus(vectors), strict=True))
-    else:
+    related = relations(checks, analyses, settings)
+    with_face = sum(analysis["antisymmetry"] is not None for analysis in analyses)
+    consensus = with_face >= settings.min_mirror_faces
+    if not consensus:
         notes.append(
-            f"mirroring not checked: {len(with_face)} photo(s) with a face, "
-            f"the consensus needs {settings.min_mirror_faces}"
+            f"mirroring not checked: {with_face} photo(s) with a face, the consensus needs {settings.min_mirror_faces}"
         )
-
     policy = settings.mirror_policy
-    mirrored_count = sum(verdict.mirrored for verdict in verdicts.values())
+    mirrored_count = sum(mine["mirrored"] is not None and mine["mirrored"].mirrored for mine in related)
     if policy == MirrorPolicy.reject and len(accepted) - mirrored_count < min_images:
         policy = MirrorPolicy.flag
         notes.append(
             f"{mirrored_count} mirrored image(s) kept: leaving them out would leave "
             f"{len(accepted) - mirrored_count}, under the minimum of {min_images}"
         )
-    for row in accepted:
-        analysis = analyses[row["image"]]
-        rotation = analysis["rotation"] if settings.fix_rotation else 0
-        _decide(row, analysis, verdicts.get(row["image"]), rotation, policy)
+    for row, analysis, mine in zip(accepted, analyses, related, strict=True):
+        apply_findings(row, checks, analysis, mine, settings)
+        _decide(row, policy)
         flip = _mirrored(row) and policy == MirrorPolicy.fix
         if row["decision"] == "rejected":
             store.set_aside(row)  # the original is kept, so a later policy can bring it back
-        elif rotation or flip:
-            store.write(row, _fixed(Image.open(store.original(row)), analysis["rotation"], rotation, flip))
+        elif row["rotation"] or flip:
+            store.write(row, _fixed(Image.open(store.original(row)), analysis["rotation"], row["rotation"], flip))
         else:
             store.write(row)  # the original, as ingest wrote it
     write_manifest(layout.manifest, rows)
     atomic_write_text(layout.check_cache / "checks.stamp", stamp)
 
-    flagged = [row for row in accepted if _mirrored(row)]
-    if flagged:
-        action = {"flag": "kept as they are", "fix": "flipped back", "reject": "left out"}[policy.value]
-        notes.append(
-            f"{len(flagged)} image(s) look mirrored ({action}): " + ", ".join(row["source"] for row in flagged)
-        )
-    turned = [row for row in accepted if row["rotation"]]
-    if turned:
-        notes.append(f"{len(turned)} image(s) turned upright: " + ", ".join(row["source"] for row in turned))
+    action = {"flag": "kept as they are", "fix": "flipped back", "reject": "left out"}[policy.value]
     return OrientationResult(
         token=layout.token,
-        rotated=len(turned),
-        mirrored=len(flagged),
+        rotated=sum(bool(row["rotation"]) for row in accepted),
+        mirrored=sum(_mirrored(row) for row in accepted),
         fixed=sum(row["decision"] == "fixed" for row in accepted),
         rejected=sum(row["decision"] == "rejected" for row in accepted),
         mirror_consensus=consensus,
-        notes=notes,
+        notes=notes + summaries(checks, accepted, action=action),
         rows=rows,
     )
 
@@ -274,30 +226,15 @@ def _mirrored(row: dict) -> bool:
     return "mirrored" in row["flags"].split(";")
 
 
-def _decide(row: dict, analysis: dict, verdict: MirrorVerdict | None, rotation: int, policy: MirrorPolicy) -> None:
-    flags, notes = [], []
-    row["rotation"], row["rotation_score"] = rotation, analysis["rotation_score"]
-    if rotation:
-        flags.append("rotated")
-        notes.append(f"turned {rotation}° to stand upright (face found only that way)")
-    elif analysis["rotation"]:
-        flags.append("sideways")
-        notes.append(f"stands upright only turned {analysis['rotation']}°; left as it is (fix_rotation is off)")
-    if verdict is not None:
-        row["mirror_score"], row["mirror_confidence"] = round(verdict.score, 4), round(verdict.confidence, 3)
-        if verdict.mirrored:
-            flags.append("mirrored")
-            notes.append(
-                f"looks mirrored: {verdict.confidence:.0%} of the other photos disagree with its orientation "
-                f"(score {verdict.score:+.3f})"
-            )
-    decision = "fixed" if rotation else "keep"
-    if "mirrored" in flags and policy == MirrorPolicy.fix:
+def _decide(row: dict, policy: MirrorPolicy) -> None:
+    """Keep, fix or reject a judged photo: turned upright is fixed; a mirrored one as the policy says."""
+    decision = "fixed" if row["rotation"] else "keep"
+    if _mirrored(row) and policy == MirrorPolicy.fix:
         decision = "fixed"
-        notes[-1] += "; flipped back"
-    elif "mirrored" in flags and policy == MirrorPolicy.reject:
+        row["check_notes"] += "; flipped back"
+    elif _mirrored(row) and policy == MirrorPolicy.reject:
         decision = "rejected"
-    row.update(flags=";".join(flags), decision=decision, check_notes="; ".join(notes))
+    row["decision"] = decision
 
 
 def _analyse(layout: SubjectLayout, path: Path, salt: str, models: FaceModels) -> dict:

@@ -12,6 +12,15 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lora_core.checks import (
+    FaceSettings,
+    ImageSettings,
+    MirrorPolicy,
+    OrientationSettings,
+    QualityPolicy,
+    VarietySettings,
+)
+
 __all__ = [
     "DEFAULT_CAPTION_MODEL",
     "DEFAULT_CLASS_PROMPTS",
@@ -68,60 +77,19 @@ class SubjectType(StrEnum):
     style = "style"
 
 
-class MirrorPolicy(StrEnum):
-    """What to do with a photo that looks mirrored relative to the rest of the set."""
-
-    flag = "flag"  # report it, keep it as it is
-    fix = "fix"  # flip it back
-    reject = "reject"  # leave it out of training
-
-
-class QualityPolicy(StrEnum):
-    """What to do with a photo a quality check flags (faces, blur, pixelation, JPEG blocks, upscaling, identity)."""
-
-    flag = "flag"
-    reject = "reject"
-
-
-class CheckSettings(BaseModel):
+class CheckSettings(VarietySettings, ImageSettings, FaceSettings, OrientationSettings):
     """The dataset checks the seed's author does by eye, with their thresholds.
 
-    Image measures (blur) are judged relative to the rest of the set, so a
-    soft but consistent set is not flagged wholesale.
+    Each check's thresholds are declared beside it, in `lora_core.checks`;
+    this model gathers them under one flat `checks` section. Image measures
+    (blur) are judged relative to the rest of the set, so a soft but
+    consistent set is not flagged wholesale.
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    fix_rotation: bool = Field(
-        True, description="Turn sideways or upside-down photos upright (found by face detection; people only)."
-    )
-    mirror_policy: MirrorPolicy = Field(
-        MirrorPolicy.flag, description="Photos that look mirrored: flag (report, keep), fix (flip back) or reject."
-    )
     quality_policy: QualityPolicy = Field(
         QualityPolicy.flag, description="Photos a quality check flags: flag (report, keep) or reject."
-    )
-    min_mirror_faces: int = Field(
-        4, ge=3, description="Fewest faces for the mirroring consensus; with fewer it is reported unavailable."
-    )
-    min_face_px: int = Field(96, ge=16, description="Flag a face smaller than this (its width in pixels).")
-    other_face_ratio: float = Field(
-        0.25, gt=0, le=1, description="A second face at least this fraction of the main face's width is another person."
-    )
-    blur_ratio: float = Field(
-        0.3, gt=0, lt=1, description="Flag as blurred below this fraction of the set's median sharpness."
-    )
-    pixelation_threshold: float = Field(
-        0.8, gt=0, le=1, description="Share of the edge energy on a block grid above which an image is pixelated."
-    )
-    blockiness_threshold: float = Field(
-        1.4, gt=1, description="JPEG blockiness: edge strength on the 8-pixel grid over that inside the blocks."
-    )
-    upscale_threshold: float = Field(
-        15.0, gt=1, description="Strength of the periodic interpolation pattern above which an image looks upscaled."
-    )
-    identity_distance: float = Field(
-        0.6, gt=0, description="Flag a face farther than this from the set's median face (dlib's same-person bound)."
     )
 
 

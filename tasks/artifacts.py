@@ -12,6 +12,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from lora_core.buckets import BucketResult
 from lora_core.captioning import CaptionResult
+from lora_core.checks import stage_columns
 from lora_core.layout import SubjectLayout
 from lora_core.metric_grids import load_grid
 from lora_core.run_folder import RunFiles
@@ -121,12 +122,6 @@ def publish_captions(token: str, result: CaptionResult, subject_dir: Path, capti
     )
 
 
-_CHECK_TABLES = {
-    "checks": ("rotation", "mirror_score", "mirror_confidence"),
-    "crop": ("faces", "framing", "sharpness", "pixelation", "blockiness", "upscale", "identity_distance"),
-}
-
-
 def _check_picture(layout: SubjectLayout, row: dict) -> str:
     """A thumbnail of the image as the checks left it (a rejected one from the image store)."""
     if row["image"]:
@@ -153,7 +148,8 @@ def checks_markdown(layout: SubjectLayout, stage: str, rows: list[dict], notes: 
 
 def publish_checks(layout: SubjectLayout, stage: str, rows: list[dict], notes: list[str]) -> None:
     """A table of every photo's check scores and decision, and a markdown page with thumbnails."""
-    columns = ("source", "image", *_CHECK_TABLES[stage], "flags", "decision", "check_notes")
+    shown = [column.name for column in stage_columns(stage) if column.in_table]  # each check declares its own
+    columns = ("source", "image", *shown, "flags", "decision", "check_notes")
     table = [{c: ("" if row.get(c) is None else row[c]) for c in columns} for row in rows if row.get("decision")]
     create_table_artifact(
         key=artifact_key(layout.token, stage),

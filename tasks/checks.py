@@ -7,6 +7,12 @@ from pathlib import Path
 from prefect import get_run_logger
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
+import lora_core.checks
+import lora_core.checks.base
+import lora_core.checks.face
+import lora_core.checks.image
+import lora_core.checks.orientation
+import lora_core.checks.variety
 import lora_core.faces
 import lora_core.image_store
 import lora_core.manifest
@@ -21,8 +27,23 @@ from tasks.artifacts import publish_checks
 from tasks.caching import CodeVersion
 from tasks.stage import stage
 
+_CHECK_MODULES = (
+    lora_core.checks,
+    lora_core.checks.base,
+    lora_core.checks.face,
+    lora_core.checks.image,
+    lora_core.checks.orientation,
+    lora_core.checks.variety,
+)
 _CODE = CodeVersion(
-    modules=(lora_core.faces, lora_core.image_store, lora_core.manifest, lora_core.orientation, lora_core.quality)
+    modules=(
+        *_CHECK_MODULES,
+        lora_core.faces,
+        lora_core.image_store,
+        lora_core.manifest,
+        lora_core.orientation,
+        lora_core.quality,
+    )
 )
 # Inputs carry every image's hash (ingest's rows), so one new photo re-runs the
 # stage; inside it, only that photo is analysed (per-image cache by content).
