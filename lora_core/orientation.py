@@ -32,6 +32,7 @@ import lora_core.checks
 from lora_core import faces as faces_module
 from lora_core.checks import apply_findings, relations, stage_checks, summaries
 from lora_core.checks.orientation import MirrorVerdict, mirror_consensus
+from lora_core.errors import DAMAGED_FILE_ERRORS
 from lora_core.faces import Face, FaceModels, face_models
 from lora_core.fs import JsonCache, atomic_write_text, content_stamp, sha256_file, source_version, stamp_matches
 from lora_core.image_store import ImageStore
@@ -270,7 +271,7 @@ def orientation_intact(
         return False
     try:
         rows = manifest_rows(layout.manifest)
-    except Exception:
+    except DAMAGED_FILE_ERRORS:
         return False
     for row in rows:
         if row["status"] != "accepted":

@@ -25,6 +25,7 @@ from lora_core.checks import Sample, apply_findings, measure_sample, policy_flag
 from lora_core.checks.face import framing, identity_distances
 from lora_core.checks.image import blockiness, high_frequency_share, pixelation, sharpness, upscale_signature
 from lora_core.checks.image import grey as _grey  # noqa: F401  (the tests measure with it)
+from lora_core.errors import DAMAGED_FILE_ERRORS
 from lora_core.faces import FaceModels, face_models
 from lora_core.fs import JsonCache, atomic_write_text, content_stamp, sha256_file, source_version, stamp_matches
 from lora_core.image_store import ImageStore
@@ -176,6 +177,6 @@ def quality_intact(
         return False
     try:
         rows = manifest_rows(layout.manifest)
-    except Exception:
+    except DAMAGED_FILE_ERRORS:
         return False
     return all(row["sharpness"] is not None for row in rows if row["status"] == "accepted")
