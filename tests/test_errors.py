@@ -143,3 +143,35 @@ def test_a_user_error_inside_a_stage_fails_at_once(prefect_harness, good_folder,
     with pytest.raises(LoraFileError):
         once()
     assert calls == [1]
+
+
+def test_a_damaged_file_means_redo_but_a_bug_surfaces(tmp_path, monkeypatch):
+    """`*_intact` answers False for a file a crash or an editor damaged, and lets a bug in our code through."""
+    import lora_core.buckets
+    import lora_core.captioning
+    import lora_core.ingest
+    from lora_core.buckets import BucketPlan, buckets_intact
+    from lora_core.captioning import captions_intact
+    from lora_core.ingest import layout_intact
+    from lora_core.layout import SubjectLayout
+
+    layout = SubjectLayout(tmp_path, "t0k3n")
+    layout.root.mkdir(parents=True)
+    for path in (layout.manifest, layout.buckets_csv, layout.captions_csv):
+        path.write_bytes(b"\xff\xfe\x00 half a row,,\n")  # truncated, not UTF-8, no header
+    checks = (
+        lambda: layout_intact(layout),
+        lambda: buckets_intact(layout, BucketPlan()),
+        lambda: captions_intact(layout),
+    )
+    assert [check() for check in checks] == [False, False, False]
+
+    def bug(*args, **kwargs):
+        raise TypeError("a bug in our own reader")
+
+    monkeypatch.setattr(lora_core.ingest, "read_manifest", bug)
+    monkeypatch.setattr(lora_core.buckets, "read_buckets", bug)
+    monkeypatch.setattr(lora_core.captioning, "read_captions", bug)
+    for check in checks:
+        with pytest.raises(TypeError):
+            check()
