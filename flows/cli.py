@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flows.report import STAGES
+from flows.report import STAGES, Report
 from lora_core.config import preset_config
 from lora_core.errors import EXIT_USER_ERROR, RunFailure, UserError, exit_code
 from lora_core.layout import validate_token
@@ -203,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         for warning in caught:
             print(f"warning: {warning.message}", file=sys.stderr)
         resolve_device(args.device)
-        if config.network_weights and args.select_only is None:
-            preflight(config, args.device)  # a starting LoRA that is not one fails now, before any work
+        if args.select_only is None and Report(args.stop_after).reaches("train"):
+            preflight(config, args.device)  # a missing model, a starting LoRA that is not one: now, before any work
         summary = _run(args, config)
     except (UserError, RunFailure) as err:
         return _fail(str(err), exit_code(err))
