@@ -16,6 +16,9 @@ from tasks.retries import should_retry
 PACKAGES = ("lora_core", "tasks", "flows", "bench")
 
 # Exceptions that never leave the function that raises them: control flow, caught where they are raised.
+# A run the command line starts without any preflight (it stops before training), so `_run` is reached.
+CLI_ARGS = ["photos", "--token", "t0k3n", "--stop-after", "ingest"]
+
 INTERNAL = {
     "bench.gpu._Stop": "ends one timed step early inside bench.gpu.one_more_step",
 }
@@ -74,7 +77,7 @@ def test_every_error_is_classified_and_the_retry_policy_and_the_cli_agree(cls, c
         raise error
 
     monkeypatch.setattr(flows.cli, "_run", raises)
-    code = flows.cli.main(["photos", "--token", "t0k3n"])
+    code = flows.cli.main(CLI_ARGS)
     err = capsys.readouterr().err
     assert code == (2 if user else 1)
     assert f"error: the words of {cls.__name__}" in err and "Traceback" not in err
@@ -89,7 +92,7 @@ def test_a_transient_error_is_retried_and_the_cli_does_not_hide_it(error, monkey
 
     monkeypatch.setattr(flows.cli, "_run", raises)
     with pytest.raises(type(error)):  # not a user's mistake: the traceback is the report
-        flows.cli.main(["photos", "--token", "t0k3n"])
+        flows.cli.main(CLI_ARGS)
 
 
 def test_a_network_weights_file_that_is_not_a_lora_exits_2_at_once(tmp_path, capsys, monkeypatch):
@@ -175,3 +178,15 @@ def test_a_damaged_file_means_redo_but_a_bug_surfaces(tmp_path, monkeypatch):
     for check in checks:
         with pytest.raises(TypeError):
             check()
+
+
+def test_a_run_that_trains_without_a_base_model_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    started = []
+    monkeypatch.setattr(flows.cli, "_run", lambda *a, **k: started.append(1))
+    code = flows.cli.main([str(tmp_path), "--token", "t0k3n", "--workdir", str(tmp_path / "W")])
+    err = capsys.readouterr().err
+    assert code == 2 and "no base model: pass --base-model" in err and "Traceback" not in err
+    assert not started and not (tmp_path / "W").exists()
+    # Stopping before training needs no model: the run starts.
+    monkeypatch.setattr(flows.cli, "print_summary", lambda summary: None)
+    assert flows.cli.main([str(tmp_path), "--token", "t0k3n", "--stop-after", "captions"]) == 0 and started
