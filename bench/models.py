@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
+from bench.photos import photo
 from lora_core.blip import BlipCaptioner
 from lora_core.buckets import BucketPlan, bucket_subject
 from lora_core.captioning import caption_subject
@@ -30,7 +29,7 @@ from lora_core.models import BaseModel
 from lora_core.settings import IngestSettings
 from lora_core.tiny_models import sd_noise_scheduler
 
-__all__ = ["ARCHITECTURES", "Architecture", "build_base", "fingerprint", "make_subject", "photo"]
+__all__ = ["ARCHITECTURES", "Architecture", "build_base", "fingerprint", "make_subject"]
 
 # --- Architectures, written out (diffusers' and transformers' config keys) ----------------
 
@@ -236,16 +235,7 @@ def fingerprint(module: torch.nn.Module) -> float:
         return float(sum(p.detach().double().sum() for p in module.parameters()))
 
 
-# --- A subject folder (the tests' helpers, copied so the benches do not import tests) -------------
-
-
-def photo(size: tuple[int, int] = (640, 480), seed: int = 0) -> Image.Image:
-    """A photo-like RGB image: smooth random structure, distinct per seed (perceptual hashes differ)."""
-    rng = np.random.default_rng(seed)
-    coarse = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8))
-    image = coarse.resize(size, Image.Resampling.BICUBIC)
-    grain = rng.normal(0, 6, (size[1], size[0], 3))
-    return Image.fromarray(np.clip(np.asarray(image, dtype=np.float64) + grain, 0, 255).astype(np.uint8))
+# --- A subject folder ------------------------------------------------------------------------------
 
 
 def make_subject(

@@ -8,9 +8,10 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
+
+from bench.photos import photo
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_PHOTOS = ROOT / "demo" / "photos"
@@ -20,15 +21,6 @@ DEMO_PHOTOS = ROOT / "demo" / "photos"
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ["HF_HUB_OFFLINE"] = "1"
 TINY_BLIP = "builtin:tiny-blip"
-
-
-def photo(size: tuple[int, int] = (640, 480), seed: int = 0) -> Image.Image:
-    """A photo-like RGB image: smooth random structure, distinct per seed (perceptual hashes differ)."""
-    rng = np.random.default_rng(seed)
-    coarse = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8))
-    image = coarse.resize(size, Image.Resampling.BICUBIC)
-    grain = rng.normal(0, 6, (size[1], size[0], 3))
-    return Image.fromarray(np.clip(np.asarray(image, dtype=np.float64) + grain, 0, 255).astype(np.uint8))
 
 
 def encode(image: Image.Image, fmt: str = "JPEG", **params) -> bytes:
