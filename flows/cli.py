@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.report import STAGES, Report
-from lora_core.config import preset_config
+from lora_core.config import LoraConfig, preset_config
 from lora_core.errors import EXIT_USER_ERROR, RunFailure, UserError, exit_code
 from lora_core.layout import validate_token
 from lora_core.precision import resolve_device
@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> Any:
+def config_from_args(args: argparse.Namespace) -> LoraConfig:
     """The run's config: the preset, then the config file, then the command line's flags
     (`lora_core.run_config.resolve_config`). Raises `ConfigError` naming the file or flag and the field."""
     config_file = args.config
@@ -207,17 +207,17 @@ def main(argv: list[str] | None = None) -> int:
             preflight(config, args.device)  # a missing model, a starting LoRA that is not one: now, before any work
         summary = _run(args, config)
     except (UserError, RunFailure) as err:
-        return _fail(str(err), exit_code(err))
+        return _fail(str(err), exit_code(err) or EXIT_USER_ERROR)
     print_summary(summary)
     return 0
 
 
-def _fail(message: str, code: int | None = EXIT_USER_ERROR) -> int:
+def _fail(message: str, code: int = EXIT_USER_ERROR) -> int:
     print(f"error: {message}", file=sys.stderr)
-    return code or EXIT_USER_ERROR
+    return code
 
 
-def _run(args: argparse.Namespace, config: Any) -> dict:
+def _run(args: argparse.Namespace, config: LoraConfig) -> dict:
     from flows.train_subject import select_only, train_subject  # Prefect loads only once the flags are good
 
     common = {"token": args.token, "config": config, "base_model_config": args.base_model_config}

@@ -36,9 +36,8 @@ from lora_core.buckets import BucketPlan
 from lora_core.config import LoraConfig, preset_config
 from lora_core.fs import sha256_file
 from lora_core.layout import SubjectLayout
-from lora_core.lora_io import read_metadata
 from lora_core.models import require_base_model
-from lora_core.run_folder import find_run
+from lora_core.run_folder import config_for_run, find_run
 from lora_core.run_state import preflight
 from lora_core.selection import resume_config
 from tasks.buckets import bucket_images
@@ -142,9 +141,10 @@ def select_and_resume(run: TrainRequest, epochs: list[EpochResult], report: Repo
 
 def choose_epoch(request: SelectRequest, rounds: list[dict], report: Report) -> SelectResult | None:
     """The samples and select stages once: every epoch's grid, then the choice (None: stopped after samples)."""
-    if report.add("samples", render_metric_grids(request, request.epoch_hashes())):
+    hashes = request.epoch_hashes()
+    if report.add("samples", render_metric_grids(request, hashes)):
         return None
-    choice = select_epoch(request, request.epoch_hashes(), rounds)
+    choice = select_epoch(request, hashes, rounds)
     report.add("select", choice)
     return choice
 
@@ -170,9 +170,7 @@ def select_only(
     """Select an epoch of a finished run (ours, or a kohya output folder of epoch files) without training."""
     files = find_run(Path(folder), token, photos)
     require_base_model(config.pretrained_model_name_or_path)
-    first = read_metadata(next(iter(files.epochs.values())))
-    if not config.sdxl and first.get("ss_base_model_version", "").startswith("sdxl"):
-        config = LoraConfig.model_validate(config.model_dump() | {"sdxl": True})  # kohya's files say so
+    config = config_for_run(config, files)
     request = SelectRequest(
         folder=files.folder,
         token=token,
@@ -183,11 +181,10 @@ def select_only(
     )
     report = Report()
     report.summary["select_only"] = str(files.folder)
-    txt2img = (files.layout.txt2img_images if files.layout else files.folder / "txt2img-images").resolve()
     with stage_results(files.folder / ".prefect-results", report.cached):
         try:
             if (choice := choose_epoch(request, [], report)) is not None:  # always, unless stopped after samples
-                finish(request, choice, report, txt2img, resuming=False)
+                finish(request, choice, report, files.txt2img, resuming=False)
         finally:
             release_renderers()
     return report.summary

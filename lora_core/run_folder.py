@@ -13,12 +13,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora_core.config import LoraConfig
 from lora_core.errors import UserError
 from lora_core.fs import atomic_write_bytes, atomic_write_text
 from lora_core.layout import SubjectLayout
 from lora_core.lora_io import LoraFileError, read_metadata
 
-__all__ = ["RunFiles", "SelectionError", "find_run", "publish_choice", "write_selection"]
+__all__ = ["RunFiles", "SelectionError", "config_for_run", "find_run", "publish_choice", "write_selection"]
 
 EPOCH_FILE = re.compile(r"(?P<name>.+)-(?P<epoch>\d{6})\.safetensors")
 PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -50,8 +51,21 @@ class RunFiles:
     def final(self) -> Path:
         return self.folder / f"{self.name}.safetensors"
 
+    @property
+    def txt2img(self) -> Path:
+        """Where the chosen epoch's renders go: the seed's `txt2img-images/` (beside a kohya folder's files)."""
+        return (self.layout.txt2img_images if self.layout else self.folder / "txt2img-images").resolve()
+
     def grid_folder(self, epoch: int | None) -> Path:
         return self.grids / ("base" if epoch is None else f"epoch-{epoch:06d}")
+
+
+def config_for_run(config: LoraConfig, run: RunFiles) -> LoraConfig:
+    """`config`, told the base model is SDXL when the run's own files say so (kohya's `ss_base_model_version`)."""
+    first = read_metadata(next(iter(run.epochs.values())))
+    if config.sdxl or not first.get("ss_base_model_version", "").startswith("sdxl"):
+        return config
+    return LoraConfig.model_validate(config.model_dump() | {"sdxl": True})
 
 
 def _photos_in(folder: Path) -> list[Path]:

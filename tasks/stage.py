@@ -59,11 +59,6 @@ class Stage(Generic[P, R]):
     def name(self) -> str:
         return self.task.name
 
-    @property
-    def fn(self) -> Callable[P, R]:
-        """The undecorated function (no Prefect), for tests and for callers outside a flow."""
-        return self.task.fn
-
     def with_options(self, **options: Any) -> Stage[P, R]:
         return Stage(self.task.with_options(**options), self.outputs_intact)
 
