@@ -292,10 +292,17 @@ def test_an_8bit_adamw_state_saves_and_resumes(builtin_models_home, tmp_path, mo
 
     monkeypatch.setitem(OPTIMIZERS, Optimizer.AdamW8bit, adamw8bit)
     # min_8bit_size: the tiny LoRA's tensors are small; 8-bit state for all of them, as for SD's.
-    config = small_config(num_repeats=1, train_batch_size=2, optimizer="AdamW8bit", optimizer_args={"min_8bit_size": 1})
+    # fp16 with its loss scale, as the sd15 preset trains on a GPU (the CPU runs the same step, explicitly).
+    config = small_config(
+        num_repeats=1,
+        train_batch_size=2,
+        mixed_precision="fp16",
+        optimizer="AdamW8bit",
+        optimizer_args={"min_8bit_size": 1},
+    )
     layout = make_subject(tmp_path, config, FOUR)
     trainer = Trainer(config, load_base_model(TINY_SD15), layout, device="cpu")
-    assert isinstance(trainer.optimizer, bitsandbytes.optim.AdamW8bit)
+    assert isinstance(trainer.optimizer, bitsandbytes.optim.AdamW8bit) and trainer.scaler.is_enabled()
     trainer.run_epoch(1)
     saved = trainer.optimizer.state_dict()["state"]
     nested = saved[0]["__bnb_optimizer_quant_state__"]
@@ -311,3 +318,4 @@ def test_an_8bit_adamw_state_saves_and_resumes(builtin_models_home, tmp_path, mo
             assert torch.equal(loaded[index]["__bnb_optimizer_quant_state__"][key].cpu(), value.cpu()), (index, key)
         assert loaded[index]["step"] == slots["step"]
     assert fresh.global_step == trainer.global_step
+    assert fresh.scaler.get_scale() == trainer.scaler.get_scale()
