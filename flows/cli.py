@@ -20,7 +20,7 @@ from lora_core.config import LoraConfig, preset_config
 from lora_core.errors import EXIT_USER_ERROR, RunFailure, UserError, exit_code
 from lora_core.layout import validate_token
 from lora_core.precision import resolve_device
-from lora_core.run_config import resolve_config
+from lora_core.run_config import subject_config
 from lora_core.run_state import preflight
 
 PROG = "python -m flows.train_subject"
@@ -171,22 +171,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> LoraConfig:
     """The run's config: the preset, then the config file, then the command line's flags
-    (`lora_core.run_config.resolve_config`). Raises `ConfigError` naming the file or flag and the field."""
+    (`lora_core.run_config.subject_config`). Raises `ConfigError` naming the file or flag and the field."""
     config_file = args.config
     if config_file is None and args.select_only is not None:  # the run's own settings, as we exported them
         for candidate in (args.select_only / "result_current", args.select_only):
             if (candidate / "kohya_ss_config.json").is_file():
                 config_file = candidate / "kohya_ss_config.json"
-    overrides = {
-        "pretrained_model_name_or_path": args.base_model,
-        "network_weights": str(args.network_weights) if args.network_weights else None,
-        "max_train_epochs": args.epochs,
-        "subject_type": args.subject_type,
-        "selection": {"max_resumes": args.max_resumes},
-        "checks": {"mirror_policy": args.mirror_policy, "quality_policy": args.quality_policy},
-        "captioning": {"model": args.caption_model, "recaption": args.recaption},
-    }
-    return resolve_config(args.preset, config_file, overrides, origin="the command line")
+    return subject_config(
+        args.preset,
+        config_file,
+        base_model=args.base_model,
+        caption_model=args.caption_model,
+        subject_type=args.subject_type,
+        mirror_policy=args.mirror_policy,
+        quality_policy=args.quality_policy,
+        network_weights=args.network_weights,
+        epochs=args.epochs,
+        max_resumes=args.max_resumes,
+        recaption=args.recaption,
+        origin="the command line",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

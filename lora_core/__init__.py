@@ -16,6 +16,7 @@ and tests/test_layers.py checks every import against it.
   and its presets).
 - formats, the files other tools read or write: `config_io` (kohya_ss and
   CivitAI configs), `run_config` (a run's settings: preset, file, overrides),
+  `batch` (a batch file of subjects, checked whole),
   `lora_io` (kohya's LoRA files), `manifest` (manifest.csv, its columns from
   the check records).
 - data preparation: `sources` (reading an input safely), `decoding` (one photo
@@ -35,6 +36,7 @@ and tests/test_layers.py checks every import against it.
 
 __all__ = [
     "LAYERS",
+    "batch",
     "blip",
     "buckets",
     "caption_text",
@@ -81,7 +83,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("foundations", ("errors", "fs", "layout", "hub", "tiny_models")),
     ("check records", ("faces", "checks")),
     ("settings", ("settings", "config")),
-    ("formats", ("config_io", "run_config", "lora_io", "manifest")),
+    ("formats", ("config_io", "run_config", "batch", "lora_io", "manifest")),
     (
         "data preparation",
         (

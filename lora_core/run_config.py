@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from lora_core.config import ConfigError, LoraConfig, Preset, preset_config
 from lora_core.config_io import describe_validation_error, load_config
 
-__all__ = ["merge_settings", "resolve_config"]
+__all__ = ["merge_settings", "resolve_config", "subject_config"]
 
 
 def merge_settings(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
@@ -51,3 +51,34 @@ def resolve_config(
         return LoraConfig.model_validate(merge_settings(config.model_dump(), overrides))
     except ValidationError as err:
         raise ConfigError(describe_validation_error(Path(origin), err, {})) from None
+
+
+def subject_config(
+    preset: Preset | str | None = None,
+    config_file: Path | str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    base_model: str | None = None,
+    caption_model: str | None = None,
+    subject_type: str | None = None,
+    mirror_policy: str | None = None,
+    quality_policy: str | None = None,
+    network_weights: Path | str | None = None,
+    epochs: int | None = None,
+    max_resumes: int | None = None,
+    recaption: bool | None = None,
+    origin: str = "overrides",
+) -> LoraConfig:
+    """A subject's config from what a person names: the command line's flags, the train-subject
+    deployment's parameters, a batch file's entry. Preset, then config file, then `overrides`, then the
+    named settings (each None: not given). Raises `ConfigError` naming `origin` and the field."""
+    named = {
+        "pretrained_model_name_or_path": base_model,
+        "network_weights": str(network_weights) if network_weights else None,
+        "max_train_epochs": epochs,
+        "subject_type": subject_type,
+        "selection": {"max_resumes": max_resumes},
+        "checks": {"mirror_policy": mirror_policy, "quality_policy": quality_policy},
+        "captioning": {"model": caption_model, "recaption": recaption},
+    }
+    return resolve_config(preset, config_file, merge_settings(dict(overrides or {}), named), origin)
