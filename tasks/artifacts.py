@@ -8,7 +8,12 @@ import re
 from pathlib import Path
 
 from PIL import Image, ImageDraw
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 
 from lora_core.buckets import BucketResult
 from lora_core.captioning import CaptionResult
@@ -202,6 +207,36 @@ def publish_epoch(token: str, epoch: int, losses: list[float], lrs: list[float],
     create_markdown_artifact(key=artifact_key(token, f"epoch-{epoch}"), markdown=markdown)
 
 
+class TrainingProgress:
+    """A training round on the dashboard: a progress bar (epoch k of n) and the loss so far, per epoch."""
+
+    def __init__(self, token: str, first_epoch: int, last_epoch: int) -> None:
+        self.token, self.first, self.last = token, first_epoch, last_epoch
+        self.losses: list[float] = []
+        self.lrs: list[float] = []
+        self.artifact_id = create_progress_artifact(
+            0.0,
+            key=artifact_key(token, "training-progress"),
+            description=self._words(first_epoch - 1),
+        )
+
+    def _words(self, done: int) -> str:
+        return f"{self.token}: epoch {done} of {self.last} trained (this round: epochs {self.first}-{self.last})"
+
+    def epoch_done(self, epoch: int, losses: list[float], lrs: list[float]) -> None:
+        self.losses += losses
+        self.lrs += lrs
+        share = 100.0 * (epoch - self.first + 1) / max(1, self.last - self.first + 1)
+        update_progress_artifact(self.artifact_id, progress=share, description=self._words(epoch))
+        chart = "data:image/png;base64," + base64.b64encode(loss_chart(self.losses, self.lrs)).decode("ascii")
+        title = f"# `{self.token}`: loss so far, epochs {self.first}-{epoch}"
+        create_markdown_artifact(
+            key=artifact_key(self.token, "training-loss"),
+            markdown=f"{title}\n\n![loss (blue) and learning rate (orange) per step]({chart})\n",
+            description=self._words(epoch),
+        )
+
+
 def publish_samples(token: str, epoch: int, sheet: Image.Image) -> None:
     """The epoch's contact sheet (prompts x seeds), inline, so the UI shows the run's progress."""
     uri = _png_uri(sheet)
@@ -232,7 +267,7 @@ def selection_markdown(run: RunFiles, spec: SampleSpec, record: dict) -> str:
     """The verdict and its reasons, the metric table and chart, and the chosen epoch's grid beside its neighbours'."""
     chosen = record["chosen_epoch"]
     lines = [
-        f"# Selection of `{run.name}`: {record['verdict']}, epoch {chosen}",
+        f"# Verdict: {record['verdict']}, epoch {chosen} (selection of `{run.name}`)",
         "",
         f"- chosen file: `{record['chosen_file']}`, published as `{run.final.name}`",
         f"- fidelity measured with: {record['fidelity_model']}",
@@ -270,16 +305,17 @@ def selection_markdown(run: RunFiles, spec: SampleSpec, record: dict) -> str:
 
 
 def publish_selection(run: RunFiles, spec: SampleSpec, record: dict) -> None:
-    """A table of every epoch's metrics and a markdown report (reasons, chart, contact sheets)."""
+    """A markdown report (the verdict first, then reasons, chart, contact sheets) and a table of every
+    epoch's metrics."""
+    create_markdown_artifact(  # first: the verdict is what a user opens the run for
+        key=artifact_key(run.name, "selection"),
+        markdown=selection_markdown(run, spec, record),
+        description=f"Verdict: {record['verdict']}, epoch {record['chosen_epoch']} (selection of {run.name})",
+    )
     create_table_artifact(
         key=artifact_key(run.name, "selection-metrics"),
         table=[{c: _number(row.get(c)) for c in _METRIC_COLUMNS} for row in record["metrics"]],
         description=f"Metrics per epoch of {run.name}; unavailable where they cannot be measured",
-    )
-    create_markdown_artifact(
-        key=artifact_key(run.name, "selection"),
-        markdown=selection_markdown(run, spec, record),
-        description=f"Checkpoint selection of {run.name}: {record['verdict']}, epoch {record['chosen_epoch']}",
     )
 
 

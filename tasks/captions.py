@@ -42,7 +42,7 @@ def _outputs_intact(
     return captions_intact(SubjectLayout(workdir, dataset.token), caption_extension, settings)
 
 
-@stage("captions", CAPTIONS_CACHE, outputs_intact=_outputs_intact)
+@stage("captions", CAPTIONS_CACHE, outputs_intact=_outputs_intact, gpu=True)
 def caption_images(
     dataset: QualityResult,
     workdir: Path,

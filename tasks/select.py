@@ -48,12 +48,16 @@ SELECT_CACHE = (
     )
 )
 
-# The loaded base model with a LoRA network on it, shared by the samples and txt2img tasks of one run.
+# The loaded base model with a LoRA network on it, shared by the samples and txt2img tasks of one run
+# (keyed by its folder first): subjects running in one process never share or free each other's.
 _RENDERERS: dict[str, GridRenderer] = {}
 
 
-def release_renderers() -> None:
-    _RENDERERS.clear()
+def release_renderers(folder: Path) -> None:
+    """Free the renderers of the run in `folder`."""
+    prefix = f"{Path(folder).resolve()}:"
+    for key in [key for key in _RENDERERS if key.startswith(prefix)]:
+        del _RENDERERS[key]
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -99,7 +103,7 @@ class SelectRequest(BaseModel):
 def _renderer(request: SelectRequest, lora: LoraFile) -> GridRenderer:
     key = f"{request.folder.resolve()}:{request.base_identity()}:{lora.rank}"
     if key not in _RENDERERS:
-        release_renderers()
+        release_renderers(request.folder)  # this run's other renderer (another rank): one base model at a time
         config = request.config
         base = load_base_model(
             config.pretrained_model_name_or_path, sdxl=config.sdxl, config_folder=request.base_model_config
@@ -118,7 +122,7 @@ def _grids_intact(request: SelectRequest, epoch_hashes: dict[int, str]) -> bool:
     return grids_intact(request.run(), request.spec(), request.base_identity())
 
 
-@stage("samples", SELECT_CACHE, outputs_intact=_grids_intact)
+@stage("samples", SELECT_CACHE, outputs_intact=_grids_intact, gpu=True)
 def render_metric_grids(request: SelectRequest, epoch_hashes: dict[int, str]) -> GridsResult:
     """The metric grid of the base model and of every epoch not rendered before (kept on disk)."""
     logger = get_run_logger()
@@ -214,7 +218,7 @@ def _chosen_intact(request: SelectRequest, epoch: int, lora_sha: str, txt2img: P
     return any(Path(txt2img).glob(f"{request.run().name}_e{epoch:06d}_w*.png"))
 
 
-@stage("txt2img", SELECT_CACHE, outputs_intact=_chosen_intact)
+@stage("txt2img", SELECT_CACHE, outputs_intact=_chosen_intact, gpu=True)
 def render_chosen(request: SelectRequest, epoch: int, lora_sha: str, txt2img: Path) -> list[Path]:
     """The chosen epoch at each strength (`selection.strengths`), the sample prompts, into `txt2img-images/`."""
     run, config = request.run(), request.config

@@ -12,7 +12,7 @@ decides `refresh_cache` from it. A flow then calls a stage like a function:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +21,7 @@ from typing import Any, Generic, ParamSpec, TypeVar
 from prefect import Task, task
 from prefect.cache_policies import CachePolicy
 
+from tasks.gpu import gpu_slot
 from tasks.retries import retry_transient
 
 P = ParamSpec("P")
@@ -49,18 +50,23 @@ def stage_results(storage: Path, cached: list[str] | None = None) -> Iterator[li
 
 
 class Stage(Generic[P, R]):
-    """A Prefect task plus the check that its outputs on disk are intact; calling it runs the task."""
+    """A Prefect task plus the check that its outputs on disk are intact; calling it runs the task.
 
-    def __init__(self, task: Task[P, R], outputs_intact: Callable[P, bool] | None = None) -> None:
+    A `gpu` stage runs holding a slot of the worker's GPU limit (`tasks.gpu`), taken before the task run
+    starts, so its run's span on the dashboard is the GPU's time, not the wait for it.
+    """
+
+    def __init__(self, task: Task[P, R], outputs_intact: Callable[P, bool] | None = None, gpu: bool = False) -> None:
         self.task = task
         self.outputs_intact = outputs_intact
+        self.gpu = gpu
 
     @property
     def name(self) -> str:
         return self.task.name
 
     def with_options(self, **options: Any) -> Stage[P, R]:
-        return Stage(self.task.with_options(**options), self.outputs_intact)
+        return Stage(self.task.with_options(**options), self.outputs_intact, self.gpu)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         results = _RESULTS.get()
@@ -69,17 +75,19 @@ class Stage(Generic[P, R]):
             options["refresh_cache"] = not self.outputs_intact(*args, **kwargs)
         if results is not None:
             options["result_storage"] = results.storage
-        state = self.task.with_options(**options)(*args, return_state=True, **kwargs)
+        with gpu_slot() if self.gpu else nullcontext():
+            state = self.task.with_options(**options)(*args, return_state=True, **kwargs)
         if results is not None and state.name == "Cached":
             results.cached.append(self.name)
         return state.result()
 
 
 def stage(
-    name: str, cache_policy: CachePolicy, outputs_intact: Callable[..., bool] | None = None
+    name: str, cache_policy: CachePolicy, outputs_intact: Callable[..., bool] | None = None, gpu: bool = False
 ) -> Callable[[Callable[P, R]], Stage[P, R]]:
     """Make a stage: a Prefect task whose JSON result persists, retried twice on transient failures
-    and never on bad input (`tasks.retries`), refreshed whenever `outputs_intact(*args)` is False."""
+    and never on bad input (`tasks.retries`), refreshed whenever `outputs_intact(*args)` is False;
+    a `gpu` stage holds the worker's GPU slot while it runs."""
 
     def decorate(fn: Callable[P, R]) -> Stage[P, R]:
         prefect_task = task(
@@ -91,7 +99,7 @@ def stage(
             retry_delay_seconds=[2, 10],
             retry_condition_fn=retry_transient,
         )(fn)
-        return Stage(prefect_task, outputs_intact)
+        return Stage(prefect_task, outputs_intact, gpu)
 
     return decorate
 

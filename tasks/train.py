@@ -43,7 +43,8 @@ from tasks.artifacts import publish_epoch, publish_samples
 from tasks.caching import CodeVersion
 from tasks.stage import stage
 
-# One run's loaded models, so epoch N+1 in the same process starts at once.
+# Each run's loaded models, by run key, so epoch N+1 in the same process starts at once. Per run: subjects
+# running in one process never share or free each other's models.
 _TRAINERS: dict[str, Trainer] = {}
 
 TRAIN_CACHE = (
@@ -68,9 +69,9 @@ TRAIN_CACHE = (
 )
 
 
-def release_trainers() -> None:
-    """Free the loaded models once a run's epochs are done, or failed (a worker process lives on)."""
-    _TRAINERS.clear()
+def release_trainers(run_key: str) -> None:
+    """Free one run's loaded models once its epochs are done, or failed (a worker process lives on)."""
+    _TRAINERS.pop(run_key, None)
     free_memory()
 
 
@@ -135,7 +136,7 @@ def _trainer(request: TrainRequest, config: LoraConfig, epoch: int) -> Trainer:
     trainer = _TRAINERS.get(request.run_key)
     if trainer is not None and trainer.epoch == epoch - 1 and trainer.config == config:
         return trainer
-    release_trainers()  # one run's models in memory at a time
+    release_trainers(request.run_key)  # a stale copy of this run's models: never two in memory
     layout = SubjectLayout(request.workdir, request.token)
     base = load_base_model(
         config.pretrained_model_name_or_path, sdxl=config.sdxl, config_folder=request.base_model_config
@@ -175,7 +176,7 @@ def _epoch_intact(request: TrainRequest, epoch: int) -> bool:
     return epoch_done(SubjectLayout(request.workdir, request.token), request.run_key, epoch)
 
 
-@stage("train-epoch", TRAIN_CACHE, outputs_intact=_epoch_intact)
+@stage("train-epoch", TRAIN_CACHE, outputs_intact=_epoch_intact, gpu=True)
 def train_epoch(request: TrainRequest, epoch: int) -> EpochResult:
     """Train one epoch; write `<token>-00000N.safetensors` and the state to continue from it.
 
@@ -197,7 +198,7 @@ def train_epoch(request: TrainRequest, epoch: int) -> EpochResult:
         every = request.config.sample_every_n_epochs
         samples = _render_samples(trainer, request.token, epoch=epoch) if every and epoch % every == 0 else []
     except BaseException:
-        release_trainers()  # a retry reloads the last saved epoch
+        release_trainers(request.run_key)  # a retry reloads the last saved epoch
         raise
     _log_epoch(request, stats, path)
     result = EpochResult(
@@ -244,7 +245,7 @@ def _train_with_ladder(request: TrainRequest, layout: SubjectLayout, epoch: int)
         # Outside the except block: its traceback no longer holds the failed attempt's tensors.
         if out_of_memory:
             trainer = None  # the last reference to the failed attempt's models
-            release_trainers()
+            release_trainers(request.run_key)
             bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
             step = oom_step(config, bf16_ok)
             if step is None:
