@@ -1,0 +1,12 @@
+"""How the flows run beyond one command: deployments, work pool, workers, the nightly schedule.
+
+- `python -m deployments.serve`: both deployments served from one process (one machine).
+- `prefect deploy --all` (the root's `prefect.yaml`) and `python -m deployments.worker` on each GPU box:
+  the same deployments on a process work pool, run by workers on any machine.
+"""
+
+POOL = "lora-gpu"
+SUBJECT_DEPLOYMENT = "train-subject/default"
+BATCH_DEPLOYMENT = "train-batch/default"
+NIGHTLY_CRON = "0 1 * * *"  # 01:00 every night; off until turned on (README: Scheduled batch)
+NIGHTLY_BATCH = "deployments/nightly.yaml"

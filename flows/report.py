@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel
 
-STAGES = ("ingest", "checks", "crop", "buckets", "captions", "train", "samples", "select")
+StageName = Literal["ingest", "checks", "crop", "buckets", "captions", "train", "samples", "select"]
+STAGES: tuple[str, ...] = get_args(StageName)
 
 # Per-image rows stay in the manifest and the artifacts; the summary holds the counts.
 _BULKY: dict[str, set[str]] = {

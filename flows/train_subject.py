@@ -27,22 +27,29 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 from prefect import flow
 
-from flows.report import STAGES, Report
+from flows.report import STAGES, Report, StageName
 from lora_core.blip import BlipCaptioner
 from lora_core.buckets import BucketPlan
-from lora_core.config import LoraConfig, preset_config
+from lora_core.checks.base import QualityPolicy
+from lora_core.checks.orientation import MirrorPolicy
+from lora_core.config import LoraConfig, Preset
 from lora_core.fs import sha256_file
 from lora_core.layout import SubjectLayout
 from lora_core.models import require_base_model
+from lora_core.run_config import subject_config
 from lora_core.run_folder import config_for_run, find_run
 from lora_core.run_state import preflight
 from lora_core.selection import resume_config
+from lora_core.settings import SubjectType
+from tasks.artifacts import TrainingProgress
 from tasks.buckets import bucket_images
 from tasks.captions import caption_images
 from tasks.checks import check_images, crop_images
+from tasks.gpu import share_cpu
 from tasks.ingest import ingest_photos
 from tasks.run import export_settings, publish_run, start_run
 from tasks.select import (
@@ -60,21 +67,36 @@ from tasks.train import EpochResult, TrainRequest, release_trainers, train_epoch
 __all__ = ["STAGES", "select_only", "train_subject"]
 
 
-@flow(name="train-subject")
+@flow(name="train-subject", flow_run_name="{token}")
 def train_subject(
     photos: Path,
     token: str,
     workdir: Path = Path("work"),
-    config: LoraConfig | None = None,
-    stop_after: str = STAGES[-1],
+    preset: Preset | None = None,
+    config_file: Path | None = None,
+    base_model: str | None = None,
+    caption_model: str | None = None,
+    subject_type: SubjectType | None = None,
+    mirror_policy: MirrorPolicy | None = None,
+    quality_policy: QualityPolicy | None = None,
+    overrides: dict[str, Any] | None = None,
+    stop_after: StageName = STAGES[-1],
     base_model_config: str | None = None,
     device: str | None = None,
+    config: LoraConfig | None = None,
 ) -> dict:
     """Turn `photos` and a trigger `token` into the seed's layout, stage by stage (see the module's list).
 
-    `device`: `cpu`, `cuda` or `cuda:N` (default: `cuda` when there is one, else the CPU in fp32).
+    The settings resolve as on the command line (`lora_core.run_config.subject_config`): `preset`, then the
+    kohya_ss/CivitAI `config_file`, then `overrides` (LoraConfig fields, nested sections as mappings), then
+    the named ones. `config`: a ready LoraConfig instead (Python callers). `device`: `cpu`, `cuda` or `cuda:N`
+    (default: `cuda` when there is one, else the CPU in fp32).
     """
-    config, workdir, report = config or preset_config(), Path(workdir), Report(stop_after)
+    named = {"base_model": base_model, "caption_model": caption_model, "subject_type": subject_type}
+    named |= {"mirror_policy": mirror_policy, "quality_policy": quality_policy}
+    config = config or subject_config(preset, config_file, overrides, **named, origin="train-subject's parameters")
+    workdir, report = Path(workdir), Report(stop_after)
+    share_cpu()  # several subjects on this worker: each its share of the cores
     if report.reaches("train"):
         preflight(config, device)  # a missing model or a bad starting LoRA fails now, not after captioning
     with stage_results(SubjectLayout(workdir, token).prefect_results, report.cached):
@@ -106,10 +128,14 @@ def train_subject(
 
 def train_run(run: TrainRequest) -> list[EpochResult]:
     """Every epoch of `run`, one task each (a killed run continues at its first unfinished epoch)."""
+    progress, epochs = TrainingProgress(run.token, run.first_epoch, run.last_epoch), []
     try:
-        return [train_epoch(run, epoch) for epoch in run.epochs()]
+        for epoch in run.epochs():
+            epochs.append(train_epoch(run, epoch))
+            progress.epoch_done(epoch, epochs[-1].losses, epochs[-1].lrs)
+        return epochs
     finally:
-        release_trainers()  # a worker process lives on: free the models
+        release_trainers(run.run_key)  # a worker process lives on: free the models
 
 
 def select_and_resume(run: TrainRequest, epochs: list[EpochResult], report: Report) -> None:
@@ -131,12 +157,12 @@ def select_and_resume(run: TrainRequest, epochs: list[EpochResult], report: Repo
             if more is None:
                 finish(request.with_epochs(epochs), choice, report, layout.txt2img_images, resuming=True)
                 return
-            release_renderers()  # one copy of the base model in memory: the trainer's
+            release_renderers(request.folder)  # one copy of the base model in memory: the trainer's
             run = start_run(run.token, run.workdir, more, run.device, run.base_model_config, last + 1, run.run_key)
             epochs += train_run(run)
             report.add_training(epochs, layout.final_lora)
     finally:
-        release_renderers()
+        release_renderers(request.folder)
 
 
 def choose_epoch(request: SelectRequest, rounds: list[dict], report: Report) -> SelectResult | None:
@@ -186,7 +212,7 @@ def select_only(
             if (choice := choose_epoch(request, [], report)) is not None:  # always, unless stopped after samples
                 finish(request, choice, report, files.txt2img, resuming=False)
         finally:
-            release_renderers()
+            release_renderers(files.folder)
     return report.summary
 
 
