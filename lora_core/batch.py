@@ -19,6 +19,7 @@ folder, so a file means the same on every worker that mounts it.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -108,7 +109,7 @@ def _entry(defaults: dict[str, Any], entry: Any, folder: Path) -> dict[str, Any]
         merged["overrides"] = merge_settings(defaults["overrides"], entry["overrides"])
     for key in _PATH_KEYS:
         if isinstance(merged.get(key), str):
-            merged[key] = folder / Path(merged[key]).expanduser()
+            merged[key] = Path(os.path.normpath(folder / Path(merged[key]).expanduser()))
     return merged
 
 

@@ -195,3 +195,11 @@ def test_outcome_reads_the_selection_of_a_finished_subject(tmp_path):
     (result / "selection.json").write_text(json.dumps({"verdict": "good", "chosen_epoch": 3}))
     (result / "t0k.safetensors").write_bytes(b"x")
     assert subject_outcome(subject) == {"verdict": "good", "chosen_epoch": 3, "lora": str(result / "t0k.safetensors")}
+
+
+def test_the_scheduled_default_batch_file_is_valid_on_a_fresh_clone():
+    """deployments/nightly.yaml, the nightly schedule's default: the demo photos on the built-in tiny models."""
+    root = Path(__file__).resolve().parent.parent
+    (subject,) = load_batch(root / "deployments" / "nightly.yaml")
+    assert subject.photos == root / "demo" / "photos" and subject.token == "t0k3n"
+    assert subject.lora_config("nightly").pretrained_model_name_or_path == "builtin:tiny-sd15"
