@@ -133,6 +133,7 @@ def train_run(run: TrainRequest) -> list[EpochResult]:
         for epoch in run.epochs():
             epochs.append(train_epoch(run, epoch))
             progress.epoch_done(epoch, epochs[-1].losses, epochs[-1].lrs)
+        progress.round_done()
         return epochs
     finally:
         release_trainers(run.run_key)  # a worker process lives on: free the models

@@ -208,7 +208,8 @@ def publish_epoch(token: str, epoch: int, losses: list[float], lrs: list[float],
 
 
 class TrainingProgress:
-    """A training round on the dashboard: a progress bar (epoch k of n) and the loss so far, per epoch."""
+    """A training round on the dashboard: a progress bar (epoch k of n) updated per epoch, and the round's
+    loss chart once it ends (each epoch's own chart is its task's artifact)."""
 
     def __init__(self, token: str, first_epoch: int, last_epoch: int) -> None:
         self.token, self.first, self.last = token, first_epoch, last_epoch
@@ -228,12 +229,16 @@ class TrainingProgress:
         self.lrs += lrs
         share = 100.0 * (epoch - self.first + 1) / max(1, self.last - self.first + 1)
         update_progress_artifact(self.artifact_id, progress=share, description=self._words(epoch))
+
+    def round_done(self) -> None:
+        if not self.losses:
+            return
         chart = "data:image/png;base64," + base64.b64encode(loss_chart(self.losses, self.lrs)).decode("ascii")
-        title = f"# `{self.token}`: loss so far, epochs {self.first}-{epoch}"
+        title = f"# `{self.token}`: loss of epochs {self.first}-{self.last}"
         create_markdown_artifact(
             key=artifact_key(self.token, "training-loss"),
             markdown=f"{title}\n\n![loss (blue) and learning rate (orange) per step]({chart})\n",
-            description=self._words(epoch),
+            description=f"{self.token}: the loss of epochs {self.first}-{self.last}, every step",
         )
 
 
