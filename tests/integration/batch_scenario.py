@@ -9,6 +9,7 @@ through the Prefect client for the tests to judge.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -21,6 +22,7 @@ from pathlib import Path
 from uuid import UUID
 
 import yaml
+from PIL import Image
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -41,15 +43,20 @@ DEMO_PHOTOS = REPO / "demo" / "photos"
 GOOD, FEW = ("ann4", "b3n"), "cl3o"
 GPU_STAGES = ("captions", "train-epoch", "samples", "txt2img")
 BATCH_TIMEOUT = 1200
+# Where the tests leave their screenshots and logs for a person to look at (default: pytest's tmp folders).
+SCREENSHOTS = Path(os.environ["LORA_SCREENSHOTS"]) if os.environ.get("LORA_SCREENSHOTS") else None
 
 
 def write_batch(folder: Path) -> Path:
-    """Subjects ann4 and b3n (six photos each) and cl3o (three), in that order, on the tiny models."""
+    """Subjects ann4 and b3n (the demo's six photos each) and cl3o (three phone photos), in that order, on the
+    tiny models. A worker running two subjects at once starts b3n once cl3o failed, after ingesting its three
+    4 MP photos, while ann4 (prepared: its stages up to captions cached) is training."""
     for token in GOOD:
         shutil.copytree(DEMO_PHOTOS, folder / "photos" / token)
     (folder / "photos" / FEW).mkdir(parents=True)
-    for photo in sorted(DEMO_PHOTOS.glob("*.jpg"))[:3]:
-        shutil.copy(photo, folder / "photos" / FEW / photo.name)
+    for photo in sorted(DEMO_PHOTOS.glob("*.jpg"))[:3]:  # three phone photos (4 MP)
+        with Image.open(photo) as image:
+            image.convert("RGB").resize((2400, 1800)).save(folder / "photos" / FEW / photo.name, quality=90)
     batch = {
         "defaults": {
             "workdir": "work",
@@ -62,7 +69,6 @@ def write_batch(folder: Path) -> Path:
                 "selection": {"max_resumes": 0, "strengths": [1.0]},
             },
         },
-        # ann4 first, cl3o second: a worker running two subjects at once starts b3n when cl3o has failed.
         "subjects": [
             {"photos": "photos/ann4", "token": "ann4", "overrides": {"max_train_epochs": 3}},
             {"photos": f"photos/{FEW}", "token": FEW},
@@ -121,12 +127,16 @@ class BatchOutcome:
         ]
 
     def worker_of(self, token: str) -> str:
-        """The worker whose log says it submitted the token's run."""
-        run_id = str(self.subjects[token].id)
+        """The worker that ran the token's run: its log says it submitted it and the server did not abort that
+        (two workers may both try; the server lets one have it)."""
+        run_id = self.subjects[token].id
+        workers = []
         for log in self.logs.glob("worker-*.log"):
-            if run_id in log.read_text(errors="replace"):
-                return log.stem.removeprefix("worker-")
-        raise AssertionError(f"no worker log names {token}'s run {run_id}")
+            text = log.read_text(errors="replace")
+            if f"submitting flow run '{run_id}'" in text and f"Aborted submission of flow run '{run_id}'" not in text:
+                workers.append(log.stem.removeprefix("worker-"))
+        assert len(workers) == 1, f"{token}'s run {run_id} was run by {workers}"
+        return workers[0]
 
 
 def overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
@@ -149,7 +159,7 @@ def run_batch(
         _prepare(client, batch_file, GOOD[0], logs)
         deployment = client.read_deployment_by_name("train-batch/default")
         batch = client.create_flow_run_from_deployment(deployment.id, parameters={"batch_file": str(batch_file)})
-        batch = _wait(client, batch.id, logs)
+        batch = wait_for_run(client, batch.id, logs)
         return _read_back(client, server, folder, logs, batch)
 
 
@@ -159,7 +169,7 @@ def _prepare(client, batch_file: Path, token: str, logs: Path) -> None:
     (subject,) = [s for s in load_batch(batch_file) if s.token == token]
     deployment = client.read_deployment_by_name(SUBJECT_DEPLOYMENT)
     parameters = {**subject.parameters(), "stop_after": "captions"}
-    run = _wait(client, client.create_flow_run_from_deployment(deployment.id, parameters=parameters).id, logs)
+    run = wait_for_run(client, client.create_flow_run_from_deployment(deployment.id, parameters=parameters).id, logs)
     assert run.state.is_completed(), f"preparing {token}: {run.state}"
 
 
@@ -175,7 +185,7 @@ def timeline(outcome: BatchOutcome) -> str:
     return "\n".join(f"{start - first:7.1f} {end - first:7.1f}  {token:6} {name}" for start, end, token, name in rows)
 
 
-def _wait(client, run_id: UUID, logs: Path) -> FlowRun:
+def wait_for_run(client, run_id: UUID, logs: Path) -> FlowRun:
     deadline = time.monotonic() + BATCH_TIMEOUT
     while time.monotonic() < deadline:
         run = client.read_flow_run(run_id)
@@ -214,3 +224,23 @@ def verdict_of(outcome: BatchOutcome, token: str) -> str:
 
 def message_mentions(text: str, *words: str) -> bool:
     return all(re.search(re.escape(word), text) for word in words)
+
+
+def check_subjects(outcome: BatchOutcome) -> None:
+    assert outcome.batch.state.is_completed(), outcome.batch.state
+    assert sorted(outcome.subjects) == sorted([*GOOD, FEW])
+    for token in GOOD:
+        run = outcome.subjects[token]
+        assert run.state.is_completed(), (token, run.state)
+        result = outcome.folder / "work" / token / "result_current"
+        assert (result / "selection.json").is_file() and (result / f"{token}.safetensors").is_file()
+    failed = outcome.subjects[FEW].state
+    assert failed.is_failed() and "at least 5" in (failed.message or ""), failed
+    rows = {row["subject"]: row for row in outcome.summary}
+    assert set(rows) == {*GOOD, FEW}
+    for token in GOOD:
+        row = rows[token]
+        assert row["state"] == "Completed" and row["verdict"] == verdict_of(outcome, token)
+        assert row["chosen_epoch"] >= 1 and Path(row["lora"]).is_file()
+    assert rows[FEW]["state"] == "Failed" and "at least 5" in rows[FEW]["message"]
+    assert "2 of 3" in (outcome.batch.state.message or "") and FEW in outcome.batch.state.message

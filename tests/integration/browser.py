@@ -7,7 +7,6 @@ and an artifact card on the Artifacts tab links to ``/artifacts/artifact/<id>``,
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
@@ -32,22 +31,17 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 CHROMIUM = os.environ.get("CHROMIUM_BIN", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("CHROMEDRIVER_BIN", "/usr/bin/chromedriver")
+# fmt: off
 CHROMIUM_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-dev-shm-usage",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--window-size=1400,1000",
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-dev-shm-usage",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1400,1000",
 )
+# fmt: on
 _FIND_LINK_JS = (
     "return [...document.querySelectorAll(arguments[0])]"
     ".find(a => a.offsetParent !== null && a.textContent.trim() === arguments[1]) || null;"
 )
+_ARTIFACT_BODY = ".artifact-data-view"  # rendered artifact data (markdown, table, ...) on /artifacts/artifact/<id>
 _RETRY = (NoSuchElementException, StaleElementReferenceException, ElementClickInterceptedException)
 
 
@@ -62,6 +56,12 @@ def _new_driver(profile_dir: str) -> WebDriver:
 
 def _squash(text: str) -> str:
     return " ".join(text.split())
+
+
+def _type(element: WebElement, text: str) -> bool:
+    element.clear()
+    element.send_keys(text)
+    return True
 
 
 class _Ui:
@@ -113,49 +113,51 @@ class _Ui:
 
 
 def _open_subject(ui: _Ui, name: str, shot: Path) -> None:
-    """Batch run page: Subflow Runs tab, find the subject's link (searching if needed), screenshot, click."""
+    """Batch run page: Subflow Runs tab, search the subject's name, screenshot, click its link."""
     ui.tab("Subflow Runs")
     scope = "#subflow-runs-content"
     ui.wait("subflow runs list", lambda d: d.find_elements(By.CSS_SELECTOR, f"{scope} .results-count"))
-    if ui.link(scope, name) is None:  # the list is paginated: narrow it with its run-name search box
-        box = ui.wait("subflow run search box", lambda d: d.find_element(By.CSS_SELECTOR, f"{scope} .search input"))
-        box.clear()
-        box.send_keys(name)
-    ui.wait(f"link to subflow run {name!r}", lambda d: ui.link(scope, name))
+    search_css = f"{scope} .search input"  # narrow the (paginated) list by run name, as a user would
+    ui.wait("subflow run search box", lambda d: _type(d.find_element(By.CSS_SELECTOR, search_css), name))
+    link = ui.wait(f"link to subflow run {name!r}", lambda d: ui.link(scope, name))
+    ui.driver.execute_script("arguments[0].scrollIntoView({block: 'nearest'});", link)
     ui.driver.save_screenshot(str(shot))
     ui.click(f"link to subflow run {name!r}", lambda d: ui.link(scope, name))
     ui.wait(f"flow run page of {name!r}", lambda d: ui.heading_is(name))
 
 
-def _find_verdict(ui: _Ui, verdict: str) -> None:
-    """Subject run page: Artifacts tab, then open artifact cards until ``verdict`` is shown."""
+def _find_verdict(ui: _Ui, verdict: str, artifact_key: str) -> None:
+    """Subject run page: Artifacts tab, open the card of ``artifact_key`` (as a user picks the selection report
+    by its name), and wait for ``verdict`` on the artifact's page, where its markdown is rendered."""
     ui.tab("Artifacts")
     cards_css = "#artifacts-content a[href*='/artifacts/artifact/']"
-    ui.wait("artifact cards or verdict", lambda d: ui.shows(verdict) or d.find_elements(By.CSS_SELECTOR, cards_css))
-    if ui.shows(verdict):
-        return
-    hrefs = ui.wait(
-        "artifact links", lambda d: [a.get_dom_attribute("href") for a in d.find_elements(By.CSS_SELECTOR, cards_css)]
+
+    def card(driver: WebDriver) -> WebElement | None:
+        for link in driver.find_elements(By.CSS_SELECTOR, cards_css):
+            if artifact_key in _squash(link.text).split(" "):
+                return link
+        # Task runs' artifacts load as their section scrolls into view, below the flow run's own.
+        driver.execute_script("window.scrollTo(0, document.body.scrollHeight);")
+        return None
+
+    ui.wait(f"artifact card {artifact_key!r}", card)
+    ui.click(f"artifact card {artifact_key!r}", card)
+    ui.wait(
+        f"verdict {verdict!r} on the page of {artifact_key!r}", lambda d: ui.text(_ARTIFACT_BODY) and ui.shows(verdict)
     )
-    for index, href in enumerate(hrefs):
-        if index:  # back to the run's Artifacts tab for the next card
-            ui.driver.back()
-            ui.tab("Artifacts")
-        card_css = f"#artifacts-content a[href='{href}']"
-        # cards show only key and description; the artifact's own page renders the markdown
-        ui.click(f"artifact card {href}", lambda d, css=card_css: d.find_element(By.CSS_SELECTOR, css))
-        loaded_css = ".artifact-data-view"  # the rendered artifact body (markdown, table, ...)
-        with contextlib.suppress(AssertionError):
-            ui.wait(f"{loaded_css} of {href}", lambda d: ui.shows(verdict) or ui.text(loaded_css), limit=15)
-        if index == len(hrefs) - 1 or ui.shows(verdict):
-            ui.wait(f"verdict {verdict!r}", lambda d: ui.shows(verdict))
-            return
 
 
 def show_subject_verdict(
-    ui_url: str, batch_run_id: str, subject_run_name: str, verdict_text: str, out_dir: Path, timeout: float = 90
+    ui_url: str,
+    batch_run_id: str,
+    subject_run_name: str,
+    verdict_text: str,
+    out_dir: Path,
+    artifact_key: str,
+    timeout: float = 90,
 ) -> list[Path]:
-    """Click from the batch run to the subject's subflow run and its artifact until ``verdict_text`` shows.
+    """Click from the batch run to the subject's subflow run and its artifact ``artifact_key`` until
+    ``verdict_text`` shows.
 
     ``verdict_text`` is matched against rendered text (no markdown markup), whitespace-normalised.
     Saves ``1-batch-run.png``, ``2-subject-run.png``, ``3-artifacts.png`` under ``out_dir`` and returns them;
@@ -178,7 +180,7 @@ def show_subject_verdict(
             lambda d: any(a.text.strip() for a in d.find_elements(By.CSS_SELECTOR, parent_css)),
         )
         driver.save_screenshot(str(shots[1]))
-        _find_verdict(ui, verdict_text)
+        _find_verdict(ui, verdict_text, artifact_key)
         driver.save_screenshot(str(shots[2]))
         return shots
     except (AssertionError, WebDriverException) as exc:

@@ -4,27 +4,30 @@ workers started as the README says, three subjects on the tiny models, and the U
 from __future__ import annotations
 
 import itertools
-import os
-import shutil
-from pathlib import Path
+import sys
+import time
 
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from deployments import NIGHTLY_CRON, SUBJECT_DEPLOYMENT
 from tests.integration.batch_scenario import (
     FEW,
     GOOD,
     GPU_STAGES,
-    BatchOutcome,
+    REPO,
+    SCREENSHOTS,
+    check_subjects,
     overlap,
     run_batch,
     timeline,
     verdict_of,
+    wait_for_run,
 )
-from tests.integration.services import postgres, prefect_server, require_binaries
+from tests.integration.services import background, prefect_server, require_binaries
 
 pytestmark = pytest.mark.integration
-
-SCREENSHOTS = Path(os.environ.get("LORA_SCREENSHOTS", "")) if os.environ.get("LORA_SCREENSHOTS") else None
 
 
 @pytest.fixture(scope="module")
@@ -36,31 +39,11 @@ def one_machine(tmp_path_factory):
         yield run_batch(server, folder, ["box1"], subjects=2, cpus=["0-1"])
 
 
-def _check_subjects(outcome: BatchOutcome) -> None:
-    assert outcome.batch.state.is_completed(), outcome.batch.state
-    assert sorted(outcome.subjects) == sorted([*GOOD, FEW])
-    for token in GOOD:
-        run = outcome.subjects[token]
-        assert run.state.is_completed(), (token, run.state)
-        result = outcome.folder / "work" / token / "result_current"
-        assert (result / "selection.json").is_file() and (result / f"{token}.safetensors").is_file()
-    failed = outcome.subjects[FEW].state
-    assert failed.is_failed() and "at least 5" in (failed.message or ""), failed
-    rows = {row["subject"]: row for row in outcome.summary}
-    assert set(rows) == {*GOOD, FEW}
-    for token in GOOD:
-        row = rows[token]
-        assert row["state"] == "Completed" and row["verdict"] == verdict_of(outcome, token)
-        assert row["chosen_epoch"] >= 1 and Path(row["lora"]).is_file()
-    assert rows[FEW]["state"] == "Failed" and "at least 5" in rows[FEW]["message"]
-    assert "2 of 3" in (outcome.batch.state.message or "") and FEW in outcome.batch.state.message
-
-
 def test_one_machine_trains_the_batch_and_summarises_it(one_machine):
-    _check_subjects(one_machine)
+    check_subjects(one_machine)
     for token in GOOD:  # the dashboard: training progress reached its last epoch, the verdict is published
         assert one_machine.artifacts.get(f"{token}-selection")
-        assert f"{token}-training-progress" in one_machine.artifacts
+        assert one_machine.artifacts[f"{token}-training-progress"] == 100  # epoch n of n
 
 
 def test_one_gpu_job_at_a_time_while_other_stages_go_on(one_machine):
@@ -88,28 +71,38 @@ def test_the_browser_finds_the_verdict_under_the_batch_run(one_machine, tmp_path
 
     token = GOOD[0]
     out = SCREENSHOTS or tmp_path
-    shots = show_subject_verdict(
-        one_machine.server.ui_url.rstrip("/"), str(one_machine.batch.id), token, verdict_of(one_machine, token), out
-    )
+    verdict = f"Verdict: {verdict_of(one_machine, token)}"
+    ui = one_machine.server.ui_url.rstrip("/")
+    shots = show_subject_verdict(ui, str(one_machine.batch.id), token, verdict, out, f"{token}-selection")
     assert all(shot.is_file() and shot.stat().st_size > 10_000 for shot in shots)
 
 
-def test_several_machines_on_postgres(tmp_path):
-    """Two workers, each a 'machine' of its own (one core, its own gpu-<id> limit), one server on PostgreSQL."""
-    require_binaries("initdb", "pg_ctl", "taskset")
-    with postgres(tmp_path / "pg") as url, prefect_server(tmp_path / "prefect-home", database_url=url) as server:
-        outcome = run_batch(server, tmp_path, ["box-a", "box-b"], subjects=1, cpus=["0", "1"])
-    _check_subjects(outcome)
-    by_worker = {token: outcome.worker_of(token) for token in outcome.subjects}
-    assert set(by_worker.values()) == {"box-a", "box-b"}, by_worker
-    for a, b in itertools.combinations(GOOD, 2):
-        if by_worker[a] == by_worker[b]:
-            clashes = [
-                (x, y)
-                for x in outcome.spans("train-epoch", a)
-                for y in outcome.spans("train-epoch", b)
-                if overlap(x, y)
-            ]
-            assert not clashes, f"{a} and {b} trained at once on {by_worker[a]}: {clashes}"
-    if SCREENSHOTS:
-        shutil.copytree(outcome.logs, SCREENSHOTS / "postgres-logs", dirs_exist_ok=True)
+def test_the_nightly_schedule_is_declared_and_off(one_machine):
+    with temporary_settings({PREFECT_API_URL: one_machine.server.api_url}), get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("train-batch/default")
+    (schedule,) = deployment.schedules
+    assert schedule.schedule.cron == NIGHTLY_CRON and not schedule.active
+    assert deployment.parameters == {"batch_file": "deployments/nightly.yaml"}
+
+
+def test_serve_runs_the_deployments_from_one_process(one_machine, tmp_path):
+    """`python -m deployments.serve` on the same server: it takes the deployments over, creates its GPU limit,
+    and runs a subject from the train-subject form's parameters. (Last: it replaces the worker's deployments.)"""
+    server, photos = one_machine.server, one_machine.folder / "photos" / GOOD[0]
+    command = [sys.executable, "-m", "deployments.serve", "--worker-id", "solo", "--subjects", "1"]
+    with (
+        background(command, server.env, tmp_path / "serve.log", cwd=REPO),
+        temporary_settings({PREFECT_API_URL: server.api_url}),
+        get_client(sync_client=True) as client,
+    ):
+        deadline, log = time.monotonic() + 180, tmp_path / "serve.log"
+        while "Your deployments are being served" not in log.read_text():  # Prefect's words once it polls
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(2)
+        deployment = client.read_deployment_by_name(SUBJECT_DEPLOYMENT)
+        parameters = {"photos": str(photos), "token": "s0lo", "workdir": str(tmp_path / "work"), "stop_after": "ingest"}
+        run = client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
+        run = wait_for_run(client, run.id, tmp_path)
+        assert run.state.is_completed(), (run.state, log.read_text()[-3000:])
+        assert client.read_global_concurrency_limit_by_name("gpu-solo").limit == 1
+    assert (tmp_path / "work" / "s0lo" / "manifest.csv").is_file()
