@@ -6,7 +6,10 @@
 """
 
 POOL = "lora-gpu"
+# The work pool's deployments (prefect.yaml) are named `default`, the served ones `local`, so the two ways
+# never overwrite each other on one server; a batch starts its subjects on its own way (flows.train_batch).
 SUBJECT_DEPLOYMENT = "train-subject/default"
 BATCH_DEPLOYMENT = "train-batch/default"
+SERVED = "local"
 NIGHTLY_CRON = "0 1 * * *"  # 01:00 every night; off until turned on (README: Scheduled batch)
 NIGHTLY_BATCH = "deployments/nightly.yaml"

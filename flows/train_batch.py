@@ -1,11 +1,13 @@
 """Train several subjects in one go: the nightly batch, spread over every worker of the work pool.
 
-    prefect deployment run train-batch/default --param batch_file=/shared/batches/tonight.yaml
+    prefect deployment run train-batch/default --param batch_file=/shared/batches/tonight.yaml   # work pool
+    prefect deployment run train-batch/local --param batch_file=tonight.yaml     # python -m deployments.serve
 
 The batch file (`lora_core.batch`) is checked whole before anything starts.
 Then each subject becomes its own `train-subject` run through the work pool
-(`run_deployment`), so the subjects spread over every worker that polls it
-and each shows under the batch run on the dashboard; on each worker the GPU
+(`run_deployment`; the `train-subject` deployment beside the batch's own), so
+the subjects spread over every worker that polls it and each shows under the
+batch run on the dashboard; on each worker the GPU
 stages take turns (`tasks.gpu`). A subject that fails never stops the others:
 the batch waits for all, publishes the `train-batch-summary` table, and ends
 Failed only when every subject failed.
@@ -26,9 +28,8 @@ from prefect.states import Completed, Failed, State
 
 from lora_core.batch import BatchSubject, load_batch, subject_outcome
 
-__all__ = ["SUBJECT_DEPLOYMENT", "SUMMARY_KEY", "train_batch"]
+__all__ = ["SUMMARY_KEY", "subject_deployment", "train_batch"]
 
-SUBJECT_DEPLOYMENT = "train-subject/default"
 SUMMARY_KEY = "train-batch-summary"
 POLL_SECONDS = 5.0
 
@@ -44,10 +45,18 @@ def train_batch(batch_file: Path) -> State:
     return batch_state(rows)
 
 
+def subject_deployment() -> str:
+    """`train-subject/<name>` of the same name as this batch's deployment (train-batch/local ->
+    train-subject/local): a served batch starts served subjects, a work pool's batch the pool's."""
+    from prefect.runtime import deployment
+
+    return f"train-subject/{deployment.name or 'default'}"
+
+
 def start_subject(subject: BatchSubject) -> FlowRun:
-    """A `train-subject` run of `subject` on the work pool, shown under this batch run; returns at once."""
+    """A `train-subject` run of `subject`, shown under this batch run; returns at once."""
     run = run_deployment(
-        SUBJECT_DEPLOYMENT,
+        subject_deployment(),
         parameters=subject.parameters(),
         flow_run_name=subject.token,
         timeout=0,

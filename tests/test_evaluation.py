@@ -230,12 +230,16 @@ def test_selection_artifacts_show_the_table_chart_and_contact_sheets(trained_run
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(
-                key=ArtifactFilterKey(any_=["rs-selection", "rs-selection-metrics", "rs-txt2img"])
+                key=ArtifactFilterKey(
+                    any_=["rs-selection", "rs-selection-metrics", "rs-txt2img", "rs-training-progress"]
+                )
             )
         )
     by_key = {a.key: a for a in sorted(artifacts, key=lambda a: a.created)}  # the latest of each key
-    assert set(by_key) == {"rs-selection", "rs-selection-metrics", "rs-txt2img"}
+    assert set(by_key) == {"rs-selection", "rs-selection-metrics", "rs-txt2img", "rs-training-progress"}
+    assert by_key["rs-training-progress"].data == 100  # the last round's epoch n of n
     report = by_key["rs-selection"].data
+    assert report.startswith("# Verdict: undertrained, epoch ")  # the verdict first
     assert "undertrained" in report and "| epoch | validation_loss |" in report and "## Rounds" in report
     assert report.count("data:image/png;base64,") >= 3  # the chart and at least two epochs' grids
     table = json.loads(by_key["rs-selection-metrics"].data)

@@ -50,13 +50,13 @@ SCREENSHOTS = Path(os.environ["LORA_SCREENSHOTS"]) if os.environ.get("LORA_SCREE
 def write_batch(folder: Path) -> Path:
     """Subjects ann4 and b3n (the demo's six photos each) and cl3o (three phone photos), in that order, on the
     tiny models. A worker running two subjects at once starts b3n once cl3o failed, after ingesting its three
-    4 MP photos, while ann4 (prepared: its stages up to captions cached) is training."""
+    12 MP photos, while ann4 (prepared: its stages up to captions cached) is training."""
     for token in GOOD:
         shutil.copytree(DEMO_PHOTOS, folder / "photos" / token)
     (folder / "photos" / FEW).mkdir(parents=True)
-    for photo in sorted(DEMO_PHOTOS.glob("*.jpg"))[:3]:  # three phone photos (4 MP)
+    for photo in sorted(DEMO_PHOTOS.glob("*.jpg"))[:3]:  # three 12-megapixel phone photos
         with Image.open(photo) as image:
-            image.convert("RGB").resize((2400, 1800)).save(folder / "photos" / FEW / photo.name, quality=90)
+            image.convert("RGB").resize((4000, 3000)).save(folder / "photos" / FEW / photo.name, quality=90)
     batch = {
         "defaults": {
             "workdir": "work",

@@ -136,8 +136,12 @@ def _find_verdict(ui: _Ui, verdict: str, artifact_key: str) -> None:
         for link in driver.find_elements(By.CSS_SELECTOR, cards_css):
             if artifact_key in _squash(link.text).split(" "):
                 return link
-        # Task runs' artifacts load as their section scrolls into view, below the flow run's own.
-        driver.execute_script("window.scrollTo(0, document.body.scrollHeight);")
+        # Artifacts sit in virtual scrollers (the flow run's own, then the task runs'): a chunk renders its
+        # cards once it is scrolled into view.
+        driver.execute_script(
+            "document.querySelectorAll('#artifacts-content .p-virtual-scroller-chunk')"
+            ".forEach(chunk => { if (!chunk.querySelector('a')) chunk.scrollIntoView({block: 'center'}); });"
+        )
         return None
 
     ui.wait(f"artifact card {artifact_key!r}", card)

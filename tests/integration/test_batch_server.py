@@ -9,9 +9,10 @@ import time
 
 import pytest
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from deployments import NIGHTLY_CRON, SUBJECT_DEPLOYMENT
+from deployments import NIGHTLY_CRON, SERVED
 from tests.integration.batch_scenario import (
     FEW,
     GOOD,
@@ -86,10 +87,15 @@ def test_the_nightly_schedule_is_declared_and_off(one_machine):
 
 
 def test_serve_runs_the_deployments_from_one_process(one_machine, tmp_path):
-    """`python -m deployments.serve` on the same server: it takes the deployments over, creates its GPU limit,
-    and runs a subject from the train-subject form's parameters. (Last: it replaces the worker's deployments.)"""
-    server, photos = one_machine.server, one_machine.folder / "photos" / GOOD[0]
-    command = [sys.executable, "-m", "deployments.serve", "--worker-id", "solo", "--subjects", "1"]
+    """`python -m deployments.serve` on the same server as the work pool's: its own `local` deployments beside
+    the pool's, its GPU limit, a subject run from the train-subject form's parameters, and a batch whose
+    only subject fails: the batch starts it on the served deployment and ends Failed, naming it."""
+    server, photos = one_machine.server, one_machine.folder / "photos"
+    command = [sys.executable, "-m", "deployments.serve", "--worker-id", "solo", "--subjects", "2"]
+    batch_file = tmp_path / "few.yaml"
+    models = "{base_model: 'builtin:tiny-sd15', caption_model: 'builtin:tiny-blip'}"
+    entry = f"{{photos: {photos / FEW}, token: f3w, workdir: {tmp_path / 'work'}}}"
+    batch_file.write_text(f"defaults: {models}\nsubjects:\n  - {entry}\n")
     with (
         background(command, server.env, tmp_path / "serve.log", cwd=REPO),
         temporary_settings({PREFECT_API_URL: server.api_url}),
@@ -99,10 +105,18 @@ def test_serve_runs_the_deployments_from_one_process(one_machine, tmp_path):
         while "Your deployments are being served" not in log.read_text():  # Prefect's words once it polls
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(2)
-        deployment = client.read_deployment_by_name(SUBJECT_DEPLOYMENT)
-        parameters = {"photos": str(photos), "token": "s0lo", "workdir": str(tmp_path / "work"), "stop_after": "ingest"}
-        run = client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
-        run = wait_for_run(client, run.id, tmp_path)
+        subject = client.read_deployment_by_name(f"train-subject/{SERVED}")
+        parameters = {"photos": str(photos / GOOD[0]), "token": "s0lo", "workdir": str(tmp_path / "work")}
+        run = client.create_flow_run_from_deployment(subject.id, parameters={**parameters, "stop_after": "ingest"})
+        batch = client.read_deployment_by_name(f"train-batch/{SERVED}")
+        failing = client.create_flow_run_from_deployment(batch.id, parameters={"batch_file": str(batch_file)})
+        run, failing = wait_for_run(client, run.id, tmp_path), wait_for_run(client, failing.id, tmp_path)
         assert run.state.is_completed(), (run.state, log.read_text()[-3000:])
         assert client.read_global_concurrency_limit_by_name("gpu-solo").limit == 1
+        (child,) = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[failing.id]))
+        )
     assert (tmp_path / "work" / "s0lo" / "manifest.csv").is_file()
+    assert child.deployment_id == subject.id and child.state.is_failed()
+    assert failing.state.is_failed() and "every subject failed: f3w" in failing.state.message
+    assert "at least 5" in failing.state.message
