@@ -24,7 +24,11 @@ def add_machine_options(parser: argparse.ArgumentParser) -> None:
         help="this worker's name, unique per machine; its GPU limit is gpu-<worker id> (default: the host name)",
     )
     parser.add_argument(
-        "--gpus", type=int, default=1, help="GPU jobs at once on this machine: one per card (default: 1)"
+        "--gpus",
+        type=int,
+        default=1,
+        help="GPU jobs at once on this worker's card (default: 1); several cards in a box: one worker per card, "
+        "each with its own --worker-id and CUDA_VISIBLE_DEVICES",
     )
     parser.add_argument(
         "--subjects",
