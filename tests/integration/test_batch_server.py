@@ -54,7 +54,7 @@ def test_one_gpu_job_at_a_time_while_other_stages_go_on(one_machine):
     assert all(len(training[token]) >= 2 for token in tokens), training
     for a, b in itertools.combinations(tokens, 2):
         clashes = [(x, y) for x in gpu[a] for y in gpu[b] if overlap(x, y)]
-        assert not clashes, f"GPU stages of {a} and {b} overlap under a limit of 1: {clashes}"
+        assert not clashes, f"GPU stages of {a} and {b} overlap under a limit of 1:\n{timeline(outcome)}"
     ingest_during_training = [
         (other, token)
         for token in tokens
