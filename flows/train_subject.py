@@ -34,8 +34,7 @@ from prefect import flow
 from flows.report import STAGES, Report, StageName
 from lora_core.blip import BlipCaptioner
 from lora_core.buckets import BucketPlan
-from lora_core.checks.base import QualityPolicy
-from lora_core.checks.orientation import MirrorPolicy
+from lora_core.checks import MirrorPolicy, QualityPolicy
 from lora_core.config import LoraConfig, Preset
 from lora_core.fs import sha256_file
 from lora_core.layout import SubjectLayout

@@ -36,7 +36,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from deployments import SUBJECT_DEPLOYMENT
 from lora_core.batch import load_batch
-from tests.integration.services import PrefectServer, _tail, background
+from tests.integration.services import PrefectServer, background, log_tail
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_PHOTOS = REPO / "demo" / "photos"
@@ -192,7 +192,7 @@ def wait_for_run(client, run_id: UUID, logs: Path) -> FlowRun:
         if run.state is not None and run.state.is_final():
             return run
         time.sleep(3)
-    tails = "\n".join(f"--- {log.name}\n{_tail(log, 60)}" for log in sorted(logs.glob("*.log")))
+    tails = "\n".join(f"--- {log.name}\n{log_tail(log, 60)}" for log in sorted(logs.glob("*.log")))
     raise AssertionError(f"train-batch did not finish in {BATCH_TIMEOUT} s:\n{tails}")
 
 

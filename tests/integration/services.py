@@ -81,7 +81,7 @@ def _wait_until(done: Callable[[], bool], timeout: float, interval: float = 0.1)
     return True
 
 
-def _tail(log: Path, lines: int = 40) -> str:
+def log_tail(log: Path, lines: int = 40) -> str:
     try:
         return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
     except OSError as exc:
@@ -166,12 +166,12 @@ def prefect_server(home: Path, database_url: str | None = None, timeout: float =
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"Prefect server exited with {proc.returncode}; {log}:\n{_tail(log)}")
+                raise RuntimeError(f"Prefect server exited with {proc.returncode}; {log}:\n{log_tail(log)}")
             with contextlib.suppress(OSError, http.client.HTTPException):
                 if _get(f"{api_url}/health")[0] == 200:
                     break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"Prefect server not healthy after {timeout:.0f} s; {log}:\n{_tail(log)}")
+                raise RuntimeError(f"Prefect server not healthy after {timeout:.0f} s; {log}:\n{log_tail(log)}")
             time.sleep(0.5)
         status, content_type, body = _get(ui_url)
         if status != 200 or "html" not in content_type or b"<html" not in body[:2000].lower():
@@ -242,7 +242,7 @@ def postgres(base: Path, timeout: float = 60) -> Iterator[str]:
             [*as_user, *args], cwd=cluster, env=env, capture_output=True, text=True, timeout=timeout + 30, check=False
         )
         if done.returncode != 0:
-            output = f"{done.stdout}{done.stderr}\n{_tail(log)}"
+            output = f"{done.stdout}{done.stderr}\n{log_tail(log)}"
             raise RuntimeError(f"{' '.join(args)} failed with {done.returncode}:\n{output}")
 
     try:
