@@ -2,26 +2,31 @@
 
 Errors follow `lora_core.errors`: a `UserError` (bad input, unreachable model,
 bad setting) prints its message and exits 2, a `RunFailure` (a NaN loss)
-exits 1, anything else is a bug and keeps its traceback.
+exits 1, anything else is a bug and keeps its traceback. A stage's error names
+the stage, with no traceback on the terminal (`flows.console`). Ctrl-C stops
+within seconds with exit 130, a second one at once (`flows.console`).
+
+What can be checked without the heavy libraries is checked first (the flags,
+the photos path, the token, the config), so `--help` and a typo answer at
+once: torch, diffusers and Prefect load only once the run is going to start.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from flows import console
 from flows.report import STAGES, Report
-from lora_core.config import LoraConfig, preset_config
 from lora_core.errors import EXIT_USER_ERROR, RunFailure, UserError, exit_code
-from lora_core.layout import validate_token
-from lora_core.precision import resolve_device
-from lora_core.run_config import subject_config
-from lora_core.run_state import preflight
+from lora_core.layout import SubjectLayout, validate_token
+
+if TYPE_CHECKING:
+    from lora_core.config import LoraConfig
 
 PROG = "python -m flows.train_subject"
 _Option = tuple[tuple[str, ...], dict[str, Any]]
@@ -85,7 +90,7 @@ OPTIONS: tuple[_Option, ...] = (
         ("--caption-model",),
         {
             "help": "BLIP captioning model: hub id, local folder, or builtin:tiny-blip (no download; nonsense "
-            f"words) (default: {preset_config().captioning.model})"
+            "words) (default: Salesforce/blip-image-captioning-large)"
         },
     ),
     (
@@ -172,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> LoraConfig:
     """The run's config: the preset, then the config file, then the command line's flags
     (`lora_core.run_config.subject_config`). Raises `ConfigError` naming the file or flag and the field."""
+    from lora_core.run_config import subject_config
+
     config_file = args.config
     if config_file is None and args.select_only is not None:  # the run's own settings, as we exported them
         for candidate in (args.select_only / "result_current", args.select_only):
@@ -195,25 +202,44 @@ def config_from_args(args: argparse.Namespace) -> LoraConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # The embedded server has no network here or on most GPU boxes: don't try to phone home.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    console.prefect_defaults()
     if args.select_only is None and args.photos is None:
         return _fail("name the photos folder (or --select-only RUN_FOLDER to choose an epoch of a run)")
     try:
-        validate_token(args.token)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            config = config_from_args(args)
-        for warning in caught:
-            print(f"warning: {warning.message}", file=sys.stderr)
-        resolve_device(args.device)
-        if args.select_only is None and Report(args.stop_after).reaches("train"):
-            preflight(config, args.device)  # a missing model, a starting LoRA that is not one: now, before any work
-        summary = _run(args, config)
+        config = check_args(args)
+        with console.guard():
+            summary = _run(args, config)
+    except console.Stopped as stop:
+        return _fail(str(stop), console.EXIT_INTERRUPTED)
     except (UserError, RunFailure) as err:
-        return _fail(str(err), exit_code(err) or EXIT_USER_ERROR)
+        return _fail(console.stage_message(err), exit_code(err) or EXIT_USER_ERROR)
+    except console.ServerStartError as err:
+        return _fail(str(err), console.EXIT_SERVER)
     print_summary(summary)
     return 0
+
+
+def check_args(args: argparse.Namespace) -> LoraConfig:
+    """Everything that can be said before the run starts: the token, the photos, the subject folder
+    not in use, the config, the device, the base model. Raises `UserError` with the reason."""
+    validate_token(args.token)
+    if args.select_only is None:
+        console.check_photos(args.photos, 1, exclude=args.workdir)  # a wrong path: answered before the config loads
+        console.check_not_busy(SubjectLayout(args.workdir, args.token))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = config_from_args(args)
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
+    if args.select_only is None:
+        console.check_photos(args.photos, config.ingest.min_images, exclude=args.workdir)
+    from lora_core.precision import resolve_device  # torch loads here, once the cheap checks passed
+    from lora_core.run_state import preflight
+
+    resolve_device(args.device)
+    if args.select_only is None and Report(args.stop_after).reaches("train"):
+        preflight(config, args.device)  # a missing model, a starting LoRA that is not one: now, before any work
+    return config
 
 
 def _fail(message: str, code: int = EXIT_USER_ERROR) -> int:
@@ -223,6 +249,8 @@ def _fail(message: str, code: int = EXIT_USER_ERROR) -> int:
 
 def _run(args: argparse.Namespace, config: LoraConfig) -> dict:
     from flows.train_subject import select_only, train_subject  # Prefect loads only once the flags are good
+
+    console.quiet_user_errors()
 
     common = {"token": args.token, "config": config, "base_model_config": args.base_model_config}
     if args.select_only is not None:

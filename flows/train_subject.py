@@ -26,6 +26,12 @@ The command line itself (flags, the summary it prints) is `flows.cli`.
 from __future__ import annotations
 
 import sys
+
+if __name__ == "__main__":  # the command line checks its flags before torch, diffusers and Prefect load
+    from flows.cli import main
+
+    sys.exit(main())
+
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +43,8 @@ from lora_core.buckets import BucketPlan
 from lora_core.checks import MirrorPolicy, QualityPolicy
 from lora_core.config import LoraConfig, Preset
 from lora_core.fs import sha256_file
-from lora_core.layout import SubjectLayout
+from lora_core.layout import BOOKKEEPING, SubjectLayout
+from lora_core.lock import subject_lock
 from lora_core.models import require_base_model
 from lora_core.run_config import subject_config
 from lora_core.run_folder import config_for_run, find_run
@@ -98,7 +105,9 @@ def train_subject(
     share_cpu()  # several subjects on this worker: each its share of the cores
     if report.reaches("train"):
         preflight(config, device)  # a missing model or a bad starting LoRA fails now, not after captioning
-    with stage_results(SubjectLayout(workdir, token).prefect_results, report.cached):
+    layout = SubjectLayout(workdir, token)
+    with subject_lock(layout.lock, layout.root), stage_results(layout.prefect_results, report.cached):
+        layout.move_old_bookkeeping()  # a folder from before `.pipeline/` keeps its caches
         ingested = ingest_photos(Path(photos), token, workdir, config.ingest, config.num_repeats)
         export_settings(token, workdir, config)
         if report.add("ingest", ingested):
@@ -207,16 +216,11 @@ def select_only(
     )
     report = Report()
     report.summary["select_only"] = str(files.folder)
-    with stage_results(files.folder / ".prefect-results", report.cached):
+    kept = files.folder / BOOKKEEPING
+    with subject_lock(kept / "lock", files.folder), stage_results(kept / "prefect-results", report.cached):
         try:
             if (choice := choose_epoch(request, [], report)) is not None:  # always, unless stopped after samples
                 finish(request, choice, report, files.txt2img, resuming=False)
         finally:
             release_renderers(files.folder)
     return report.summary
-
-
-if __name__ == "__main__":
-    from flows.cli import main
-
-    sys.exit(main())

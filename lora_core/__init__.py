@@ -6,7 +6,7 @@ and tests/test_layers.py checks every import against it.
 
 - foundations: `errors` (which failures the user fixes, which a run cannot get
   past), `fs` (atomic writes, path containment), `layout` (the seed's
-  folders), `hub` (where models come from), `tiny_models` (offline models
+  folders), `lock` (one process per subject folder), `hub` (where models come from), `tiny_models` (offline models
   built from configs).
 - check records: `checks` (each dataset check as one declared record: what it
   measures, how it judges, its words, its manifest columns, its settings) and
@@ -54,6 +54,7 @@ __all__ = [
     "image_store",
     "ingest",
     "layout",
+    "lock",
     "lora_io",
     "manifest",
     "memory",
@@ -80,7 +81,7 @@ __all__ = [
 
 # The layers from the bottom up: (name, modules). A package (a folder) is one entry; its modules are in its layer.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("foundations", ("errors", "fs", "layout", "hub", "tiny_models")),
+    ("foundations", ("errors", "fs", "layout", "lock", "hub", "tiny_models")),
     ("check records", ("faces", "checks")),
     ("settings", ("settings", "config")),
     ("formats", ("config_io", "run_config", "batch", "lora_io", "manifest")),

@@ -162,7 +162,7 @@ def caption_subject(
             atomic_write_text(caption_path, record.caption + "\n")
         records.append(record)
     _write_captions(layout.captions_csv, records)
-    atomic_write_text(_stamp_file(layout), settings_stamp(settings, captioner.identity, caption_extension))
+    atomic_write_text(layout.captions_settings, settings_stamp(settings, captioner.identity, caption_extension))
     return CaptionResult(
         captions_csv=layout.captions_csv,
         generated=generated,
@@ -177,10 +177,6 @@ def settings_stamp(settings: CaptionSettings, identity: str, caption_extension: 
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _stamp_file(layout: SubjectLayout) -> Path:
-    return layout.captions_csv.with_name(".captions-settings")
-
-
 def captions_intact(
     layout: SubjectLayout, caption_extension: str = ".txt", settings: CaptionSettings | None = None
 ) -> bool:
@@ -192,7 +188,7 @@ def captions_intact(
     """
     if settings is not None:
         identity = BlipCaptioner(settings.model).identity
-        stamp = _stamp_file(layout)
+        stamp = layout.captions_settings
         if not stamp_matches(stamp, settings_stamp(settings, identity, caption_extension)):
             return False
     try:

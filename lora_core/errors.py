@@ -17,9 +17,6 @@ traceback, on purpose).
 
 from __future__ import annotations
 
-from pandera.errors import SchemaError, SchemaErrors
-from safetensors import SafetensorError
-
 __all__ = ["DAMAGED_FILE_ERRORS", "EXIT_RUN_FAILURE", "EXIT_USER_ERROR", "RunFailure", "UserError", "exit_code"]
 
 EXIT_USER_ERROR = 2
@@ -38,14 +35,18 @@ class RunFailure(Exception):
 # text, JSON or numbers (ValueError, which covers the JSON, CSV-parser and Unicode errors), a missing
 # key or column (KeyError), a table failing its schema (pandera), a bad safetensors header. Nothing
 # else: a check that a stage's files are whole must let a bug surface, not turn it into a silent re-run.
-DAMAGED_FILE_ERRORS: tuple[type[Exception], ...] = (
-    OSError,
-    ValueError,
-    KeyError,
-    SchemaError,
-    SchemaErrors,
-    SafetensorError,
-)
+# Built on first use (PEP 562): pandera takes a second to import, and the command line answers `--help`
+# and a bad path without it.
+DAMAGED_FILE_ERRORS: tuple[type[Exception], ...]  # declared here, built by `__getattr__`
+
+
+def __getattr__(name: str) -> tuple[type[Exception], ...]:
+    if name != "DAMAGED_FILE_ERRORS":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from pandera.errors import SchemaError, SchemaErrors
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, KeyError, SchemaError, SchemaErrors, SafetensorError)
 
 
 def exit_code(error: BaseException) -> int | None:

@@ -1,14 +1,19 @@
 """Safe file-system primitives: atomic writes and path containment.
 
 Every artifact the pipeline writes goes through `atomic_write_*`, so a crash
-leaves either the old file or the new one, never half of one.
+leaves either the old file or the new one, never half of one. The new file gets
+the mode any other program would give it under the user's umask (a temporary
+file starts at 0600, which would keep a LoRA from a UI running as another
+user), and a full disk is said in words, naming the file.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,12 +23,14 @@ from typing import Any
 from lora_core.errors import UserError
 
 __all__ = [
+    "DiskFullError",
     "JsonCache",
     "PathEscapeError",
     "atomic_output",
     "atomic_write_bytes",
     "atomic_write_text",
     "content_stamp",
+    "current_umask",
     "ensure_inside",
     "sha256_bytes",
     "sha256_file",
@@ -36,25 +43,68 @@ class PathEscapeError(UserError, ValueError):
     """A path would leave the folder it must stay in."""
 
 
+class DiskFullError(UserError, OSError):
+    """The disk (or the user's quota) is full: nothing was replaced, and the same command continues once
+    there is room."""
+
+
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the OS says it (Linux), else set and restored."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_output(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` on success.
 
     The temporary file lives in the same folder so the final `os.replace` is an
-    atomic rename on POSIX and Windows alike.
+    atomic rename on POSIX and Windows alike. A full disk raises `DiskFullError`
+    naming `path`, with the old file (if any) still in place.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with _disk_full_named(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        with _disk_full_named(path):
+            os.chmod(tmp, 0o666 & ~current_umask())
+            yield tmp
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def _disk_full_named(path: Path) -> Iterator[None]:
+    """Turn an OSError saying the disk is full into a `DiskFullError` naming `path` and the room left."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in _DISK_FULL or isinstance(err, DiskFullError):
+            raise
+        try:
+            free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
+        except OSError:
+            free = "free space unknown"
+        raise DiskFullError(
+            f"the disk is full: could not write {path} ({free}); the files written before are intact: free "
+            "some space and run the same command again to continue"
+        ) from err
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -7,6 +7,8 @@
     manifest.csv                         what ingest did with every input file
     buckets.csv                          each image's bucket, resize and crop
     captions.csv                         each image's caption and where it came from
+    .pipeline/                           the pipeline's own bookkeeping (caches, results, run state, lock):
+                                         nothing a user reads; deleting it costs only recomputation
 """
 
 from __future__ import annotations
@@ -18,11 +20,23 @@ from pathlib import Path
 from lora_core.errors import UserError
 from lora_core.fs import ensure_inside
 
-__all__ = ["InvalidTokenError", "SubjectLayout", "repeats_for", "validate_token"]
+__all__ = ["BOOKKEEPING", "InvalidTokenError", "SubjectLayout", "repeats_for", "validate_token"]
 
 _TOKEN_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 # The seed: "400 / number of images ... will be the number of repeats".
 SEED_REPEAT_BUDGET = 400
+# One hidden folder holds every file the pipeline keeps for itself, so the subject folder shows the seed's
+# layout and the files a user reads. Its entries used to sit in the subject folder as dot-files.
+BOOKKEEPING = ".pipeline"
+_OLD_ENTRIES = {
+    ".caption-cache": "caption-cache",
+    ".check-cache": "check-cache",
+    ".image-store": "image-store",
+    ".ingest-stamp": "ingest-stamp",
+    ".captions-settings": "captions-settings",
+    ".prefect-results": "prefect-results",
+    ".train-state": "train-state",
+}
 
 
 class InvalidTokenError(UserError, ValueError):
@@ -94,9 +108,24 @@ class SubjectLayout:
         return self.root / "captions.csv"
 
     @property
+    def bookkeeping(self) -> Path:
+        """`.pipeline/`: the caches, results, run state and lock (see `BOOKKEEPING`)."""
+        return self.root / BOOKKEEPING
+
+    @property
+    def captions_settings(self) -> Path:
+        """What the caption files were made with (see `lora_core.captioning.settings_stamp`)."""
+        return self.bookkeeping / "captions-settings"
+
+    @property
+    def lock(self) -> Path:
+        """Held by the one process working on this subject (see `lora_core.lock`)."""
+        return self.bookkeeping / "lock"
+
+    @property
     def caption_cache(self) -> Path:
         """BLIP's output per image, model and settings, so no image is captioned twice."""
-        return self.root / ".caption-cache"
+        return self.bookkeeping / "caption-cache"
 
     def epoch_lora(self, epoch: int) -> Path:
         """`result_current/<token>-000001.safetensors`, kohya's name for an epoch's LoRA."""
@@ -113,29 +142,43 @@ class SubjectLayout:
 
     def train_state(self, run_key: str) -> Path:
         """Where one run keeps what a new process needs to continue it, per epoch."""
-        return self.root / ".train-state" / run_key[:16]
+        return self.bookkeeping / "train-state" / run_key[:16]
 
     @property
     def ingest_stamp(self) -> Path:
         """What the training folder was made from (see `lora_core.fs.content_stamp`)."""
-        return self.root / ".ingest-stamp"
+        return self.bookkeeping / "ingest-stamp"
 
     @property
     def check_cache(self) -> Path:
         """The dataset checks' per-image results, by image content, so no photo is analysed twice."""
-        return self.root / ".check-cache"
+        return self.bookkeeping / "check-cache"
 
     @property
     def image_store(self) -> Path:
         """Originals of images the checks turned, flipped or set aside (see `lora_core.image_store`)."""
-        return self.root / ".image-store"
+        return self.bookkeeping / "image-store"
 
     @property
     def prefect_results(self) -> Path:
         """Where Prefect persists task results and cache records for this subject."""
-        return self.root / ".prefect-results"
+        return self.bookkeeping / "prefect-results"
 
     def create(self) -> None:
         """Create the folders that exist before any training (idempotent)."""
         for folder in (self.training_images, self.result_current, self.txt2img_images):
             folder.mkdir(parents=True, exist_ok=True)
+
+    def move_old_bookkeeping(self) -> list[str]:
+        """Move a subject folder's dot-file bookkeeping from before `.pipeline/` into it, so an upgrade keeps
+        its caches and finished epochs; returns the entries moved."""
+        moved = []
+        for old, new in _OLD_ENTRIES.items():
+            source, target = self.root / old, self.bookkeeping / new
+            if (source.exists() or source.is_symlink()) and not target.exists():
+                if source.is_symlink():  # never follow a link out of the subject folder
+                    continue
+                self.bookkeeping.mkdir(parents=True, exist_ok=True)
+                source.rename(target)
+                moved.append(old)
+        return moved

@@ -11,6 +11,7 @@ decides `refresh_cache` from it. A flow then calls a stage like a function:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
@@ -21,6 +22,7 @@ from typing import Any, Generic, ParamSpec, TypeVar
 from prefect import Task, task
 from prefect.cache_policies import CachePolicy
 
+from lora_core.errors import RunFailure, UserError
 from tasks.gpu import gpu_slot
 from tasks.retries import retry_transient
 
@@ -35,6 +37,12 @@ class _Results:
 
 
 _RESULTS: ContextVar[_Results | None] = ContextVar("stage_results", default=None)
+_RUNNING: list[str] = []  # the stages this process is in, innermost last (for "stopped during ...")
+
+
+def running() -> str | None:
+    """The stage this process is running now, e.g. "crop" or "epoch 2" (None between stages)."""
+    return _RUNNING[-1] if _RUNNING else None
 
 
 @contextmanager
@@ -75,11 +83,26 @@ class Stage(Generic[P, R]):
             options["refresh_cache"] = not self.outputs_intact(*args, **kwargs)
         if results is not None:
             options["result_storage"] = results.storage
-        with gpu_slot() if self.gpu else nullcontext():
-            state = self.task.with_options(**options)(*args, return_state=True, **kwargs)
-        if results is not None and state.name == "Cached":
-            results.cached.append(self.name)
-        return state.result()
+        _RUNNING.append(self._label(args, kwargs))
+        try:
+            with gpu_slot() if self.gpu else nullcontext():
+                state = self.task.with_options(**options)(*args, return_state=True, **kwargs)
+            if results is not None and state.name == "Cached":
+                results.cached.append(self.name)
+            return state.result()
+        except (UserError, RunFailure) as err:
+            err.stage = getattr(err, "stage", self.name)  # type: ignore[attr-defined]  # for the one-line message
+            raise
+        finally:
+            _RUNNING.pop()
+
+    def _label(self, args: tuple, kwargs: dict) -> str:
+        """The stage's name, or "epoch N" for a stage that takes an epoch."""
+        try:
+            epoch = inspect.signature(self.task.fn).bind(*args, **kwargs).arguments.get("epoch")
+        except TypeError:
+            epoch = None
+        return f"epoch {epoch}" if isinstance(epoch, int) else self.name
 
 
 def stage(

@@ -1,0 +1,193 @@
+"""What the command line does at the terminal: cheap checks up front, Ctrl-C, and errors in one line.
+
+A user who types a wrong path should hear so at once, not after Prefect's
+temporary server started; a user who presses Ctrl-C should get the prompt back
+within seconds, even though the terminal's SIGINT also stopped that server
+(Prefect's API calls would otherwise retry against it for many minutes); a
+user whose photos are too few should read the reason, not a traceback. The
+traceback of a user error still goes to the Prefect log (the UI), just not
+to the terminal.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
+
+from lora_core.errors import RunFailure, UserError
+from lora_core.layout import SubjectLayout
+from lora_core.lock import subject_lock
+from lora_core.sources import CAPTION_SUFFIXES, InputError, open_input
+
+__all__ = [
+    "EXIT_INTERRUPTED",
+    "EXIT_SERVER",
+    "ServerStartError",
+    "Stopped",
+    "check_not_busy",
+    "check_photos",
+    "guard",
+    "prefect_defaults",
+    "quiet_user_errors",
+    "stage_message",
+]
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+EXIT_SERVER = 1
+# Prefect's default (20 s) is too short for a busy 2-core machine starting its server beside training.
+SERVER_STARTUP_TIMEOUT_S = 180
+# After Ctrl-C the run may take this long to mark itself stopped on a live server; then we leave anyway.
+STOP_GRACE_S = 5.0
+_TIMEOUT_VAR = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+
+
+class Stopped(Exception):
+    """The user pressed Ctrl-C; the message says where and how to continue."""
+
+
+class ServerStartError(Exception):
+    """Prefect's temporary server did not come up."""
+
+
+def prefect_defaults() -> None:
+    """Settings for Prefect's temporary server that the user did not choose: no phoning home (there is
+    no network here or on most GPU boxes), and a start-up time that a busy machine can meet."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault(_TIMEOUT_VAR, str(SERVER_STARTUP_TIMEOUT_S))
+
+
+# --- Checks before anything starts ---------------------------------------------------------
+
+
+def check_photos(photos: Path, min_images: int, exclude: Path | None = None) -> None:
+    """The photos path exists, is a folder or a zip, and holds at least `min_images` files that may be
+    photos (ingest then decides which are); raises `InputError` saying which of these fails."""
+    with open_input(Path(photos), exclude=Path(exclude) if exclude else None) as entries:
+        candidates = [
+            e for e in entries if e.read is not None and PurePosixPath(e.rel).suffix.lower() not in CAPTION_SUFFIXES
+        ]
+    if not candidates:
+        raise InputError(f"{photos}: no photos in it (only hidden, caption or unreadable files, or nothing)")
+    if len(candidates) < min_images:
+        raise InputError(
+            f"{photos}: {len(candidates)} file(s) that may be photos, and at least {min_images} usable photos "
+            "are needed (ingest.min_images; the seed: 5 to 10 can work)"
+        )
+
+
+def check_not_busy(layout: SubjectLayout) -> None:
+    """Refuse at once when another process holds the subject folder (the flow takes the lock for real)."""
+    if layout.lock.is_file():
+        with subject_lock(layout.lock, layout.root):
+            pass
+
+
+# --- While the run goes ------------------------------------------------------------------
+
+
+def stage_message(error: BaseException) -> str:
+    """A user error's one line, naming the stage it came from (`tasks.stage` marks it)."""
+    stage = getattr(error, "stage", None)
+    return f"{stage}: {error}" if stage else str(error)
+
+
+@contextmanager
+def guard() -> Iterator[None]:
+    """Run the flow with Ctrl-C handled: the first stops the run (`Stopped`, or a forced exit after
+    `STOP_GRACE_S`), a second exits at once; a server that would not start says so in one line."""
+    state = _Interrupts()
+    previous = signal.signal(signal.SIGINT, state.on_sigint)
+    try:
+        yield
+    except BaseException as err:
+        if state.stopped_during is not None:  # whatever the interrupted run raised on its way out
+            raise Stopped(state.message()) from None
+        if isinstance(err, RuntimeError) and "ephemeral Prefect API server" in str(err):
+            raise ServerStartError(_server_message()) from None
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class _Interrupts:
+    def __init__(self) -> None:
+        self.stopped_during: str | None = None
+
+    def message(self) -> str:
+        return f"stopped during {self.stopped_during}; run the same command to continue (finished work is kept)"
+
+    def on_sigint(self, signum: int, frame: object) -> None:
+        if self.stopped_during is not None:  # the second Ctrl-C: no more waiting
+            _leave(self.message())
+        self.stopped_during = _running_stage()
+        logging.getLogger("prefect").setLevel(logging.CRITICAL + 1)  # its crash reports are not the user's news
+        threading.Thread(target=self._deadline, daemon=True).start()
+        raise KeyboardInterrupt
+
+    def _deadline(self) -> None:
+        time.sleep(STOP_GRACE_S)
+        _leave(self.message())
+
+
+def _running_stage() -> str:
+    stage = sys.modules.get("tasks.stage")
+    return (stage.running() if stage is not None else None) or "start-up"
+
+
+def _leave(message: str) -> None:
+    """Exit now (the files are written atomically, so nothing is half-written), stopping the temporary
+    server first so that no process is left behind."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    server = sys.modules.get("prefect.server.api.server")
+    for instance in list(getattr(getattr(server, "SubprocessASGIServer", None), "_instances", {}).values()):
+        if getattr(instance, "server_process", None) is not None:
+            instance.server_process.kill()
+    os._exit(EXIT_INTERRUPTED)
+
+
+def _server_message() -> str:
+    timeout = os.environ.get(_TIMEOUT_VAR, SERVER_STARTUP_TIMEOUT_S)
+    return (
+        f"Prefect's temporary server did not start within {timeout} s (a busy machine?): run again, raise "
+        f"{_TIMEOUT_VAR}, or start one (`prefect server start`) and set PREFECT_API_URL to it"
+    )
+
+
+class _UserErrorsInOneLine(logging.Filter):
+    """Keep a user error off the terminal, traceback and "Finished in state Failed(... <the message>)"
+    alike: the command line prints its one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, (UserError, RunFailure)):
+            return False
+        text = record.getMessage()
+        return not ("in state Failed" in text and any(f"exception {name}" in text for name in _explained()))
+
+
+def _explained() -> set[str]:
+    """The names of every error class the command line explains in one line."""
+    names, todo = set(), [UserError, RunFailure]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return names
+
+
+def quiet_user_errors() -> None:
+    """Filter Prefect's terminal handlers (once Prefect has set up its logging); its API handler, which
+    feeds the UI, keeps the full record."""
+    for logger in (logging.getLogger(), logging.getLogger("prefect")):
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and not any(
+                isinstance(f, _UserErrorsInOneLine) for f in handler.filters
+            ):
+                handler.addFilter(_UserErrorsInOneLine())
