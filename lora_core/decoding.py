@@ -4,6 +4,14 @@ The header is read first, so a decompression bomb or a too-small image is
 refused before any pixel is decoded; every refusal is a `RejectedImage` whose
 message is the reason shown to the user. Colours survive the conversion
 (transparency on white, 16-bit greys scaled, ICC profiles to sRGB).
+
+Phones' own formats open too: HEIC/HEIF (every iPhone's default) through
+pillow-heif's libheif, AVIF through Pillow's own plugin (Pillow >= 11.3 wheels
+ship libavif). The two turn photos upright differently: libheif applies the
+file's rotation (`irot`/`imir`) while decoding and pillow-heif resets the EXIF
+orientation to 1, keeping the original in `info["original_orientation"]`, so a
+HEIC is never turned twice; Pillow's AVIF plugin leaves the pixels as stored and
+reports the rotation as EXIF orientation, which we apply as for a JPEG.
 """
 
 from __future__ import annotations
@@ -13,7 +21,8 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+import pillow_heif
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError, features
 
 from lora_core.errors import UserError
 from lora_core.settings import IngestSettings
@@ -21,6 +30,10 @@ from lora_core.settings import IngestSettings
 __all__ = ["DecodedImage", "RejectedImage", "decode_image", "to_rgb8"]
 
 _EXIF_ORIENTATION = 0x0112
+_UPRIGHT_ORIENTATIONS = range(2, 9)  # EXIF orientations that turn or mirror the stored pixels
+
+# The primary image only: a phone's HEIC also carries thumbnails, depth maps and HDR gain maps.
+pillow_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
 
 
 class RejectedImage(UserError):
@@ -84,7 +97,7 @@ def decode_image(data: bytes, settings: IngestSettings) -> DecodedImage:
         try:
             image = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
-            raise RejectedImage("not an image (format not recognised)") from None
+            raise RejectedImage(_unrecognised(data)) from None
         except Image.DecompressionBombError:
             raise RejectedImage("decompression bomb: header declares too many pixels; not decoded") from None
         except Exception as err:  # Pillow raises many types for a broken header
@@ -105,13 +118,16 @@ def decode_image(data: bytes, settings: IngestSettings) -> DecodedImage:
             raise RejectedImage(f"truncated or corrupt image data: {err}") from None
 
     source_format, source_mode = image.format or "", image.mode
+    # A HEIF was turned upright by libheif while it decoded; its EXIF now says 1.
+    turned_on_decode = image.info.get("original_orientation") in _UPRIGHT_ORIENTATIONS
     orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-    exif_rotated = orientation in range(2, 9)
+    exif_rotated = orientation in _UPRIGHT_ORIENTATIONS
     if exif_rotated:
         try:
             image = ImageOps.exif_transpose(image)
         except Exception:
             exif_rotated = False  # malformed EXIF: keep the pixels as stored
+    exif_rotated = exif_rotated or turned_on_decode
     try:
         rgb = to_rgb8(image)
     except Exception as err:
@@ -123,3 +139,10 @@ def decode_image(data: bytes, settings: IngestSettings) -> DecodedImage:
         size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
         rgb = rgb.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
     return DecodedImage(rgb, (width, height), source_format, source_mode, exif_rotated, resized)
+
+
+def _unrecognised(data: bytes) -> str:
+    """Why Pillow did not recognise `data`: not an image, or an AVIF this Pillow cannot read."""
+    if data[4:8] == b"ftyp" and b"avif" in data[8:32] and not features.check("avif"):
+        return "AVIF photo, but this Pillow has no AVIF support (install Pillow >= 11.3)"
+    return "not an image (format not recognised)"
