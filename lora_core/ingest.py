@@ -5,32 +5,35 @@ hand. We do the same, and refuse what would hurt training, with a reason per
 file: unreadable, not an image, too small (never upscaled), duplicates and
 near-duplicates, decompression bombs, and anything that points outside the
 input. One bad file never stops the run; too few good ones does, clearly.
-Listing the input safely is `lora_core.sources`' job, decoding one photo
-`lora_core.decoding`'s; this module pairs, de-duplicates and writes the layout.
+Listing the input safely and pairing captions is `lora_core.sources`' job,
+decoding one photo `lora_core.decoding`'s; this module decodes the photos on
+every core, de-duplicates them and writes the layout.
 """
 
 from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import imagehash
 from pydantic import BaseModel
 from rich.progress import Progress
 
+from lora_core.checks.workers import usable_cores
 from lora_core.decoding import RejectedImage, decode_image
 from lora_core.errors import DAMAGED_FILE_ERRORS, UserError
 from lora_core.fs import atomic_write_text, content_stamp, sha256_bytes, stamp_matches
 from lora_core.layout import SubjectLayout, repeats_for
 from lora_core.manifest import read_manifest, write_manifest
 from lora_core.settings import IngestSettings
-from lora_core.sources import CAPTION_SUFFIXES, Entry, InputError, fingerprint_input, open_input
+from lora_core.sources import Entry, InputError, fingerprint_input, open_input, pair_captions, read_caption
 
 __all__ = ["IngestResult", "InputError", "TooFewImagesError", "ingest", "ingest_stamp", "layout_intact"]
-
-_MAX_CAPTION_BYTES = 16 * 1024
 
 
 class TooFewImagesError(UserError, ValueError):
@@ -68,70 +71,57 @@ class _Candidate:
     row: dict = field(default_factory=dict)
 
 
-def _read_caption(entry: Entry) -> str:
-    """A caption file's text, or "" when it is unreadable or empty."""
-    try:
-        raw = entry.read(_MAX_CAPTION_BYTES) if entry.read else b""
-    except OSError:
-        return ""
-    if len(raw) > _MAX_CAPTION_BYTES:
-        return ""
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        text = raw.decode("latin-1")
-    return " ".join(text.split())
-
-
-def _pair_captions(entries: list[Entry]) -> tuple[dict[str, str], dict[str, str]]:
-    """Map image rel -> caption rel, and caption rel -> image rel, by folder and stem."""
-    by_stem: dict[PurePosixPath, list[Entry]] = {}
-    for entry in entries:
-        if entry.verdict is None:
-            rel = PurePosixPath(entry.rel)
-            by_stem.setdefault(rel.with_suffix(""), []).append(entry)
-    caption_of: dict[str, str] = {}
-    image_of: dict[str, str] = {}
-    for group in by_stem.values():
-        captions = sorted(
-            (e for e in group if PurePosixPath(e.rel).suffix.lower() in CAPTION_SUFFIXES),
-            key=lambda e: CAPTION_SUFFIXES.index(PurePosixPath(e.rel).suffix.lower()),
-        )
-        images = [e for e in group if PurePosixPath(e.rel).suffix.lower() not in CAPTION_SUFFIXES]
-        if captions and images:
-            for image in images:
-                caption_of[image.rel] = captions[0].rel
-            for caption in captions:
-                image_of[caption.rel] = images[0].rel
-    return caption_of, image_of
-
-
 def _row(rel: str, status: str, reason: str = "", **values: object) -> dict:
     return {"source": rel, "status": status, "reason": reason, **values}
 
 
-def _examine(entry: Entry, settings: IngestSettings, staging: Path, seen_bytes: dict[str, str]) -> _Candidate | dict:
-    """Read, hash and decode one entry: a candidate image, or a finished row."""
+@dataclass
+class _Examined:
+    """What a worker found in one file, before the files are taken in order.
+
+    `sha256` is empty when the file was refused unread; `decoded` is False
+    when another file with the same bytes was claimed for decoding first.
+    """
+
+    sha256: str = ""
+    reason: str = ""  # why it is rejected; "" when decoded and accepted (or not decoded)
+    candidate: _Candidate | None = None
+    decoded: bool = False
+
+
+class _Claims:
+    """Which bytes some worker decodes already, so a file's exact copies are not decoded again."""
+
+    def __init__(self) -> None:
+        self._claimed: set[str] = set()
+        self._lock = threading.Lock()
+
+    def claim(self, sha256: str) -> bool:
+        with self._lock:
+            first = sha256 not in self._claimed
+            self._claimed.add(sha256)
+            return first
+
+
+def _examine(entry: Entry, settings: IngestSettings, staged: Path, claims: _Claims) -> _Examined:
+    """Read, hash and decode one file (in a worker thread: Pillow and hashlib release the GIL)."""
     assert entry.read is not None
     try:
         data = entry.read(settings.max_file_bytes)
     except OSError as err:
-        return _row(entry.rel, "rejected", f"cannot read: {err.strerror or err}")
+        return _Examined(reason=f"cannot read: {err.strerror or err}")
     if not data:
-        return _row(entry.rel, "rejected", "empty file")
+        return _Examined(reason="empty file")
     if len(data) > settings.max_file_bytes:
-        return _row(entry.rel, "rejected", f"file larger than {settings.max_file_bytes} bytes")
+        return _Examined(reason=f"file larger than {settings.max_file_bytes} bytes")
     digest = sha256_bytes(data)
-    if digest in seen_bytes:
-        first = seen_bytes[digest]
-        return _row(entry.rel, "rejected", f"exact duplicate of {first}", sha256=digest, duplicate_of=first)
-    seen_bytes[digest] = entry.rel
+    if not claims.claim(digest):
+        return _Examined(digest)
     try:
         decoded = decode_image(data, settings)
     except RejectedImage as err:
-        return _row(entry.rel, "rejected", str(err), sha256=digest)
+        return _Examined(digest, str(err), decoded=True)
 
-    staged = staging / f"{len(seen_bytes):06d}.png"
     decoded.image.save(staged, format="PNG", compress_level=4)
     row = _row(
         entry.rel,
@@ -147,9 +137,35 @@ def _examine(entry: Entry, settings: IngestSettings, staging: Path, seen_bytes: 
         exif_rotated=decoded.exif_rotated,
     )
     pixels = sha256_bytes(f"{decoded.image.size}".encode() + decoded.image.tobytes())
-    return _Candidate(
+    candidate = _Candidate(
         entry.rel, digest, pixels, imagehash.phash(decoded.image), staged, decoded.source_size, len(data), row
     )
+    return _Examined(digest, candidate=candidate, decoded=True)
+
+
+def _in_order(entries: list[Entry], found: list[_Examined]) -> tuple[list[dict], list[_Candidate]]:
+    """Rows and candidates as a sequential run makes them: the first file (by path) of equal bytes is
+    the one decoded, its later copies exact duplicates, whichever worker got to the bytes first."""
+    decoded = {f.sha256: f for f in found if f.decoded}
+    first_of: dict[str, str] = {}
+    rows: list[dict] = []
+    candidates: list[_Candidate] = []
+    for entry, examined in zip(entries, found, strict=True):
+        sha = examined.sha256
+        if not sha:
+            rows.append(_row(entry.rel, "rejected", examined.reason))
+        elif sha in first_of:
+            first = first_of[sha]
+            rows.append(_row(entry.rel, "rejected", f"exact duplicate of {first}", sha256=sha, duplicate_of=first))
+        else:
+            first_of[sha] = entry.rel
+            outcome = decoded[sha]
+            if outcome.candidate is None:
+                rows.append(_row(entry.rel, "rejected", outcome.reason, sha256=sha))
+            else:
+                outcome.candidate.rel = outcome.candidate.row["source"] = entry.rel
+                candidates.append(outcome.candidate)
+    return rows, candidates
 
 
 def _deduplicate(candidates: list[_Candidate], max_distance: int) -> list[_Candidate]:
@@ -234,9 +250,14 @@ def ingest(
     *,
     num_repeats: int | None = None,
     show_progress: bool = True,
+    on_photo: Callable[[str, int, int], None] | None = None,
+    workers: int | None = None,
 ) -> IngestResult:
     """Ingest `photos` (a folder, recursive, or a `.zip`) into `layout`.
 
+    Photos are decoded on `workers` threads (default: every core this process
+    may use); the result is the same as one thread's. `on_photo(name, done,
+    total)` is called here, in the caller's thread, as each photo is done.
     Returns what was written; raises `TooFewImagesError` (with every row)
     when fewer than `settings.min_images` photos are usable, and `InputError`
     when the input itself is missing or not a folder or zip.
@@ -250,7 +271,7 @@ def ingest(
     staging.mkdir()
     try:
         with open_input(photos, exclude=Path(layout.workdir)) as entries:
-            rows, candidates = _examine_all(entries, settings, staging, show_progress)
+            rows, candidates = _examine_all(entries, settings, staging, show_progress, on_photo, workers)
         kept = _deduplicate(candidates, settings.near_duplicate_distance)
         rows += [c.row for c in candidates]
         rows.sort(key=lambda r: r["source"])
@@ -286,30 +307,52 @@ def ingest(
 
 
 def _examine_all(
-    entries: list[Entry], settings: IngestSettings, staging: Path, show_progress: bool
+    entries: list[Entry],
+    settings: IngestSettings,
+    staging: Path,
+    show_progress: bool,
+    on_photo: Callable[[str, int, int], None] | None = None,
+    workers: int | None = None,
 ) -> tuple[list[dict], list[_Candidate]]:
-    caption_of, image_of = _pair_captions(entries)
+    """Examine every file on `workers` threads (default: every usable core), reporting each as it is done."""
+    caption_of, image_of = pair_captions(entries)
     by_rel = {e.rel: e for e in entries}
     rows: list[dict] = []
-    candidates: list[_Candidate] = []
-    seen_bytes: dict[str, str] = {}
-    with Progress(disable=not show_progress, transient=True) as progress:
-        task = progress.add_task("ingest: decoding photos", total=len(entries))
-        for entry in entries:
-            progress.advance(task)
-            if entry.verdict is not None:
-                rows.append(_row(entry.rel, *entry.verdict))
-            elif entry.rel in image_of:
-                rows.append(_row(entry.rel, "ignored", f"caption file of {image_of[entry.rel]}"))
-            else:
-                outcome = _examine(entry, settings, staging, seen_bytes)
-                if isinstance(outcome, _Candidate):
-                    if entry.rel in caption_of:
-                        outcome.row["user_caption"] = _read_caption(by_rel[caption_of[entry.rel]])
-                    candidates.append(outcome)
-                else:
-                    rows.append(outcome)
-    return rows, candidates
+    images: list[Entry] = []
+    for entry in entries:
+        if entry.verdict is not None:
+            rows.append(_row(entry.rel, *entry.verdict))
+        elif entry.rel in image_of:
+            rows.append(_row(entry.rel, "ignored", f"caption file of {image_of[entry.rel]}"))
+        else:
+            images.append(entry)
+    found: list[_Examined | None] = [None] * len(images)
+    claims = _Claims()
+    threads = max(1, min(workers or usable_cores(), len(images)))
+    with (
+        Progress(disable=not show_progress, transient=True) as progress,
+        ThreadPoolExecutor(threads, thread_name_prefix="ingest") as pool,
+    ):
+        bar = progress.add_task("ingest: decoding photos", total=len(images))
+        futures = {
+            pool.submit(_examine, entry, settings, staging / f"{index:06d}.png", claims): index
+            for index, entry in enumerate(images)
+        }
+        try:
+            for done, future in enumerate(as_completed(futures), start=1):
+                index = futures[future]
+                found[index] = future.result()
+                progress.update(bar, advance=1, description=f"ingest: {images[index].rel}")
+                if on_photo is not None:
+                    on_photo(images[index].rel, done, len(images))
+        finally:
+            for future in futures:
+                future.cancel()  # after an error or an interrupt: the photos not started yet are not
+    decided, candidates = _in_order(images, [f for f in found if f is not None])
+    for candidate in candidates:
+        if candidate.rel in caption_of:
+            candidate.row["user_caption"] = read_caption(by_rel[caption_of[candidate.rel]])
+    return rows + decided, candidates
 
 
 def _too_few_message(photos: Path, rows: list[dict], minimum: int) -> str:

@@ -21,17 +21,18 @@ photo that agrees best with all the others; no reference photo is needed.
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from pydantic import BaseModel
-from rich.progress import Progress
 
 import lora_core.checks
 from lora_core import faces as faces_module
 from lora_core.checks import apply_findings, relations, stage_checks, summaries
 from lora_core.checks.orientation import MirrorVerdict, mirror_consensus
+from lora_core.checks.workers import OnPhoto, analyse_photos
 from lora_core.errors import DAMAGED_FILE_ERRORS
 from lora_core.faces import Face, FaceModels, face_models
 from lora_core.fs import JsonCache, atomic_write_text, content_stamp, sha256_file, source_version, stamp_matches
@@ -115,14 +116,18 @@ def check_orientation(
     min_images: int = 5,
     models: FaceModels | None = None,
     show_progress: bool = True,
+    on_photo: OnPhoto | None = None,
+    workers: int | None = None,
 ) -> OrientationResult:
     """Find each photo's rotation and mirroring, apply the policy, and record it in the manifest.
 
     Starts from ingest's `rows` and its images as decoded (kept in the image
     store once a fix replaces them), so a changed policy is applied to the
     originals, never on top of an earlier fix. Per-image analysis is cached
-    by content; the consensus is recomputed on every run. Rejection never
-    leaves fewer than `min_images`.
+    by content and runs on `workers` processes (default: every usable core;
+    `lora_core.checks.workers`), `on_photo` told as each photo is done; the
+    consensus is recomputed on every run. Rejection never leaves fewer than
+    `min_images`.
     """
     stamp = orientation_stamp(rows, settings, subject_type, min_images)
     rows = [_fresh(row) for row in rows]
@@ -149,12 +154,15 @@ def check_orientation(
     models = models or face_models()
     salt = json.dumps({"models": models.identity, "code": _CODE_VERSION})
     checks = stage_checks("checks")
-    analyses = []
-    with Progress(disable=not show_progress, transient=True) as progress:
-        bar = progress.add_task("checks: orientation", total=len(accepted))
-        for row in accepted:
-            analyses.append(_analyse(layout, store.original(row), salt, models))
-            progress.advance(bar)
+    analyses = analyse_photos(
+        partial(_analyse, models=models),
+        [(row["source"], store.original(row)) for row in accepted],
+        JsonCache(layout.check_cache / "orientation", salt),
+        label="checks: orientation",
+        show_progress=show_progress,
+        on_photo=on_photo,
+        workers=workers,
+    )
 
     related = relations(checks, analyses, settings)
     with_face = sum(analysis["antisymmetry"] is not None for analysis in analyses)
@@ -238,12 +246,8 @@ def _decide(row: dict, policy: MirrorPolicy) -> None:
     row["decision"] = decision
 
 
-def _analyse(layout: SubjectLayout, path: Path, salt: str, models: FaceModels) -> dict:
-    """Rotation and face antisymmetry of one original image, cached by its content."""
-    sha = sha256_file(path)
-    cache = JsonCache(layout.check_cache / "orientation", salt)
-    if (cached := cache.get(sha)) is not None:
-        return cached
+def _analyse(path: Path, models: FaceModels) -> dict:
+    """Rotation and face antisymmetry of one original image (cached by its content by the caller)."""
     with Image.open(path) as picture:
         image = picture.convert("RGB")
     rotation, faces = find_rotation(image, models)
@@ -251,13 +255,11 @@ def _analyse(layout: SubjectLayout, path: Path, salt: str, models: FaceModels) -
     if faces:
         upright = np.asarray(turn(image, rotation))
         antisymmetry = [round(float(v), 6) for v in face_antisymmetry(models, upright, faces[0])]
-    analysis = {
+    return {
         "rotation": rotation,
         "rotation_score": round(faces[0].score, 4) if faces else None,
         "antisymmetry": antisymmetry,
     }
-    cache.put(sha, analysis)
-    return analysis
 
 
 def orientation_intact(

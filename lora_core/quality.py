@@ -13,11 +13,11 @@ identity), judges, applies the quality policy, and sums up in plain words.
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 from PIL import Image
 from pydantic import BaseModel
-from rich.progress import Progress
 
 import lora_core.checks
 from lora_core import faces as faces_module
@@ -25,9 +25,10 @@ from lora_core.checks import Sample, apply_findings, measure_sample, policy_flag
 from lora_core.checks.face import framing, identity_distances
 from lora_core.checks.image import blockiness, high_frequency_share, pixelation, sharpness, upscale_signature
 from lora_core.checks.image import grey as _grey  # noqa: F401  (the tests measure with it)
+from lora_core.checks.workers import OnPhoto, analyse_photos
 from lora_core.errors import DAMAGED_FILE_ERRORS
 from lora_core.faces import FaceModels, face_models
-from lora_core.fs import JsonCache, atomic_write_text, content_stamp, sha256_file, source_version, stamp_matches
+from lora_core.fs import JsonCache, atomic_write_text, content_stamp, source_version, stamp_matches
 from lora_core.image_store import ImageStore
 from lora_core.layout import SubjectLayout
 from lora_core.manifest import manifest_rows, write_manifest
@@ -93,13 +94,16 @@ def check_quality(
     min_images: int = 5,
     models: FaceModels | None = None,
     show_progress: bool = True,
+    on_photo: OnPhoto | None = None,
+    workers: int | None = None,
 ) -> QualityResult:
     """Measure every training image, flag what the seed warns against, apply the policy, update the manifest.
 
     Starts from the `checks` stage's `rows`. Per-image measures are cached by
-    image content; what is judged against the set (sharpness, identity) is
-    recomputed on every run. Rejection never leaves fewer than `min_images`.
-    The variety advice is on the photos that are kept.
+    image content and run on `workers` processes (default: every usable core),
+    `on_photo` told as each photo is done; what is judged against the set
+    (sharpness, identity) is recomputed on every run. Rejection never leaves
+    fewer than `min_images`. The variety advice is on the photos that are kept.
     """
     stamp = quality_stamp(rows, settings, subject_type, min_images)
     rows = [dict(row) for row in rows]
@@ -109,13 +113,17 @@ def check_quality(
     checks = stage_checks("crop", person)
     models = (models or face_models()) if person else None
     salt = json.dumps({"models": models.identity if models else subject_type.value, "code": _CODE_VERSION})
-    measures = []
-    with Progress(disable=not show_progress, transient=True) as progress:
-        bar = progress.add_task("crop: quality checks", total=len(accepted))
-        for row in accepted:
-            store.restore(row)  # a photo an earlier policy set aside comes back to be judged again
-            measures.append(_measure(layout, layout.root / row["image"], salt, models, checks))
-            progress.advance(bar)
+    for row in accepted:
+        store.restore(row)  # a photo an earlier policy set aside comes back to be judged again
+    measures = analyse_photos(
+        partial(_measure, models=models, checks=checks),
+        [(row["source"], layout.root / row["image"]) for row in accepted],
+        JsonCache(layout.check_cache / "quality", salt),
+        label="crop: quality checks",
+        show_progress=show_progress,
+        on_photo=on_photo,
+        workers=workers,
+    )
 
     related = relations(checks, measures, settings)
     for row, measure, mine in zip(accepted, measures, related, strict=True):
@@ -151,16 +159,10 @@ def check_quality(
     )
 
 
-def _measure(layout: SubjectLayout, path: Path, salt: str, models: FaceModels | None, checks: tuple) -> dict:
-    """Every check's per-image measures of one training image, cached by its content."""
-    sha = sha256_file(path)
-    cache = JsonCache(layout.check_cache / "quality", salt)
-    if (cached := cache.get(sha)) is not None:
-        return cached
+def _measure(path: Path, models: FaceModels | None, checks: tuple) -> dict:
+    """Every check's per-image measures of one training image (cached by its content by the caller)."""
     with Image.open(path) as picture:
-        measure = measure_sample(checks, Sample(picture, models))
-    cache.put(sha, measure)
-    return measure
+        return measure_sample(checks, Sample(picture, models))
 
 
 def quality_stamp(rows: list[dict], settings: CheckSettings, subject_type: SubjectType, min_images: int) -> str:

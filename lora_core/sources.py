@@ -1,6 +1,7 @@
 """Listing the files of an input folder or `.zip` without trusting them.
 
-Nothing here decodes images; it decides which entries may be read at all.
+Nothing here decodes images; it decides which entries may be read at all,
+and which caption file goes with which photo.
 A symlink or zip member that points outside the input is never opened, a
 zip entry with an absolute or `..` path is never extracted, and special
 files (FIFOs, devices) are never read, so listing cannot hang or leak.
@@ -12,6 +13,7 @@ import hashlib
 import os
 import re
 import stat
+import threading
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,9 +28,12 @@ __all__ = [
     "InputError",
     "fingerprint_input",
     "open_input",
+    "pair_captions",
+    "read_caption",
 ]
 
 CAPTION_SUFFIXES = (".txt", ".caption")
+MAX_CAPTION_BYTES = 16 * 1024  # a longer "caption" is not one
 _SYSTEM_NAMES = {"thumbs.db", "ehthumbs.db", "desktop.ini", "__macosx", "$recycle.bin"}
 _DRIVE_RE = re.compile(r"^[A-Za-z]:")
 
@@ -122,6 +127,8 @@ def _unsafe_member(name: str) -> bool:
 
 
 def _zip_entries(archive: zipfile.ZipFile) -> Iterator[Entry]:
+    # Ingest reads on several threads; ZipFile.open counts its open members unlocked: one read at a time.
+    lock = threading.Lock()
     for info in sorted(archive.infolist(), key=lambda i: i.filename):
         name = info.filename
         if info.is_dir():
@@ -137,16 +144,54 @@ def _zip_entries(archive: zipfile.ZipFile) -> Iterator[Entry]:
         elif info.flag_bits & 0x1:
             yield Entry(rel, verdict=("rejected", "encrypted zip member"))
         else:
-            yield Entry(rel, read=_read_member(archive, info))
+            yield Entry(rel, read=_read_member(archive, info, lock))
 
 
-def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Callable[[int], bytes]:
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, lock: threading.Lock) -> Callable[[int], bytes]:
     def read(limit: int) -> bytes:
         # Read at most limit+1 bytes whatever the header claims: a zip bomb stops here.
-        with archive.open(info) as handle:
+        with lock, archive.open(info) as handle:
             return handle.read(limit + 1)
 
     return read
+
+
+def read_caption(entry: Entry) -> str:
+    """A caption file's text, or "" when it is unreadable or empty."""
+    try:
+        raw = entry.read(MAX_CAPTION_BYTES) if entry.read else b""
+    except OSError:
+        return ""
+    if len(raw) > MAX_CAPTION_BYTES:
+        return ""
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    return " ".join(text.split())
+
+
+def pair_captions(entries: list[Entry]) -> tuple[dict[str, str], dict[str, str]]:
+    """Map image rel -> caption rel, and caption rel -> image rel, by folder and stem."""
+    by_stem: dict[PurePosixPath, list[Entry]] = {}
+    for entry in entries:
+        if entry.verdict is None:
+            rel = PurePosixPath(entry.rel)
+            by_stem.setdefault(rel.with_suffix(""), []).append(entry)
+    caption_of: dict[str, str] = {}
+    image_of: dict[str, str] = {}
+    for group in by_stem.values():
+        captions = sorted(
+            (e for e in group if PurePosixPath(e.rel).suffix.lower() in CAPTION_SUFFIXES),
+            key=lambda e: CAPTION_SUFFIXES.index(PurePosixPath(e.rel).suffix.lower()),
+        )
+        images = [e for e in group if PurePosixPath(e.rel).suffix.lower() not in CAPTION_SUFFIXES]
+        if captions and images:
+            for image in images:
+                caption_of[image.rel] = captions[0].rel
+            for caption in captions:
+                image_of[caption.rel] = images[0].rel
+    return caption_of, image_of
 
 
 @contextmanager

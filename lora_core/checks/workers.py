@@ -1,0 +1,125 @@
+"""Per-photo work on every core this process may use: the check stages' face work, ingest's decoding.
+
+dlib's face models hold the GIL while they run (two threads measured 1.06x one),
+so the check stages analyse photos in worker processes, forked so each one
+inherits the face models and the work already set up in the parent (nothing is
+pickled but each photo's index and its JSON-sized result). Results come back
+in the photos' order whatever order they finish in, so a parallel run writes
+exactly what a sequential one does. Where forking is not the platform's safe
+default (macOS, Windows) the work runs here, one photo after another.
+
+How many workers: the cores this process may run on (`os.sched_getaffinity`:
+taskset, cpusets), and no more than torch's thread count once torch is loaded,
+which is how `lora_core.precision.share_cores` gives each of several subjects
+on one machine its share.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any, TypeVar
+
+from rich.progress import Progress
+
+from lora_core.fs import JsonCache, sha256_file
+
+__all__ = ["MIN_PHOTOS_PER_WORKER", "OnPhoto", "analyse_photos", "photo_workers", "run_per_photo", "usable_cores"]
+
+OnPhoto = Callable[[str, int, int], None]  # (photo's name, photos done, photos in all), called as each is done
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+MIN_PHOTOS_PER_WORKER = 2  # fewer photos than this per extra worker: the fork is not worth it
+_JOBS: dict[int, tuple[Callable[[Any], Any], Sequence[Any]]] = {}  # the work forked workers inherit, by job
+_JOB_IDS = itertools.count()
+
+
+def usable_cores() -> int:
+    """The cores this process may use, capped by torch's thread share when torch is loaded."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        cores = min(cores, torch.get_num_threads())
+    return max(1, cores)
+
+
+def photo_workers(photos: int, workers: int | None = None) -> int:
+    """How many workers `photos` photos get: `workers` (default: every usable core), never more than pay off."""
+    wanted = workers if workers is not None else usable_cores()
+    return max(1, min(wanted, photos // MIN_PHOTOS_PER_WORKER or 1))
+
+
+def _can_fork() -> bool:
+    return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+
+
+def _run_one(job: int, index: int) -> Any:
+    work, items = _JOBS[job]
+    return work(items[index])
+
+
+def run_per_photo(work: Callable[[T], R], items: Sequence[T], workers: int | None = None) -> Iterator[tuple[int, R]]:
+    """Yield `(index, work(items[index]))` for every item as each finishes, on `photo_workers` processes.
+
+    `work` may be any callable, a closure or a bound method included: forked
+    workers inherit it. Its result must pickle. An exception in `work` is
+    raised here, and the photos not yet started are cancelled.
+    """
+    count = photo_workers(len(items), workers)
+    if count < 2 or not _can_fork():
+        for index, item in enumerate(items):
+            yield index, work(item)
+        return
+    job = next(_JOB_IDS)
+    _JOBS[job] = (work, items)  # before the pool forks its workers, at the first submit
+    pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("fork"))
+    try:
+        futures = {pool.submit(_run_one, job, index): index for index in range(len(items))}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        del _JOBS[job]
+
+
+def analyse_photos(
+    work: Callable[[Path], dict],
+    photos: Sequence[tuple[str, Path]],
+    cache: JsonCache,
+    *,
+    label: str,
+    show_progress: bool = True,
+    on_photo: OnPhoto | None = None,
+    workers: int | None = None,
+) -> list[dict]:
+    """`work(path)` of every `(name, path)` photo, in order: from `cache` by the file's content where it
+    is there, the rest on the workers; each photo reported (a progress bar, `on_photo`) as it is done."""
+    shas = [sha256_file(path) for _, path in photos]
+    results: list[Any] = [cache.get(sha) for sha in shas]
+    todo = [index for index, result in enumerate(results) if result is None]
+    done = len(photos) - len(todo)
+    with Progress(disable=not show_progress, transient=True) as progress:
+        bar = progress.add_task(label, total=len(photos), completed=done)
+        if on_photo is not None:
+            cached = [name for index, (name, _) in enumerate(photos) if results[index] is not None]
+            for count, name in enumerate(cached, start=1):
+                on_photo(name, count, len(photos))
+        for position, result in run_per_photo(work, [photos[index][1] for index in todo], workers):
+            index = todo[position]
+            results[index] = result
+            cache.put(shas[index], result)
+            done += 1
+            progress.update(bar, advance=1, description=f"{label}: {photos[index][0]}")
+            if on_photo is not None:
+                on_photo(photos[index][0], done, len(photos))
+    return results

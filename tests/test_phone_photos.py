@@ -1,0 +1,287 @@
+"""Photos people actually have: iPhone HEIC and AVIF upright, and a phone's worth of photos on every core."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import lora_core.checks.workers as workers
+import lora_core.ingest
+import lora_core.orientation
+import lora_core.sources
+from lora_core.checks.workers import photo_workers, run_per_photo, usable_cores
+from lora_core.decoding import decode_image
+from lora_core.ingest import ingest
+from lora_core.layout import SubjectLayout
+from lora_core.orientation import check_orientation
+from lora_core.quality import check_quality
+from lora_core.settings import CheckSettings, IngestSettings
+from tests.conftest import encode, photo
+from tests.test_orientation import crops
+
+FAST = {"HEIF": {"enc_params": {"preset": "ultrafast"}}, "AVIF": {"speed": 10}}  # x265 and aom, quickest
+
+
+def phone_file(image: Image.Image, fmt: str, orientation: int = 1, **params) -> bytes:
+    """`image` as a phone writes it: HEIC (pillow-heif, x265) or AVIF (Pillow, aom), EXIF orientation set."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(image, fmt, exif=exif.tobytes(), quality=90, **FAST[fmt], **params)
+
+
+def marked(seed: int) -> Image.Image:
+    """A landscape photo as the sensor stored it, a red square in its top-left corner."""
+    stored = photo((480, 360), seed)
+    stored.paste((255, 0, 0), (0, 0, 60, 60))
+    return stored
+
+
+# How each EXIF orientation is shown: the stored pixels turned (and mirrored) once.
+SHOWN = {
+    1: lambda im: im,
+    2: lambda im: im.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+    3: lambda im: im.transpose(Image.Transpose.ROTATE_180),
+    6: lambda im: im.transpose(Image.Transpose.ROTATE_270),  # 90 degrees clockwise: an iPhone held upright
+    8: lambda im: im.transpose(Image.Transpose.ROTATE_90),
+}
+
+
+@pytest.mark.parametrize("orientation", sorted(SHOWN))
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
+def test_phone_formats_are_decoded_upright_and_turned_once(fmt, orientation):
+    stored = marked(orientation)
+    decoded = decode_image(phone_file(stored, fmt, orientation), IngestSettings())
+    expected = np.asarray(SHOWN[orientation](stored), dtype=np.int16)
+    pixels = np.asarray(decoded.image, dtype=np.int16)
+    assert decoded.source_format == fmt and decoded.image.mode == "RGB"
+    assert decoded.exif_rotated is (orientation != 1)
+    assert pixels.shape == expected.shape
+    # A lossy codec: close to the stored photo shown as its orientation says, far from every other way.
+    assert np.abs(pixels - expected).mean() < 6
+    for other, show in SHOWN.items():
+        wrong = np.asarray(show(stored), dtype=np.int16)
+        if other != orientation and wrong.shape == pixels.shape:
+            assert np.abs(pixels - wrong).mean() > 20, f"shown as orientation {other}"
+    red = [(y, x) for y in (slice(5, 50), slice(-50, -5)) for x in (slice(5, 50), slice(-50, -5))]
+    corners = [pixels[y, x, 0].mean() > 200 and pixels[y, x, 1].mean() < 70 for y, x in red]
+    assert sum(corners) == 1, "the marker is in exactly one corner"
+
+
+def test_an_iphone_style_heic_keeps_its_colours_and_depth():
+    """10-bit HEIC (an iPhone's HDR photo) comes in as 8-bit RGB; a transparent HEIC is flattened on white."""
+    import pillow_heif
+
+    source = photo((320, 280), 5)
+    deep = pillow_heif.from_bytes(
+        mode="RGB;16", size=source.size, data=(np.asarray(source).astype(np.uint16) << 8).tobytes()
+    )
+    buffer = io.BytesIO()
+    deep.save(buffer, quality=95, **FAST["HEIF"])
+    assert Image.open(io.BytesIO(buffer.getvalue())).info["bit_depth"] == 10
+    decoded = decode_image(buffer.getvalue(), IngestSettings())
+    assert decoded.image.mode == "RGB"
+    assert abs(np.asarray(decoded.image, dtype=float).mean() - np.asarray(source, dtype=float).mean()) < 3
+
+    rgba = source.convert("RGBA")
+    rgba.paste((0, 0, 0, 0), (0, 0, 100, 100))
+    flat = np.asarray(decode_image(encode(rgba, "HEIF", **FAST["HEIF"]), IngestSettings()).image)
+    assert flat[10:90, 10:90].min() > 240, "transparency is flattened onto white"
+
+
+def test_a_phone_folder_and_its_zip_are_ingested(tmp_path, make_photo):
+    folder = tmp_path / "DCIM"
+    (folder / "100APPLE").mkdir(parents=True)
+    files = {
+        "100APPLE/IMG_0001.HEIC": phone_file(marked(1), "HEIF", 6),
+        "100APPLE/IMG_0002.heic": phone_file(photo((480, 360), 2), "HEIF"),
+        "IMG_0003.HEIF": phone_file(photo((400, 400), 3), "HEIF"),
+        "IMG_0004.avif": phone_file(photo((360, 480), 4), "AVIF"),
+        "IMG_0005.AVIF": phone_file(marked(5), "AVIF", 8),
+    }
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    make_photo(folder / "IMG_0006.JPG", seed=6)
+    (folder / "100APPLE" / "IMG_0001.txt").write_text("at the beach")
+    with zipfile.ZipFile(tmp_path / "DCIM.zip", "w") as archive:
+        for path in sorted(folder.rglob("*")):
+            archive.write(path, path.relative_to(folder).as_posix())
+
+    for n, source in enumerate((folder, tmp_path / "DCIM.zip")):
+        result = ingest(source, SubjectLayout(tmp_path / f"work{n}", "ph0ne"), show_progress=False)
+        rows = {row["source"]: row for row in result.rows}
+        assert result.accepted == 6, [(r["source"], r["reason"]) for r in result.rows]
+        assert {rows[name]["source_format"] for name in files} == {"HEIF", "AVIF"}
+        first = rows["100APPLE/IMG_0001.HEIC"]
+        assert first["exif_rotated"] and (first["width"], first["height"]) == (360, 480)
+        assert first["user_caption"] == "at the beach"
+        assert rows["IMG_0005.AVIF"]["exif_rotated"] and (rows["IMG_0005.AVIF"]["width"] == 360)
+        assert Image.open(result.subject_dir / first["image"]).size == (360, 480)
+
+
+def test_a_broken_heic_is_a_reason_not_a_crash(tmp_path, good_folder):
+    data = phone_file(photo((480, 360), 9), "HEIF")
+    (good_folder / "cut.heic").write_bytes(data[: len(data) // 2])
+    (good_folder / "empty-box.heic").write_bytes(data[:40])
+    result = ingest(good_folder, SubjectLayout(tmp_path / "work", "ph0ne"), show_progress=False)
+    rows = {row["source"]: row for row in result.rows}
+    for name in ("cut.heic", "empty-box.heic"):
+        assert rows[name]["status"] == "rejected"
+        assert any(word in rows[name]["reason"] for word in ("corrupt", "truncated", "not an image")), rows[name]
+    assert result.accepted == 6
+
+
+# --- a phone's worth of photos on every core ------------------------------------------------------
+
+
+@pytest.fixture
+def messy_folder(good_folder, make_photo) -> Path:
+    """Good photos plus what a real folder holds: copies, a re-encode, a caption, junk, a HEIC."""
+    (good_folder / "zz-copy.jpg").write_bytes((good_folder / "img0.jpg").read_bytes())
+    (good_folder / "aa-copy.jpg").write_bytes((good_folder / "img3.jpg").read_bytes())
+    make_photo(good_folder / "img1-again.webp", seed=101, fmt="WEBP", quality=60)
+    (good_folder / "img2.txt").write_text("a caption")
+    (good_folder / "junk.jpg").write_bytes(b"not a photo")
+    (good_folder / "IMG_0100.HEIC").write_bytes(phone_file(marked(100), "HEIF", 6))
+    for i in range(6, 12):
+        make_photo(good_folder / f"more{i}.jpg", size=(520, 390), seed=200 + i)
+    return good_folder
+
+
+def _outputs(workdir: Path) -> dict[str, bytes]:
+    return {p.relative_to(workdir).as_posix(): p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()}
+
+
+def test_ingest_on_two_threads_writes_what_one_thread_does(tmp_path, messy_folder, monkeypatch):
+    threads: set[str] = set()
+    decode = lora_core.ingest.decode_image
+
+    def decode_and_note(data, settings):
+        threads.add(threading.current_thread().name)
+        time.sleep(0.02)  # long enough for the other thread to take the next photo
+        return decode(data, settings)
+
+    monkeypatch.setattr(lora_core.ingest, "decode_image", decode_and_note)
+    one = ingest(messy_folder, SubjectLayout(tmp_path / "one", "t0k3n"), show_progress=False, workers=1)
+    assert len(threads) == 1
+    threads.clear()
+    two = ingest(messy_folder, SubjectLayout(tmp_path / "two", "t0k3n"), show_progress=False, workers=2)
+    assert len(threads) == 2, "both threads decoded photos"
+    assert one.rows == two.rows
+    assert _outputs(tmp_path / "one") == _outputs(tmp_path / "two"), "same images, names and manifest"
+    reasons = {row["source"]: row["reason"] for row in two.rows}
+    assert reasons["zz-copy.jpg"] == "exact duplicate of img0.jpg"
+    assert reasons["img3.jpg"] == "exact duplicate of aa-copy.jpg"
+
+
+def test_the_first_file_of_equal_bytes_wins_whichever_thread_reads_it_first(tmp_path, good_folder, monkeypatch):
+    """b.jpg is read before a.jpg (a slow disk): a.jpg is still the photo, b.jpg its copy, decoded once."""
+    (good_folder / "a.jpg").write_bytes(encode(photo((500, 400), 77)))
+    (good_folder / "b.jpg").write_bytes((good_folder / "a.jpg").read_bytes())
+    real_reader = lora_core.sources._read_regular
+
+    def slow_for_a(path: Path):
+        read = real_reader(path)
+        return (lambda limit: (time.sleep(0.5), read(limit))[1]) if path.name == "a.jpg" else read
+
+    decoded: list[int] = []
+    decode = lora_core.ingest.decode_image
+    monkeypatch.setattr(lora_core.sources, "_read_regular", slow_for_a)
+    monkeypatch.setattr(lora_core.ingest, "decode_image", lambda data, s: decoded.append(1) or decode(data, s))
+    result = ingest(good_folder, SubjectLayout(tmp_path / "work", "t0k3n"), show_progress=False, workers=2)
+    rows = {row["source"]: row for row in result.rows}
+    assert rows["a.jpg"]["status"] == "accepted"
+    assert rows["b.jpg"]["reason"] == "exact duplicate of a.jpg"
+    assert len(decoded) == 7, "six photos and the bytes of a.jpg once"
+
+
+def test_every_photo_is_reported_as_it_is_done(tmp_path, messy_folder):
+    reports: list[tuple[str, int, int, str]] = []
+    on_photo = lambda name, done, total: reports.append((name, done, total, threading.current_thread().name))  # noqa: E731
+    result = ingest(messy_folder, SubjectLayout(tmp_path / "w", "t0k3n"), show_progress=False, on_photo=on_photo)
+    photos = sorted(row["source"] for row in result.rows if row["source"] != "img2.txt")
+    assert sorted(name for name, *_ in reports) == photos, "each photo once; the caption file is not a photo"
+    assert [done for _, done, _, _ in reports] == list(range(1, len(photos) + 1))
+    assert {total for _, _, total, _ in reports} == {len(photos)}
+    assert {thread for *_, thread in reports} == {threading.current_thread().name}, "told in the caller's thread"
+
+
+def test_workers_follow_the_cores_this_process_may_use(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setitem(sys.modules, "torch", None)  # torch not loaded
+    assert usable_cores() == 4
+    fake_torch = type("torch", (), {"get_num_threads": staticmethod(lambda: 2)})
+    monkeypatch.setitem(sys.modules, "torch", fake_torch)  # share_cores gave this run 2 threads
+    assert usable_cores() == 2
+    assert photo_workers(100) == 2 and photo_workers(3) == 1 and photo_workers(100, workers=1) == 1
+
+
+def _square_and_pid(value: int) -> tuple[int, int]:
+    if value < 0:
+        raise ValueError(f"negative: {value}")
+    time.sleep(0.01 * (value % 3))  # finish out of order
+    return value * value, os.getpid()
+
+
+def test_run_per_photo_uses_worker_processes_and_keeps_the_order():
+    results = dict(run_per_photo(_square_and_pid, list(range(12)), workers=2))
+    assert [results[i][0] for i in range(12)] == [i * i for i in range(12)]
+    pids = {pid for _, pid in results.values()}
+    if workers._can_fork():
+        assert len(pids) == 2 and os.getpid() not in pids
+    here = dict(run_per_photo(_square_and_pid, [1, 2], workers=1))
+    assert {pid for _, pid in here.values()} == {os.getpid()}
+    with pytest.raises(ValueError, match="negative: -1"):
+        list(run_per_photo(_square_and_pid, [1, 2, -1, 3, 4, 5], workers=2))
+
+
+@pytest.fixture(scope="module")
+def portrait_set(tmp_path_factory, portraits):
+    """Six framings of a real portrait, two mirrored, one sideways; ingested twice (a layout per run)."""
+    root = tmp_path_factory.mktemp("portraits")
+    photos = root / "photos"
+    photos.mkdir()
+    for i, crop in enumerate(crops(portraits["astronaut"], 6, seed=11)):
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if i in (1, 4) else crop
+        (crop.transpose(Image.Transpose.ROTATE_90) if i == 5 else crop).save(photos / f"p{i}.png")
+    layouts = [SubjectLayout(root / f"work{n}", "p0rtra1t") for n in (1, 2)]
+    rows = [ingest(photos, layout, show_progress=False).rows for layout in layouts]
+    return layouts, rows
+
+
+def test_the_checks_on_worker_processes_find_what_one_process_does(portrait_set, tmp_path, monkeypatch):
+    (one, two), (rows_one, rows_two) = portrait_set
+    pids = tmp_path / "pids"
+    analyse = lora_core.orientation._analyse
+
+    def analyse_and_note(path, models):
+        with open(pids, "a") as handle:
+            handle.write(f"{os.getpid()}\n")
+        return analyse(path, models)
+
+    monkeypatch.setattr(lora_core.orientation, "_analyse", analyse_and_note)
+    settings = CheckSettings()
+    reports: list[str] = []
+    alone = check_orientation(one, rows_one, settings, show_progress=False, workers=1)
+    pids.unlink()
+    shared = check_orientation(
+        two, rows_two, settings, show_progress=False, workers=2, on_photo=lambda name, *_: reports.append(name)
+    )
+    if workers._can_fork():
+        seen = set(pids.read_text().split())
+        assert len(seen) == 2 and str(os.getpid()) not in seen, "two worker processes analysed the photos"
+    assert sorted(reports) == sorted(row["source"] for row in rows_two if row["status"] == "accepted")
+    assert alone.rows == shared.rows and alone.notes == shared.notes
+    assert shared.rotated >= 1
+
+    crop_alone = check_quality(one, alone.rows, settings, show_progress=False, workers=1)
+    crop_shared = check_quality(two, shared.rows, settings, show_progress=False, workers=2)
+    assert crop_alone.rows == crop_shared.rows and crop_alone.notes == crop_shared.notes
