@@ -135,9 +135,11 @@ def check_orientation(
     store = ImageStore(layout)
     notes: list[str] = []
     if subject_type != SubjectType.person:
-        for row in accepted:
+        for done, row in enumerate(accepted, start=1):
             store.write(row)  # the original: undoes fixes made while it was a person
             row["decision"] = "keep"
+            if on_photo is not None:
+                on_photo(row["source"], done, len(accepted))
         write_manifest(layout.manifest, rows)
         atomic_write_text(layout.check_cache / "checks.stamp", stamp)
         return OrientationResult(

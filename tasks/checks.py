@@ -13,6 +13,7 @@ import lora_core.checks.face
 import lora_core.checks.image
 import lora_core.checks.orientation
 import lora_core.checks.variety
+import lora_core.checks.workers
 import lora_core.faces
 import lora_core.image_store
 import lora_core.manifest
@@ -25,6 +26,7 @@ from lora_core.quality import QualityResult, check_quality, quality_intact
 from lora_core.settings import CheckSettings, SubjectType
 from tasks.artifacts import publish_checks
 from tasks.caching import CodeVersion
+from tasks.ingest import PhotoProgress
 from tasks.stage import stage
 
 _CHECK_MODULES = (
@@ -34,6 +36,7 @@ _CHECK_MODULES = (
     lora_core.checks.image,
     lora_core.checks.orientation,
     lora_core.checks.variety,
+    lora_core.checks.workers,
 )
 _CODE = CodeVersion(
     modules=(
@@ -62,7 +65,8 @@ def check_images(
 ) -> OrientationResult:
     """Turn sideways photos upright and find mirrored ones (flag, fix or reject, by policy)."""
     layout = SubjectLayout(workdir, ingested.token)
-    result = check_orientation(layout, ingested.rows, settings, subject_type, min_images=min_images)
+    progress = PhotoProgress(ingested.token, "checks")
+    result = check_orientation(layout, ingested.rows, settings, subject_type, min_images=min_images, on_photo=progress)
     logger = get_run_logger()
     logger.info("checks: %d turned upright, %d look mirrored", result.rotated, result.mirrored)
     for note in result.notes:
@@ -87,7 +91,8 @@ def crop_images(
 ) -> QualityResult:
     """Check framing and image quality of every photo: faces, blur, pixelation, upscaling, identity."""
     layout = SubjectLayout(workdir, checked.token)
-    result = check_quality(layout, checked.rows, settings, subject_type, min_images=min_images)
+    progress = PhotoProgress(checked.token, "crop")
+    result = check_quality(layout, checked.rows, settings, subject_type, min_images=min_images, on_photo=progress)
     logger = get_run_logger()
     logger.info(
         "crop: %d kept, %d flagged, %d rejected; %s", result.kept, result.flagged, result.rejected, result.guidance

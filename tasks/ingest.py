@@ -1,10 +1,12 @@
-"""The ingest stage as a Prefect task."""
+"""The ingest stage as a Prefect task, and the per-photo progress bar the photo stages show."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from prefect import get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 import lora_core.decoding
@@ -14,7 +16,7 @@ import lora_core.sources
 from lora_core.ingest import IngestResult, TooFewImagesError, ingest, ingest_stamp, layout_intact
 from lora_core.layout import SubjectLayout
 from lora_core.settings import IngestSettings
-from tasks.artifacts import ingest_summary, publish_ingest
+from tasks.artifacts import artifact_key, ingest_summary, publish_ingest
 from tasks.caching import CodeVersion, InputContent
 from tasks.stage import stage
 
@@ -24,6 +26,28 @@ INGEST_CACHE = (
     + InputContent(parameter="photos", exclude_parameter="workdir")
     + CodeVersion(modules=(lora_core.ingest, lora_core.decoding, lora_core.sources, lora_core.manifest))
 )
+
+
+class PhotoProgress:
+    """A stage's progress artifact, photo by photo: "ingest: 37 of 212 photos (IMG_0042.HEIC)".
+
+    Called as each photo is done (`on_photo` of ingest and the checks); the
+    server is told at most every `interval` seconds, and always of the last.
+    """
+
+    def __init__(self, token: str, stage: str, interval: float = 0.5) -> None:
+        self.stage, self.interval, self.last = stage, interval, 0.0
+        self.artifact_id = create_progress_artifact(
+            0.0, key=artifact_key(token, f"{stage}-progress"), description=f"{token}: {stage}, starting"
+        )
+
+    def __call__(self, name: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - self.last < self.interval:
+            return
+        self.last = now
+        words = f"{self.stage}: {done} of {total} photos ({name})"
+        update_progress_artifact(self.artifact_id, progress=100.0 * done / max(1, total), description=words)
 
 
 def _outputs_intact(
@@ -41,7 +65,8 @@ def ingest_photos(
     """Decode, check and copy the photos into the seed's layout; write manifest.csv."""
     logger = get_run_logger()
     try:
-        result = ingest(photos, SubjectLayout(workdir, token), settings, num_repeats=num_repeats)
+        progress = PhotoProgress(token, "ingest")
+        result = ingest(photos, SubjectLayout(workdir, token), settings, num_repeats=num_repeats, on_photo=progress)
     except TooFewImagesError as err:
         publish_ingest(token, err.rows, ingest_summary(token, err.rows, None, [], error=str(err)))
         raise

@@ -285,3 +285,24 @@ def test_the_checks_on_worker_processes_find_what_one_process_does(portrait_set,
     crop_alone = check_quality(one, alone.rows, settings, show_progress=False, workers=1)
     crop_shared = check_quality(two, shared.rows, settings, show_progress=False, workers=2)
     assert crop_alone.rows == crop_shared.rows and crop_alone.notes == crop_shared.notes
+
+
+def test_the_ingest_task_shows_its_progress_photo_by_photo(prefect_harness, messy_folder, tmp_path):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    import tasks.ingest
+
+    @flow
+    def once():
+        task = tasks.ingest.ingest_photos.with_options(cache_policy=None, persist_result=False)
+        return task(messy_folder, "Pr0gress", tmp_path / "work", IngestSettings())
+
+    photos = len(once().rows) - 1  # the caption file is not a photo
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["pr0gress-ingest-progress"]))
+        )
+    assert len(artifacts) == 1 and artifacts[0].data == 100
+    assert artifacts[0].description.startswith(f"ingest: {photos} of {photos} photos (")
