@@ -12,19 +12,19 @@ every core, de-duplicates them and writes the layout.
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import tempfile
-import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import imagehash
 from pydantic import BaseModel
 from rich.progress import Progress
 
-from lora_core.checks.workers import usable_cores
+from lora_core.checks.workers import OnPhoto, run_per_photo
 from lora_core.decoding import RejectedImage, decode_image
 from lora_core.errors import DAMAGED_FILE_ERRORS, UserError
 from lora_core.fs import atomic_write_text, content_stamp, sha256_bytes, stamp_matches
@@ -75,97 +75,98 @@ def _row(rel: str, status: str, reason: str = "", **values: object) -> dict:
     return {"source": rel, "status": status, "reason": reason, **values}
 
 
-@dataclass
-class _Examined:
-    """What a worker found in one file, before the files are taken in order.
-
-    `sha256` is empty when the file was refused unread; `decoded` is False
-    when another file with the same bytes was claimed for decoding first.
-    """
-
-    sha256: str = ""
-    reason: str = ""  # why it is rejected; "" when decoded and accepted (or not decoded)
-    candidate: _Candidate | None = None
-    decoded: bool = False
-
-
-class _Claims:
-    """Which bytes some worker decodes already, so a file's exact copies are not decoded again."""
-
-    def __init__(self) -> None:
-        self._claimed: set[str] = set()
-        self._lock = threading.Lock()
-
-    def claim(self, sha256: str) -> bool:
-        with self._lock:
-            first = sha256 not in self._claimed
-            self._claimed.add(sha256)
-            return first
-
-
-def _examine(entry: Entry, settings: IngestSettings, staged: Path, claims: _Claims) -> _Examined:
-    """Read, hash and decode one file (in a worker thread: Pillow and hashlib release the GIL)."""
+def _read(entry: Entry, settings: IngestSettings) -> bytes | str:
+    """One file's bytes, or why it is refused unread."""
     assert entry.read is not None
     try:
         data = entry.read(settings.max_file_bytes)
     except OSError as err:
-        return _Examined(reason=f"cannot read: {err.strerror or err}")
+        return f"cannot read: {err.strerror or err}"
     if not data:
-        return _Examined(reason="empty file")
+        return "empty file"
     if len(data) > settings.max_file_bytes:
-        return _Examined(reason=f"file larger than {settings.max_file_bytes} bytes")
-    digest = sha256_bytes(data)
-    if not claims.claim(digest):
-        return _Examined(digest)
+        return f"file larger than {settings.max_file_bytes} bytes"
+    return data
+
+
+@dataclass
+class _Decoded:
+    """One photo decoded and staged as PNG (in a worker): what de-duplication and the manifest need."""
+
+    values: dict  # its manifest columns: sizes, format, mode, resized, exif_rotated
+    pixels_sha256: str
+    phash: imagehash.ImageHash
+    source_size: tuple[int, int]
+
+
+def _decode_to_png(job: tuple[bytes, Path], settings: IngestSettings) -> _Decoded | str:
+    """Decode one file's bytes and stage it as PNG; or why it is rejected. Runs in a worker process."""
+    data, staged = job
     try:
         decoded = decode_image(data, settings)
     except RejectedImage as err:
-        return _Examined(digest, str(err), decoded=True)
-
-    decoded.image.save(staged, format="PNG", compress_level=4)
-    row = _row(
-        entry.rel,
-        "accepted",
-        sha256=digest,
-        width=decoded.image.width,
-        height=decoded.image.height,
-        source_width=decoded.source_size[0],
-        source_height=decoded.source_size[1],
-        source_format=decoded.source_format,
-        source_mode=decoded.source_mode,
-        resized=decoded.resized,
-        exif_rotated=decoded.exif_rotated,
-    )
-    pixels = sha256_bytes(f"{decoded.image.size}".encode() + decoded.image.tobytes())
-    candidate = _Candidate(
-        entry.rel, digest, pixels, imagehash.phash(decoded.image), staged, decoded.source_size, len(data), row
-    )
-    return _Examined(digest, candidate=candidate, decoded=True)
+        return str(err)
+    image = decoded.image
+    image.save(staged, format="PNG", compress_level=4)
+    values = {
+        "width": image.width,
+        "height": image.height,
+        "source_width": decoded.source_size[0],
+        "source_height": decoded.source_size[1],
+        "source_format": decoded.source_format,
+        "source_mode": decoded.source_mode,
+        "resized": decoded.resized,
+        "exif_rotated": decoded.exif_rotated,
+    }
+    pixels = sha256_bytes(f"{image.size}".encode() + image.tobytes())
+    return _Decoded(values, pixels, imagehash.phash(image), decoded.source_size)
 
 
-def _in_order(entries: list[Entry], found: list[_Examined]) -> tuple[list[dict], list[_Candidate]]:
-    """Rows and candidates as a sequential run makes them: the first file (by path) of equal bytes is
-    the one decoded, its later copies exact duplicates, whichever worker got to the bytes first."""
-    decoded = {f.sha256: f for f in found if f.decoded}
-    first_of: dict[str, str] = {}
-    rows: list[dict] = []
-    candidates: list[_Candidate] = []
-    for entry, examined in zip(entries, found, strict=True):
-        sha = examined.sha256
-        if not sha:
-            rows.append(_row(entry.rel, "rejected", examined.reason))
-        elif sha in first_of:
-            first = first_of[sha]
-            rows.append(_row(entry.rel, "rejected", f"exact duplicate of {first}", sha256=sha, duplicate_of=first))
+class _Examination:
+    """Every photo of the input read here in path order, decoded on the workers, each reported when done.
+
+    Reading and hashing in order decides exact duplicates as one process
+    would: the first file (by path) of equal bytes is the photo, its later
+    copies are never decoded.
+    """
+
+    def __init__(self, images: list[Entry], settings: IngestSettings, staging: Path, report: Callable[[str], None]):
+        self.images, self.settings, self.staging, self.report = images, settings, staging, report
+        self.rows: list[dict] = []
+        self.candidates: list[_Candidate] = []
+        self._first_of: dict[str, str] = {}  # sha256 -> the first file with those bytes
+        self._decoding: list[tuple[Entry, str, int, Path]] = []  # (entry, sha256, size, staged PNG) by job
+
+    def jobs(self) -> Iterator[tuple[bytes, Path]]:
+        """The files to decode, read one by one as the workers take them; the others get their row here."""
+        for index, entry in enumerate(self.images):
+            data = _read(entry, self.settings)
+            if isinstance(data, str):
+                self.rows.append(_row(entry.rel, "rejected", data))
+                self.report(entry.rel)
+                continue
+            sha = sha256_bytes(data)
+            if (first := self._first_of.setdefault(sha, entry.rel)) != entry.rel:
+                self.rows.append(
+                    _row(entry.rel, "rejected", f"exact duplicate of {first}", sha256=sha, duplicate_of=first)
+                )
+                self.report(entry.rel)
+                continue
+            staged = self.staging / f"{index:06d}.png"
+            self._decoding.append((entry, sha, len(data), staged))
+            yield data, staged
+
+    def take(self, job: int, outcome: _Decoded | str) -> None:
+        """A worker's result for job number `job`: a candidate, or a rejected row."""
+        entry, sha, size, staged = self._decoding[job]
+        if isinstance(outcome, str):
+            self.rows.append(_row(entry.rel, "rejected", outcome, sha256=sha))
         else:
-            first_of[sha] = entry.rel
-            outcome = decoded[sha]
-            if outcome.candidate is None:
-                rows.append(_row(entry.rel, "rejected", outcome.reason, sha256=sha))
-            else:
-                outcome.candidate.rel = outcome.candidate.row["source"] = entry.rel
-                candidates.append(outcome.candidate)
-    return rows, candidates
+            row = _row(entry.rel, "accepted", sha256=sha, **outcome.values)
+            self.candidates.append(
+                _Candidate(entry.rel, sha, outcome.pixels_sha256, outcome.phash, staged, outcome.source_size, size, row)
+            )
+        self.report(entry.rel)
 
 
 def _deduplicate(candidates: list[_Candidate], max_distance: int) -> list[_Candidate]:
@@ -250,14 +251,15 @@ def ingest(
     *,
     num_repeats: int | None = None,
     show_progress: bool = True,
-    on_photo: Callable[[str, int, int], None] | None = None,
+    on_photo: OnPhoto | None = None,
     workers: int | None = None,
 ) -> IngestResult:
     """Ingest `photos` (a folder, recursive, or a `.zip`) into `layout`.
 
-    Photos are decoded on `workers` threads (default: every core this process
-    may use); the result is the same as one thread's. `on_photo(name, done,
-    total)` is called here, in the caller's thread, as each photo is done.
+    Photos are decoded on `workers` processes (default: every core this
+    process may use; `lora_core.checks.workers`); the result is the same as
+    one process's. `on_photo(name, done, total)` is called here, in the
+    caller's thread, as each photo is done.
     Returns what was written; raises `TooFewImagesError` (with every row)
     when fewer than `settings.min_images` photos are usable, and `InputError`
     when the input itself is missing or not a folder or zip.
@@ -311,10 +313,10 @@ def _examine_all(
     settings: IngestSettings,
     staging: Path,
     show_progress: bool,
-    on_photo: Callable[[str, int, int], None] | None = None,
+    on_photo: OnPhoto | None = None,
     workers: int | None = None,
 ) -> tuple[list[dict], list[_Candidate]]:
-    """Examine every file on `workers` threads (default: every usable core), reporting each as it is done."""
+    """Examine every file: images decoded on `workers` processes (default: every usable core)."""
     caption_of, image_of = pair_captions(entries)
     by_rel = {e.rel: e for e in entries}
     rows: list[dict] = []
@@ -326,33 +328,23 @@ def _examine_all(
             rows.append(_row(entry.rel, "ignored", f"caption file of {image_of[entry.rel]}"))
         else:
             images.append(entry)
-    found: list[_Examined | None] = [None] * len(images)
-    claims = _Claims()
-    threads = max(1, min(workers or usable_cores(), len(images)))
-    with (
-        Progress(disable=not show_progress, transient=True) as progress,
-        ThreadPoolExecutor(threads, thread_name_prefix="ingest") as pool,
-    ):
+    with Progress(disable=not show_progress, transient=True) as progress:
         bar = progress.add_task("ingest: decoding photos", total=len(images))
-        futures = {
-            pool.submit(_examine, entry, settings, staging / f"{index:06d}.png", claims): index
-            for index, entry in enumerate(images)
-        }
-        try:
-            for done, future in enumerate(as_completed(futures), start=1):
-                index = futures[future]
-                found[index] = future.result()
-                progress.update(bar, advance=1, description=f"ingest: {images[index].rel}")
-                if on_photo is not None:
-                    on_photo(images[index].rel, done, len(images))
-        finally:
-            for future in futures:
-                future.cancel()  # after an error or an interrupt: the photos not started yet are not
-    decided, candidates = _in_order(images, [f for f in found if f is not None])
-    for candidate in candidates:
+        done = itertools.count(1)
+
+        def report(rel: str) -> None:
+            progress.update(bar, advance=1, description=f"ingest: {rel}")
+            if on_photo is not None:
+                on_photo(rel, next(done), len(images))
+
+        examination = _Examination(images, settings, staging, report)
+        decode = partial(_decode_to_png, settings=settings)
+        for job, outcome in run_per_photo(decode, examination.jobs(), workers, count=len(images)):
+            examination.take(job, outcome)
+    for candidate in examination.candidates:
         if candidate.rel in caption_of:
             candidate.row["user_caption"] = read_caption(by_rel[caption_of[candidate.rel]])
-    return rows + decided, candidates
+    return rows + examination.rows, examination.candidates
 
 
 def _too_few_message(photos: Path, rows: list[dict], minimum: int) -> str:

@@ -13,7 +13,6 @@ import hashlib
 import os
 import re
 import stat
-import threading
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -127,8 +126,6 @@ def _unsafe_member(name: str) -> bool:
 
 
 def _zip_entries(archive: zipfile.ZipFile) -> Iterator[Entry]:
-    # Ingest reads on several threads; ZipFile.open counts its open members unlocked: one read at a time.
-    lock = threading.Lock()
     for info in sorted(archive.infolist(), key=lambda i: i.filename):
         name = info.filename
         if info.is_dir():
@@ -144,13 +141,13 @@ def _zip_entries(archive: zipfile.ZipFile) -> Iterator[Entry]:
         elif info.flag_bits & 0x1:
             yield Entry(rel, verdict=("rejected", "encrypted zip member"))
         else:
-            yield Entry(rel, read=_read_member(archive, info, lock))
+            yield Entry(rel, read=_read_member(archive, info))
 
 
-def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, lock: threading.Lock) -> Callable[[int], bytes]:
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Callable[[int], bytes]:
     def read(limit: int) -> bytes:
         # Read at most limit+1 bytes whatever the header claims: a zip bomb stops here.
-        with lock, archive.open(info) as handle:
+        with archive.open(info) as handle:
             return handle.read(limit + 1)
 
     return read

@@ -160,47 +160,35 @@ def _outputs(workdir: Path) -> dict[str, bytes]:
     return {p.relative_to(workdir).as_posix(): p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()}
 
 
-def test_ingest_on_two_threads_writes_what_one_thread_does(tmp_path, messy_folder, monkeypatch):
-    threads: set[str] = set()
-    decode = lora_core.ingest.decode_image
+def _noting_pids(monkeypatch, module, name: str, pids: Path) -> None:
+    """Make `module.name` write the pid of the process it runs in to `pids` (forked workers inherit this)."""
+    real = getattr(module, name)
 
-    def decode_and_note(data, settings):
-        threads.add(threading.current_thread().name)
-        time.sleep(0.02)  # long enough for the other thread to take the next photo
-        return decode(data, settings)
+    def noted(*args, **kwargs):
+        with open(pids, "a") as handle:
+            handle.write(f"{os.getpid()}\n")
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(lora_core.ingest, "decode_image", decode_and_note)
+    monkeypatch.setattr(module, name, noted)
+
+
+def test_ingest_on_two_processes_writes_what_one_does(tmp_path, messy_folder, monkeypatch):
+    pids = tmp_path / "pids"
+    _noting_pids(monkeypatch, lora_core.ingest, "decode_image", pids)
     one = ingest(messy_folder, SubjectLayout(tmp_path / "one", "t0k3n"), show_progress=False, workers=1)
-    assert len(threads) == 1
-    threads.clear()
+    assert set(pids.read_text().split()) == {str(os.getpid())}
+    pids.unlink()
     two = ingest(messy_folder, SubjectLayout(tmp_path / "two", "t0k3n"), show_progress=False, workers=2)
-    assert len(threads) == 2, "both threads decoded photos"
+    if workers._can_fork():
+        seen = set(pids.read_text().split())
+        assert len(seen) == 2 and str(os.getpid()) not in seen, "two worker processes decoded the photos"
     assert one.rows == two.rows
     assert _outputs(tmp_path / "one") == _outputs(tmp_path / "two"), "same images, names and manifest"
     reasons = {row["source"]: row["reason"] for row in two.rows}
     assert reasons["zz-copy.jpg"] == "exact duplicate of img0.jpg"
     assert reasons["img3.jpg"] == "exact duplicate of aa-copy.jpg"
-
-
-def test_the_first_file_of_equal_bytes_wins_whichever_thread_reads_it_first(tmp_path, good_folder, monkeypatch):
-    """b.jpg is read before a.jpg (a slow disk): a.jpg is still the photo, b.jpg its copy, decoded once."""
-    (good_folder / "a.jpg").write_bytes(encode(photo((500, 400), 77)))
-    (good_folder / "b.jpg").write_bytes((good_folder / "a.jpg").read_bytes())
-    real_reader = lora_core.sources._read_regular
-
-    def slow_for_a(path: Path):
-        read = real_reader(path)
-        return (lambda limit: (time.sleep(0.5), read(limit))[1]) if path.name == "a.jpg" else read
-
-    decoded: list[int] = []
-    decode = lora_core.ingest.decode_image
-    monkeypatch.setattr(lora_core.sources, "_read_regular", slow_for_a)
-    monkeypatch.setattr(lora_core.ingest, "decode_image", lambda data, s: decoded.append(1) or decode(data, s))
-    result = ingest(good_folder, SubjectLayout(tmp_path / "work", "t0k3n"), show_progress=False, workers=2)
-    rows = {row["source"]: row for row in result.rows}
-    assert rows["a.jpg"]["status"] == "accepted"
-    assert rows["b.jpg"]["reason"] == "exact duplicate of a.jpg"
-    assert len(decoded) == 7, "six photos and the bytes of a.jpg once"
+    photos = [path for path in messy_folder.iterdir() if path.suffix != ".txt"]
+    assert len(pids.read_text().split()) == len(photos) - 2, "the two exact copies are never decoded"
 
 
 def test_every_photo_is_reported_as_it_is_done(tmp_path, messy_folder):
@@ -241,6 +229,22 @@ def test_run_per_photo_uses_worker_processes_and_keeps_the_order():
     assert {pid for _, pid in here.values()} == {os.getpid()}
     with pytest.raises(ValueError, match="negative: -1"):
         list(run_per_photo(_square_and_pid, [1, 2, -1, 3, 4, 5], workers=2))
+
+
+def test_run_per_photo_takes_items_a_few_ahead_of_the_workers():
+    """A generator that reads files is read only as far as the workers have work in hand."""
+    pulled: list[int] = []
+
+    def items():
+        for value in range(40):
+            pulled.append(value)
+            yield value
+
+    results = run_per_photo(_square_and_pid, items(), workers=2, count=40)
+    first, _ = next(results)
+    if workers._can_fork():
+        assert len(pulled) <= workers.IN_FLIGHT_PER_WORKER * 2, "only the items in flight were read"
+    assert sorted([first, *(index for index, _ in results)]) == list(range(40))
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,14 @@
-"""Per-photo work on every core this process may use: the check stages' face work, ingest's decoding.
+"""Per-photo work on every core this process may use: ingest's decoding, the check stages' face work.
 
-dlib's face models hold the GIL while they run (two threads measured 1.06x one),
-so the check stages analyse photos in worker processes, forked so each one
-inherits the face models and the work already set up in the parent (nothing is
-pickled but each photo's index and its JSON-sized result). Results come back
-in the photos' order whatever order they finish in, so a parallel run writes
-exactly what a sequential one does. Where forking is not the platform's safe
-default (macOS, Windows) the work runs here, one photo after another.
+Threads would take turns: dlib's face models hold the GIL while they run (two
+threads measured 1.06x one), and so does Pillow's PNG writer (it compresses
+through a Python-level chunk writer, never releasing the GIL), the largest
+part of ingest's work. So photos go to worker processes, forked: each inherits
+the models and the work function already set up in the parent, and only each
+photo's item (a path, a file's bytes) and its small result are pickled.
+Results are placed by index, so a parallel run writes exactly what a
+sequential one does. Where forking is not the platform's safe default (macOS,
+Windows) the work runs here, one photo after another.
 
 How many workers: the cores this process may run on (`os.sched_getaffinity`:
 taskset, cpusets), and no more than torch's thread count once torch is loaded,
@@ -20,8 +22,8 @@ import itertools
 import multiprocessing
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,7 +39,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 MIN_PHOTOS_PER_WORKER = 2  # fewer photos than this per extra worker: the fork is not worth it
-_JOBS: dict[int, tuple[Callable[[Any], Any], Sequence[Any]]] = {}  # the work forked workers inherit, by job
+IN_FLIGHT_PER_WORKER = 2  # items handed out ahead: a worker never waits, and few files' bytes are held
+_JOBS: dict[int, Callable[[Any], Any]] = {}  # the work forked workers inherit, by job
 _JOB_IDS = itertools.count()
 
 
@@ -63,30 +66,42 @@ def _can_fork() -> bool:
     return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
 
 
-def _run_one(job: int, index: int) -> Any:
-    work, items = _JOBS[job]
-    return work(items[index])
+def _run_one(job: int, item: Any) -> Any:
+    return _JOBS[job](item)
 
 
-def run_per_photo(work: Callable[[T], R], items: Sequence[T], workers: int | None = None) -> Iterator[tuple[int, R]]:
-    """Yield `(index, work(items[index]))` for every item as each finishes, on `photo_workers` processes.
+def run_per_photo(
+    work: Callable[[T], R], items: Iterable[T], workers: int | None = None, *, count: int | None = None
+) -> Iterator[tuple[int, R]]:
+    """Yield `(index, work(item))` for every item as each finishes, on `photo_workers` processes.
 
-    `work` may be any callable, a closure or a bound method included: forked
-    workers inherit it. Its result must pickle. An exception in `work` is
-    raised here, and the photos not yet started are cancelled.
+    `items` is taken lazily, here, a few ahead of the workers, so a generator
+    that reads files keeps only those in memory (give `count`, how many there
+    may be, for a generator). `work` may be any callable, a closure or a bound
+    method included: forked workers inherit it; items and results must pickle.
+    An exception in `work` is raised here, and the items not yet started are
+    cancelled.
     """
-    count = photo_workers(len(items), workers)
-    if count < 2 or not _can_fork():
+    total = count if count is not None else len(items)  # type: ignore[arg-type]
+    processes = photo_workers(total, workers)
+    if processes < 2 or not _can_fork():
         for index, item in enumerate(items):
             yield index, work(item)
         return
     job = next(_JOB_IDS)
-    _JOBS[job] = (work, items)  # before the pool forks its workers, at the first submit
-    pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("fork"))
+    _JOBS[job] = work  # before the pool forks its workers, at the first submit
+    pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"))
+    ahead = enumerate(items)
+    pending: dict[Future, int] = {}
     try:
-        futures = {pool.submit(_run_one, job, index): index for index in range(len(items))}
-        for future in as_completed(futures):
-            yield futures[future], future.result()
+        while True:
+            for index, item in itertools.islice(ahead, IN_FLIGHT_PER_WORKER * processes - len(pending)):
+                pending[pool.submit(_run_one, job, item)] = index
+            if not pending:
+                return
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                yield pending.pop(future), future.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         del _JOBS[job]
