@@ -57,3 +57,16 @@ def test_train_step_bench_reports_a_ratio(one_thread, tmp_path, monkeypatch, cap
     assert math.isfinite(result["ratio"]) and result["ratio"] > 0
     assert 0 < result["boundary_share_seed_epoch"] < 1
     assert "ratio ours/bare" in capsys.readouterr().out
+
+
+def test_ingest_speed_bench_reports_a_ratio(tmp_path, monkeypatch, capsys):
+    from bench import ingest_speed
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert ingest_speed.main(["--photos", "6", "--size", "640x480", "--pool-photos", "2"]) == 0
+    result = json.loads((tmp_path / "bench-ingest-speed.json").read_text())
+    assert result["ours"]["accepted"] == 6, "distinct photos: none is a near-duplicate of another"
+    for way in ("ours", "plain", "same_work", "threads", "processes"):
+        assert result[way]["images_per_s"] > 0
+    assert math.isfinite(result["ratio"]) and result["ratio"] > 0
+    assert "ratio ours/plain loop" in capsys.readouterr().out
