@@ -63,7 +63,9 @@ def photo_workers(photos: int, workers: int | None = None) -> int:
 
 
 def _can_fork() -> bool:
-    return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+    """Linux, and not itself a daemonic worker (which may not start processes)."""
+    linux = sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+    return linux and not multiprocessing.current_process().daemon
 
 
 def _run_one(job: int, item: Any) -> Any:
