@@ -121,11 +121,12 @@ class _Interrupts:
         self.stopped_during: str | None = None
 
     def message(self) -> str:
-        return f"stopped during {self.stopped_during}; run the same command to continue (finished work is kept)"
+        return f"stopped {self.stopped_during}; run the same command to continue (finished work is kept)"
 
     def on_sigint(self, signum: int, frame: object) -> None:
         if self.stopped_during is not None:  # the second Ctrl-C: no more waiting
             _leave(self.message())
+            return
         self.stopped_during = _running_stage()
         logging.getLogger("prefect").setLevel(logging.CRITICAL + 1)  # its crash reports are not the user's news
         threading.Thread(target=self._deadline, daemon=True).start()
@@ -138,7 +139,7 @@ class _Interrupts:
 
 def _running_stage() -> str:
     stage = sys.modules.get("tasks.stage")
-    return (stage.running() if stage is not None else None) or "start-up"
+    return (stage.running() if stage is not None else None) or "during start-up"
 
 
 def _leave(message: str) -> None:
@@ -169,7 +170,7 @@ class _UserErrorsInOneLine(logging.Filter):
         if isinstance(error, (UserError, RunFailure)):
             return False
         text = record.getMessage()
-        return not ("in state Failed" in text and any(f"exception {name}" in text for name in _explained()))
+        return not ("in state Failed" in text and any(f" {name}: " in text for name in _explained()))
 
 
 def _explained() -> set[str]:

@@ -38,11 +38,14 @@ class _Results:
 
 _RESULTS: ContextVar[_Results | None] = ContextVar("stage_results", default=None)
 _RUNNING: list[str] = []  # the stages this process is in, innermost last (for "stopped during ...")
+_DONE: list[str] = []  # the last stage it finished
 
 
 def running() -> str | None:
-    """The stage this process is running now, e.g. "crop" or "epoch 2" (None between stages)."""
-    return _RUNNING[-1] if _RUNNING else None
+    """Where this process is: "during crop", "during epoch 2", "after epoch 1" (None before any stage)."""
+    if _RUNNING:
+        return f"during {_RUNNING[-1]}"
+    return f"after {_DONE[-1]}" if _DONE else None
 
 
 @contextmanager
@@ -83,7 +86,8 @@ class Stage(Generic[P, R]):
             options["refresh_cache"] = not self.outputs_intact(*args, **kwargs)
         if results is not None:
             options["result_storage"] = results.storage
-        _RUNNING.append(self._label(args, kwargs))
+        label = self._label(args, kwargs)
+        _RUNNING.append(label)
         try:
             with gpu_slot() if self.gpu else nullcontext():
                 state = self.task.with_options(**options)(*args, return_state=True, **kwargs)
@@ -91,10 +95,10 @@ class Stage(Generic[P, R]):
                 results.cached.append(self.name)
             return state.result()
         except (UserError, RunFailure) as err:
-            err.stage = getattr(err, "stage", self.name)  # type: ignore[attr-defined]  # for the one-line message
+            err.stage = getattr(err, "stage", label)  # type: ignore[attr-defined]  # for the one-line message
             raise
         finally:
-            _RUNNING.pop()
+            _DONE[:] = [_RUNNING.pop()]
 
     def _label(self, args: tuple, kwargs: dict) -> str:
         """The stage's name, or "epoch N" for a stage that takes an epoch."""
