@@ -239,8 +239,8 @@ def test_cli_with_three_photos_fails_clearly(prefect_harness, capsys, tmp_path):
     for i in range(3):
         (folder / f"p{i}.jpg").write_bytes(encode(photo((640, 480), i)))
     done = _cli(capsys, str(folder), "--token", "t0k3n", "--workdir", str(tmp_path / "W"), "--stop-after", "ingest")
-    assert done.returncode != 0
-    assert "only 3 usable photo(s)" in done.stderr and "at least 5" in done.stderr
+    assert done.returncode == 2  # said before the run starts (flows.console.check_photos)
+    assert "3 file(s) that may be photos, and at least 5 usable photos are needed" in done.stderr
 
 
 @pytest.mark.parametrize(
