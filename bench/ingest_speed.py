@@ -28,13 +28,18 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import multiprocessing
 import os
 import platform
+import resource
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -103,15 +108,35 @@ def same_work(path: Path, target: Path, long_side: int = 2048) -> None:
     target.unlink()
 
 
-def _pooled(pool: Executor, paths: list[Path], out: Path) -> float:
-    start = time.perf_counter()
+def _pooled(pool: Executor, paths: list[Path], out: Path) -> None:
     list(pool.map(same_work, paths, [out / f"pool-{i}.png" for i in range(len(paths))]))
-    return time.perf_counter() - start
 
 
-def _timed(label: str, count: int, seconds: float) -> dict[str, float]:
-    print(f"  {label}: {count} photos in {seconds:.1f} s", flush=True)
-    return {"photos": count, "seconds": seconds, "images_per_s": count / seconds}
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its reaped children (ingest's and the pool's worker processes)."""
+    mine, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return mine.ru_utime + mine.ru_stime + children.ru_utime + children.ru_stime
+
+
+@contextmanager
+def _phase(result: dict[str, Any], key: str, label: str, photos: int) -> Iterator[None]:
+    """Time one way of doing the work: wall seconds, images/s, and the CPU seconds it used.
+
+    CPU seconds over wall seconds is how many cores it kept busy: under 1 for a
+    one-photo-at-a-time loop means other work on the machine took its core.
+    """
+    wall, cpu = time.perf_counter(), _cpu_seconds()
+    yield
+    wall, cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
+    result[key] = {
+        "photos": photos,
+        "seconds": wall,
+        "images_per_s": photos / wall,
+        "cpu_seconds": cpu,
+        "cores_busy": cpu / wall,
+        "load_average_after": round(os.getloadavg()[0], 2),
+    }
+    print(f"  {label}: {photos} photos in {wall:.1f} s, {cpu:.1f} CPU s ({cpu / wall:.2f} cores)", flush=True)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -131,33 +156,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         paths = make_photos(work / "photos", args.photos, size)  # type: ignore[arg-type]
         megabytes = sum(p.stat().st_size for p in paths) / 2**20
         print(f"made {len(paths)} photos ({megabytes:.0f} MB) in {time.perf_counter() - started:.0f} s", flush=True)
-        result["load_average"] = [round(os.getloadavg()[0], 2)]
+        result["load_average_before"] = round(os.getloadavg()[0], 2)
 
-        start = time.perf_counter()
-        layout = SubjectLayout(work / "work", "b3nch")
-        ingested = ingest(work / "photos", layout, IngestSettings(), show_progress=False, workers=workers)
-        result["ours"] = _timed("ours (ingest)", len(paths), time.perf_counter() - start)
+        with _phase(result, "ours", f"ours (ingest, {workers} workers)", len(paths)):
+            layout = SubjectLayout(work / "work", "b3nch")
+            ingested = ingest(work / "photos", layout, IngestSettings(), show_progress=False, workers=workers)
         result["ours"]["accepted"] = ingested.accepted
         shutil.rmtree(work / "work")
 
-        start = time.perf_counter()
-        plain_loop(paths, work)
-        result["plain"] = _timed("plain loop", len(paths), time.perf_counter() - start)
+        with _phase(result, "plain", "plain loop", len(paths)):
+            plain_loop(paths, work)
 
-        start = time.perf_counter()
-        for i, path in enumerate(paths):
-            same_work(path, work / f"same-{i}.png")
-        result["same_work"] = _timed("same work, plainly", len(paths), time.perf_counter() - start)
+        with _phase(result, "same_work", "same work, plainly", len(paths)):
+            for i, path in enumerate(paths):
+                same_work(path, work / f"same-{i}.png")
 
         subset = paths[: args.pool_photos]
-        with ThreadPoolExecutor(workers) as threads:
-            result["threads"] = _timed(f"same work, {workers} threads", len(subset), _pooled(threads, subset, work))
-        with ProcessPoolExecutor(workers) as processes:
-            processes.submit(int).result()  # the workers started: not timed
-            result["processes"] = _timed(
-                f"same work, {workers} processes", len(subset), _pooled(processes, subset, work)
-            )
-        result["load_average"].append(round(os.getloadavg()[0], 2))
+        fork = multiprocessing.get_context("fork")
+        pools = {"threads": ThreadPoolExecutor, "processes": partial(ProcessPoolExecutor, mp_context=fork)}
+        for kind, make_pool in pools.items():
+            # The pool's start and its workers' exit are inside: the workers' CPU time counts once they are reaped.
+            with _phase(result, kind, f"same work, {workers} {kind}", len(subset)), make_pool(workers) as pool:
+                _pooled(pool, subset, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result["ratio"] = result["ours"]["images_per_s"] / result["plain"]["images_per_s"]
@@ -177,17 +197,23 @@ def report(result: dict[str, Any]) -> str:
     met = "yes" if result["ratio"] >= GOAL_RATIO else "NO"
     one_at_a_time = result["same_work"]["images_per_s"]
     threads, processes = (result[pool]["images_per_s"] / one_at_a_time for pool in ("threads", "processes"))
+    cpu_per_photo = {key: result[key]["cpu_seconds"] / result[key]["photos"] for key in ("ours", "plain")}
     lines = [
-        f"machine: {result['machine']}; load average {result['load_average'][0]} before, "
-        f"{result['load_average'][-1]} after; Python {result['python']}, Pillow {result['pillow']}",
-        f"{result['photos']} JPEG photos of {result['size']}; ingest on {result['workers']} thread(s); "
+        f"machine: {result['machine']}; Python {result['python']}, Pillow {result['pillow']}; "
+        f"load average {result['load_average_before']} before",
+        f"{result['photos']} JPEG photos of {result['size']}; ingest on {result['workers']} worker(s); "
         f"{result['ours']['accepted']} accepted",
         "",
-        "| | photos | s | images/s |",
-        "|---|---|---|---|",
-        *(f"| {name} | {r['photos']} | {r['seconds']:.1f} | {r['images_per_s']:.3f} |" for name, r in rows),
+        "| | photos | s | images/s | CPU s | cores busy | load average after |",
+        "|---|---|---|---|---|---|---|",
+        *(
+            f"| {name} | {r['photos']} | {r['seconds']:.1f} | {r['images_per_s']:.3f} | {r['cpu_seconds']:.1f} "
+            f"| {r['cores_busy']:.2f} | {r['load_average_after']} |"
+            for name, r in rows
+        ),
         "",
         f"ratio ours/plain loop (images/s): {result['ratio']:.2f} (goal >= {GOAL_RATIO}: {met})",
+        f"CPU s per photo: ours {cpu_per_photo['ours']:.2f}, plain loop {cpu_per_photo['plain']:.2f}",
         f"ratio ours/same work plainly: {result['ratio_same_work']:.2f}",
         f"the same work on {result['workers']} workers, against one at a time: threads {threads:.2f}x, "
         f"processes {processes:.2f}x",
