@@ -180,6 +180,16 @@ class LoraConfig(BaseModel):
     )
     max_token_length: int = Field(75, description="Caption token limit: 75, 150 or 225.")
     clip_skip: int = Field(1, ge=1, le=12, description="Use the output of the n-th last text-encoder layer.")
+    validation_split: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Share of the images held out, never trained on, whose loss shows over- and undertraining "
+        "where the subject embedding cannot (sd-scripts' name); 0: none held out.",
+    )
+    validation_seed: int | None = Field(
+        None, ge=0, description="Seed of which images are held out (sd-scripts' name); unset: the training seed."
+    )
 
     # Schedule and hardware
     train_batch_size: int = Field(2, ge=1, description="Images per step.")
@@ -219,6 +229,11 @@ class LoraConfig(BaseModel):
     selection: SelectionSettings = Field(
         default_factory=SelectionSettings, description="Epoch metrics, checkpoint selection and auto-resume."
     )
+
+    @property
+    def split_seed(self) -> int:
+        """The seed of which images are held out: `validation_seed`, else the training seed (sd-scripts' rule)."""
+        return self.seed if self.validation_seed is None else self.validation_seed
 
     @field_validator("optimizer", mode="before")
     @classmethod

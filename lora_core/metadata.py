@@ -106,6 +106,9 @@ def _data(trainer: Trainer) -> dict[str, Any]:
         "ss_random_crop": False,
         "ss_dataset_dirs": json.dumps(folders),
         "ss_tag_frequency": tag_frequency_by_folder(trainer.items),
+        # sd-scripts' held-out split; the seed that chose it (None: nothing held out).
+        "ss_validation_split": config.validation_split,
+        "ss_validation_seed": config.split_seed if trainer.heldout else None,
     }
 
 

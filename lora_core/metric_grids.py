@@ -5,8 +5,10 @@ recontextualisation and style prompts with the token, and the class prompt
 without it) at the same seeds, and so does the base model once, so any
 difference between two grids is the LoRA's. Grids are kept on disk beside the
 epoch files, keyed by the LoRA's bytes and the grid's settings, so selecting
-again, or after a resume, renders only what is new. The chosen epoch's renders
-at several strengths are made by the same renderer.
+again, or after a resume, renders only what is new. Each grid's record keeps
+the epoch's fixed losses beside it (on the training images and on the held-out
+ones). The chosen epoch's renders at several strengths are made by the same
+renderer, and every epoch's grid is also kept as one contact sheet to compare by eye.
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ from lora_core.lora_io import LoraFile, read_lora
 from lora_core.models import BaseModel
 from lora_core.precision import Precision, resolve_precision
 from lora_core.run_folder import RunFiles
-from lora_core.sampling import SamplePrompt, SampleSpec, render
+from lora_core.sampling import SamplePrompt, SampleSpec, contact_sheet, render
 from lora_core.settings import DEFAULT_CLASS_PROMPTS, SelectionSettings, SubjectType
 
 __all__ = [
+    "LOSSES",
     "GridRenderer",
+    "contact_sheets_folder",
     "grid_key",
     "grids_intact",
     "load_grid",
@@ -39,7 +43,11 @@ __all__ = [
     "render_grids",
     "render_strengths",
     "save_grid",
+    "write_contact_sheets",
 ]
+
+# The fixed losses a grid's record keeps (`GridRenderer.losses`).
+LOSSES = ("training_loss", "heldout_loss")
 
 
 def metric_spec(
@@ -65,8 +73,9 @@ def grid_key(spec: SampleSpec, base_identity: str, lora_sha: str | None) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def save_grid(folder: Path, key: str, grid: list[list[Image.Image]], validation_loss: float | None) -> None:
-    """Each image as `p00_s1.png`, then `grid.json` last: a grid counts only when its record is there."""
+def save_grid(folder: Path, key: str, grid: list[list[Image.Image]], losses: dict[str, float | None]) -> None:
+    """Each image as `p00_s1.png`, then `grid.json` last: a grid counts only when its record is there.
+    `losses`: the epoch's fixed losses (`LOSSES`; None where unmeasured)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     names = []
@@ -77,13 +86,14 @@ def save_grid(folder: Path, key: str, grid: list[list[Image.Image]], validation_
             with atomic_output(folder / name) as tmp:
                 image.save(tmp, format="PNG")
             names[-1].append(name)
-    record = {"key": key, "files": names, "validation_loss": validation_loss}
+    record = {"key": key, "files": names} | {name: losses.get(name) for name in LOSSES}
     atomic_write_text(folder / "grid.json", json.dumps(record))
 
 
-def load_grid(folder: Path, key: str | None) -> tuple[list[list[Image.Image]], float | None] | None:
-    """The grid saved under `folder` for `key` (None: whatever is there), or None when missing,
-    damaged or made otherwise."""
+def load_grid(folder: Path, key: str | None) -> tuple[list[list[Image.Image]], dict[str, float | None]] | None:
+    """The grid saved under `folder` for `key` (None: whatever is there) and its losses, or None when
+    missing, damaged or made otherwise. A record written before the held-out split has its training
+    images' loss under its old name, `validation_loss`."""
     try:
         record = json.loads((Path(folder) / "grid.json").read_text())
         if key is not None and record["key"] != key:
@@ -97,15 +107,19 @@ def load_grid(folder: Path, key: str | None) -> tuple[list[list[Image.Image]], f
             grid.append(images)
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return grid, record["validation_loss"]
+    losses = {name: record.get(name) for name in LOSSES}
+    if losses["training_loss"] is None:
+        losses["training_loss"] = record.get("validation_loss")
+    return grid, losses
 
 
 class GridRenderer:
-    """The base model with one LoRA network on it: renders any epoch's grid, and measures its loss.
+    """The base model with one LoRA network on it: renders any epoch's grid, and measures its losses.
 
-    With our subject folder the network is a `Trainer`'s, so the validation
-    loss on the captioned training images comes with it; a kohya output folder
-    alone gets renders only (its validation loss is reported unavailable).
+    With our subject folder the network is a `Trainer`'s, built with the run's
+    settings, so the fixed losses on its captioned images come with it: on the
+    images trained on and on those held out (`validation_split`); a kohya output
+    folder alone gets renders only (its losses are reported unavailable).
     Either way it renders in the config's `mixed_precision`, as the trainer's
     samples are, with the VAE and the LoRA weights in fp32.
     """
@@ -140,11 +154,12 @@ class GridRenderer:
         with self.trainer.models_on_device() if self.trainer else nullcontext():
             return render(self.base, spec, self.precision)
 
-    def validation_loss(self, lora: LoraFile | None) -> float | None:
+    def losses(self, lora: LoraFile | None) -> dict[str, float | None]:
+        """`lora`'s fixed losses (`LOSSES`), None where they cannot be measured."""
         if self.trainer is None:
-            return None
+            return dict.fromkeys(LOSSES)
         self._apply(lora, 1.0)
-        return self.trainer.validation_loss()
+        return {"training_loss": self.trainer.training_loss(), "heldout_loss": self.trainer.heldout_loss()}
 
     def _apply(self, lora: LoraFile | None, strength: float) -> None:
         if lora is None:
@@ -191,11 +206,29 @@ def render_grids(
         lora = read_lora(path) if path else None
         renderer = renderer or open_renderer(lora or read_lora(next(iter(run.epochs.values()))))
         grid = renderer.grid(spec, lora)
-        save_grid(folder, key, grid, renderer.validation_loss(lora))
+        save_grid(folder, key, grid, renderer.losses(lora))
         if on_grid is not None:
             on_grid(epoch, grid)
         rendered.append(epoch or 0)
     return rendered
+
+
+def contact_sheets_folder(run: RunFiles) -> Path:
+    """Where `write_contact_sheets` puts them: `selection/contact-sheets/` beside the grids."""
+    return run.grids / "contact-sheets"
+
+
+def write_contact_sheets(run: RunFiles, spec: SampleSpec) -> Path:
+    """Each grid on disk as one labelled image (prompts down, seeds across), `base.png` and
+    `epoch-00000N.png`, to compare the epochs by eye; returns their folder."""
+    folder = contact_sheets_folder(run)
+    for epoch, _ in _grid_targets(run):
+        if (loaded := load_grid(run.grid_folder(epoch), None)) is None:
+            continue
+        title = f"{run.name} {'base model' if epoch is None else f'epoch {epoch}'}"
+        with atomic_output(folder / f"{run.grid_folder(epoch).name}.png") as tmp:
+            contact_sheet(loaded[0], spec, title, cell=128).save(tmp, format="PNG")
+    return folder
 
 
 def strength_filename(name: str, epoch: int, strength: float, index: int, seed: int) -> str:

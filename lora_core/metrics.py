@@ -145,11 +145,12 @@ def _centroid_similarity(vectors: list[np.ndarray | None], photos: np.ndarray) -
 def epoch_metrics(
     epoch: int,
     grid: list[list[Image.Image]],
-    validation_loss: float | None,
+    losses: dict[str, float | None],
     reference: Reference,
     embeddings: list[list[np.ndarray | None]] | None,
 ) -> EpochMetrics:
-    """One epoch's row. `grid[-1]` is the class prompt; `embeddings` match `grid` (None: no embedder).
+    """One epoch's row. `grid[-1]` is the class prompt; `embeddings` match `grid` (None: no embedder);
+    `losses`: the grid's fixed losses (`metric_grids.LOSSES`, missing or None where unmeasured).
 
     diversity: per token prompt, the spread across seeds over the base model's
     spread at the same prompt and seeds, averaged. burn: `burn_score` of each
@@ -182,7 +183,8 @@ def epoch_metrics(
             preservation = (now - before) / ceiling
     return EpochMetrics(
         epoch=epoch,
-        validation_loss=validation_loss,
+        training_loss=losses.get("training_loss"),
+        heldout_loss=losses.get("heldout_loss"),
         fidelity=fid,
         copy_distance=copy,
         diversity=float(np.mean(ratios)) if ratios else None,
@@ -208,7 +210,7 @@ def measure_run(
     notes: list[str] = []
     embed_name = embed.name if embed is not None else "none"
 
-    def grid_of(epoch: int | None, path: Path | None) -> tuple[list[list[Image.Image]], float | None]:
+    def grid_of(epoch: int | None, path: Path | None) -> tuple[list[list[Image.Image]], dict[str, float | None]]:
         loaded = load_grid(run.grid_folder(epoch), grid_key(spec, base_identity, sha256_file(path) if path else None))
         if loaded is None:
             raise SelectionError(f"{run.grid_folder(epoch)}: the grid is missing; render the grids first")
@@ -231,13 +233,13 @@ def measure_run(
     reference = Reference(photos, photo_vectors, base_grid, base_class)
     series, seen, total = [], 0, 0
     for epoch, path in run.epochs.items():
-        grid, loss = grid_of(epoch, path)
+        grid, losses = grid_of(epoch, path)
         vectors = None
         if photo_vectors is not None and embed is not None:
             vectors = [cached_embeddings(embed, row, cache) for row in grid]
             seen += sum(v is not None for row in vectors[:-1] for v in row)
             total += sum(len(row) for row in vectors[:-1])
-        series.append(epoch_metrics(epoch, grid, loss, reference, vectors))
+        series.append(epoch_metrics(epoch, grid, losses, reference, vectors))
     if photo_vectors is not None and total and seen == 0:
         notes.append(f"{embed_name}: nothing found in any of the {total} token renders, so fidelity is unavailable")
     elif photo_vectors is not None and total:

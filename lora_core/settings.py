@@ -126,10 +126,16 @@ class SelectionSettings(BaseModel):
     size: int | None = Field(None, ge=64, description="Grid image side in pixels (default: the training resolution).")
     steps: int = Field(20, ge=1, description="Sampling steps of the grid (Euler ancestral, as the samples).")
     fidelity_band: float = Field(
-        0.95, gt=0, le=1, description="Choose the earliest epoch within this share of the best one's signal."
+        0.95,
+        gt=0,
+        le=1,
+        description="Before a guard, choose the earliest epoch within this share of the best fidelity; by the "
+        "held-out loss, the latest from its minimum within this share of it.",
     )
     rising: float = Field(
-        0.02, description="Best at the last epoch and still improving by more than this share: undertrained."
+        0.02,
+        description="Best at the last epoch and still improving by more than this share (fidelity or held-out "
+        "loss): undertrained.",
     )
     min_fidelity: float = Field(
         0.0, ge=0, description="Best fidelity under this share of the photos' own similarity: undertrained."
@@ -142,7 +148,9 @@ class SelectionSettings(BaseModel):
     max_burn: float = Field(
         0.25, description="BURN: this much more saturated, clipped, smooth or blocky than the base."
     )
-    max_resumes: int = Field(2, ge=0, description="Undertrained: continue from the last epoch at most this often.")
+    max_resumes: int = Field(
+        2, ge=0, description="Undertrained: continue from the last epoch at most this often (needs_review: never)."
+    )
     resume_epochs: int = Field(2, ge=1, le=10, description="Epochs each resume trains (the seed: 2 or 3 more).")
     strengths: list[float] = Field(
         default_factory=lambda: [0.6, 0.8, 1.0],

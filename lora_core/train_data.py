@@ -2,7 +2,9 @@
 
 Batches never mix buckets (as kohya's). Every random choice of an epoch (its
 order, shuffled tags, flips) is seeded by the run's seed and the epoch, so a
-resumed run sees exactly what an unbroken one would have seen.
+resumed run sees exactly what an unbroken one would have seen. With
+`validation_split` some images are held out (`split_items`): never trained on,
+only measured, so their loss can show what the training images' cannot.
 """
 
 from __future__ import annotations
@@ -19,11 +21,28 @@ from safetensors.torch import save as save_bytes
 
 from lora_core.buckets import BucketAssignment, apply_bucket, read_buckets
 from lora_core.caption_text import read_caption
-from lora_core.errors import DAMAGED_FILE_ERRORS
+from lora_core.errors import DAMAGED_FILE_ERRORS, UserError
 from lora_core.fs import atomic_write_bytes, ensure_inside
 from lora_core.layout import SubjectLayout
 
-__all__ = ["Latents", "TrainItem", "epoch_batches", "epoch_seed", "shuffle_tags", "training_items"]
+__all__ = [
+    "MIN_TRAINING_IMAGES",
+    "Latents",
+    "SplitError",
+    "TrainItem",
+    "epoch_batches",
+    "epoch_seed",
+    "shuffle_tags",
+    "split_items",
+    "training_items",
+]
+
+# A held-out split must leave at least this many images to train on.
+MIN_TRAINING_IMAGES = 2
+
+
+class SplitError(UserError, ValueError):
+    """A `validation_split` that would leave too few images to train on."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +67,29 @@ def training_items(layout: SubjectLayout, caption_extension: str = ".txt") -> li
     if not items:
         raise ValueError(f"{layout.buckets_csv}: no images to train on")
     return items
+
+
+def split_items(items: list[TrainItem], split: float, seed: int) -> tuple[list[TrainItem], list[TrainItem]]:
+    """kohya's `validation_split`, by image: (the images trained on, the images held out), each in `items`' order.
+
+    Which images are held out depends only on their names and `seed` (sd-scripts'
+    `validation_seed`, else the training seed), so every epoch, a resumed run and
+    a later selection hold out the same ones. A split above 0 holds out at least
+    one image (sd-scripts may round it to none); a split leaving fewer than
+    `MIN_TRAINING_IMAGES` to train on is refused.
+    """
+    if split <= 0:
+        return list(items), []
+    order = sorted(range(len(items)), key=lambda i: items[i].assignment.image)
+    random.Random(seed).shuffle(order)
+    held = set(order[: max(1, round(len(items) * split))])
+    if len(items) - len(held) < MIN_TRAINING_IMAGES:
+        raise SplitError(
+            f"validation_split {split} holds out {len(held)} of {len(items)} images, leaving "
+            f"{len(items) - len(held)} to train on (at least {MIN_TRAINING_IMAGES}): lower validation_split "
+            "or add photos"
+        )
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

@@ -30,12 +30,15 @@ from lora_core.network import LoraNetwork
 from lora_core.optim import make_optimizer, make_scheduler, param_groups
 from lora_core.precision import resolve_precision
 from lora_core.run_state import read_state, write_state
-from lora_core.train_data import Latents, epoch_batches, epoch_seed, shuffle_tags, training_items
+from lora_core.train_data import Latents, epoch_batches, epoch_seed, shuffle_tags, split_items, training_items
 
-__all__ = ["MAX_GRAD_NORM", "EpochStats", "NonFiniteLossError", "Trainer"]
+__all__ = ["FIXED_TIMESTEPS", "MAX_GRAD_NORM", "EpochStats", "NonFiniteLossError", "Trainer"]
 
 # sd-scripts' default max_grad_norm.
 MAX_GRAD_NORM = 1.0
+
+# The timesteps of the fixed loss (`Trainer.training_loss`, `Trainer.heldout_loss`): across the schedule.
+FIXED_TIMESTEPS = (100, 300, 500, 700, 900)
 
 
 class NonFiniteLossError(RunFailure, RuntimeError):
@@ -85,9 +88,12 @@ class Trainer:
         self._place_models()
         if config.v_parameterization:
             base.noise_scheduler.register_to_config(prediction_type="v_prediction")
-        self.items = training_items(layout, config.caption_extension)
+        # The images trained on, then those held out (validation_split): indices past the first run on.
+        self.items, self.heldout = split_items(
+            training_items(layout, config.caption_extension), config.validation_split, config.split_seed
+        )
         self.latents = Latents(
-            self.items,
+            self.items + self.heldout,
             layout,
             base.vae,
             base.spec,
@@ -159,7 +165,7 @@ class Trainer:
         if self.config.train_text_encoder or self.config.shuffle_caption:
             return None
         with torch.no_grad(), self.precision.autocast():
-            return [self.conditioning.encode([item.caption], self.device) for item in self.items]
+            return [self.conditioning.encode([item.caption], self.device) for item in self.items + self.heldout]
 
     def resume_at(self, epoch: int, global_step: int) -> None:
         """Continue after `epoch` at `global_step`, the LR schedule replayed to that step."""
@@ -282,9 +288,21 @@ class Trainer:
 
     # -- measuring --
 
+    def training_loss(self, timesteps: tuple[int, ...] = FIXED_TIMESTEPS, seed: int = 0) -> float:
+        """The fixed loss on the images trained on. It falls while they are learned, whether the subject
+        is being learned or the photos memorised, so it cannot show over- or undertraining."""
+        return self._fixed_loss(range(len(self.items)), timesteps, seed)
+
+    def heldout_loss(self, timesteps: tuple[int, ...] = FIXED_TIMESTEPS, seed: int = 0) -> float | None:
+        """The fixed loss on the held-out images (`validation_split`; None without any): sd-scripts' and
+        OneTrainer's validation loss. It stops falling when training stops generalising."""
+        if not self.heldout:
+            return None
+        return self._fixed_loss(range(len(self.items), len(self.items) + len(self.heldout)), timesteps, seed)
+
     @torch.no_grad()
-    def validation_loss(self, timesteps: tuple[int, ...] = (100, 300, 500, 700, 900), seed: int = 0) -> float:
-        """Loss on every training image at fixed timesteps with fixed noise: comparable across epochs.
+    def _fixed_loss(self, indices: range, timesteps: tuple[int, ...], seed: int) -> float:
+        """The loss on the images at `indices` at fixed timesteps with fixed noise: comparable across epochs.
 
         The training loss draws timesteps at random and is too noisy to show
         learning over a few steps; this one is deterministic (no min-SNR weight,
@@ -295,9 +313,11 @@ class Trainer:
         generator = torch.Generator().manual_seed(seed)
         schedule = self.base.noise_scheduler
         v_prediction = schedule.config.prediction_type == "v_prediction"
+        every = self.items + self.heldout
         total, count = 0.0, 0
         with self.models_on_device():
-            for index, item in enumerate(self.items):
+            for index in indices:
+                item = every[index]
                 latents = self.latents.batch([index], [False], torch.Generator().manual_seed(seed))
                 with self.precision.autocast():
                     text = self._text_for([index], [item.caption])

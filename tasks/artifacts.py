@@ -22,7 +22,7 @@ from lora_core.layout import SubjectLayout
 from lora_core.metric_grids import load_grid
 from lora_core.run_folder import RunFiles
 from lora_core.sampling import SampleSpec, contact_sheet
-from lora_core.selection import metric_chart
+from lora_core.selection import METRICS, metric_chart
 
 _TABLE_COLUMNS = ("source", "status", "reason", "image", "width", "height", "resized", "exif_rotated")
 
@@ -259,7 +259,7 @@ def _png_uri(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-_METRIC_COLUMNS = ("epoch", "validation_loss", "fidelity", "copy_distance", "diversity", "preservation", "burn")
+_METRIC_COLUMNS = ("epoch", *METRICS)
 
 
 def _number(value: object) -> str:
@@ -269,7 +269,8 @@ def _number(value: object) -> str:
 
 
 def selection_markdown(run: RunFiles, spec: SampleSpec, record: dict) -> str:
-    """The verdict and its reasons, the metric table and chart, and the chosen epoch's grid beside its neighbours'."""
+    """The verdict and its reasons, the metric table and chart, and the chosen epoch's grid beside its
+    neighbours' (needs_review: every epoch's, since a person must judge them all)."""
     chosen = record["chosen_epoch"]
     lines = [
         f"# Verdict: {record['verdict']}, epoch {chosen} (selection of `{run.name}`)",
@@ -296,8 +297,11 @@ def selection_markdown(run: RunFiles, spec: SampleSpec, record: dict) -> str:
         mark = " **(chosen)**" if row["epoch"] == chosen else ""
         lines.append("| " + " | ".join(_number(row.get(c)) for c in _METRIC_COLUMNS) + mark + " |")
     lines += ["", f"![metrics over epochs]({_png_uri(metric_chart(record['metrics'], chosen))})", ""]
-    lines += ["## Grids: the chosen epoch and its neighbours", "", "Same prompts and seeds; the last row has no token."]
-    for epoch in (chosen - 1, chosen, chosen + 1):
+    review = record["verdict"] == "needs_review"
+    shown = sorted(run.epochs) if review else (chosen - 1, chosen, chosen + 1)
+    heading = "every epoch, to judge by eye" if review else "the chosen epoch and its neighbours"
+    lines += [f"## Grids: {heading}", "", "Same prompts and seeds; the last row has no token."]
+    for epoch in shown:
         if epoch in run.epochs and (loaded := load_grid(run.grid_folder(epoch), None)) is not None:
             title = f"{run.name} epoch {epoch}" + (" (chosen)" if epoch == chosen else "")
             lines += [

@@ -23,12 +23,19 @@ from lora_core.config import LoraConfig
 from lora_core.embedders import subject_embedder
 from lora_core.fs import sha256_file
 from lora_core.lora_io import LoraFile, read_lora
-from lora_core.metric_grids import GridRenderer, grids_intact, metric_spec, render_grids, render_strengths
+from lora_core.metric_grids import (
+    GridRenderer,
+    grids_intact,
+    metric_spec,
+    render_grids,
+    render_strengths,
+    write_contact_sheets,
+)
 from lora_core.metrics import measure_run
 from lora_core.models import load_base_model, model_identity
 from lora_core.run_folder import RunFiles, SelectionError, find_run, publish_choice, write_selection
 from lora_core.sampling import SampleSpec, contact_sheet
-from lora_core.selection import select, verdict_note
+from lora_core.selection import review_note, select, verdict_note
 from tasks.artifacts import publish_selection, publish_strengths
 from tasks.caching import CodeVersion
 from tasks.stage import stage, step
@@ -153,7 +160,7 @@ def _selection_intact(request: SelectRequest, epoch_hashes: dict[int, str], roun
 
 @stage("select", SELECT_CACHE, outputs_intact=_selection_intact)
 def select_epoch(request: SelectRequest, epoch_hashes: dict[int, str], rounds: list[dict]) -> SelectResult:
-    """Measure every epoch, choose one, write `selection.json`, publish the report.
+    """Measure every epoch, choose one, write `selection.json` and each epoch's contact sheet, publish the report.
 
     `rounds` are the earlier rounds of this run (before each resume); this round is added to them.
     """
@@ -161,7 +168,10 @@ def select_epoch(request: SelectRequest, epoch_hashes: dict[int, str], rounds: l
     embed, why_not = subject_embedder(request.config)
     series, notes = measure_run(run, spec, request.base_identity(), embed)
     selection = select(series, settings)
+    sheets = write_contact_sheets(run, spec)
     reasons = selection.reasons + ([why_not] if why_not else []) + notes
+    if selection.verdict == "needs_review":
+        reasons.append(review_note(selection.chosen_epoch, sheets, run.final))
     this_round = {
         "round": len(rounds) + 1,
         "epochs": sorted(run.epochs),

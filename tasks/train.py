@@ -157,6 +157,9 @@ def _trainer(request: TrainRequest, config: LoraConfig, epoch: int) -> Trainer:
         trainer.resume_at(epoch - 1, 0)  # a resume round continues the run's numbering, its schedule anew
     for note in trainer.notes:
         logger.warning("train: %s", note)
+    if trainer.heldout:
+        held = ", ".join(Path(item.assignment.image).name for item in trainer.heldout)
+        logger.info("train: validation_split: %s held out, never trained on (the held-out loss)", held)
     _TRAINERS[request.run_key] = trainer
     return trainer
 

@@ -123,6 +123,23 @@ def test_presets_round_trip_through_kohya_json(tmp_path, preset):
     assert load_config(path) == config
 
 
+def test_a_held_out_split_has_sd_scripts_names_and_round_trips(tmp_path):
+    """sd-scripts' validation_split and validation_seed, read from a kohya-style JSON and written back."""
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"LoRA_type": "Standard", "validation_split": "0.2", "validation_seed": 7}))
+    config = load_config(path)
+    assert (config.validation_split, config.validation_seed, config.split_seed) == (0.2, 7, 7)
+    gui = to_kohya_gui(config)
+    assert (gui["validation_split"], gui["validation_seed"]) == (0.2, 7)
+    path.write_text(json.dumps(gui))
+    assert load_config(path) == config
+    unset = preset_config("sd15")
+    assert (unset.validation_split, unset.validation_seed, unset.split_seed) == (0.0, None, unset.seed)
+    path.write_text(json.dumps({"validation_split": 1.0}))  # nothing left to train on
+    with pytest.raises(ConfigError, match="validation_split"):
+        load_config(path)
+
+
 def test_export_has_kohya_names():
     gui = to_kohya_gui(preset_config("sdxl"), output_name="t0k3n")
     assert gui["max_resolution"] == "1024,1024" and gui["epoch"] == 6 and gui["sdxl"] is True

@@ -162,6 +162,9 @@ ELSEWHERE = {
     "checks": tests.test_orientation.test_mirrored_crops_are_flagged_fixed_or_rejected_by_policy,
     "captioning": tests.test_captioning.test_captions_made_with_other_settings_are_not_intact,
     "selection": tests.test_evaluation.test_an_undertrained_run_resumes_from_its_last_epoch_and_selects_again,
+    # Held-out images need more than the probes' two photos: a split of two would be refused.
+    "validation_split": tests.test_training.test_held_out_images_are_never_trained_on_and_their_loss_is_measured,
+    "validation_seed": tests.test_training.test_held_out_images_are_never_trained_on_and_their_loss_is_measured,
 }
 
 REFUSED = {"sdxl", "v2", "caption_extension"}

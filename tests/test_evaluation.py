@@ -11,13 +11,16 @@ from PIL import Image, ImageFilter
 
 from lora_core.config import LoraConfig
 from lora_core.embedders import FaceEmbedder
+from lora_core.layout import SubjectLayout
 from lora_core.lora_io import read_lora
 from lora_core.metric_grids import grid_key, load_grid, metric_spec, save_grid
 from lora_core.metrics import Reference, epoch_metrics
 from lora_core.models import load_base_model
 from lora_core.network import LoraNetwork
 from lora_core.run_folder import SelectionError, find_run, publish_choice
+from lora_core.selection import NO_SIGNAL
 from lora_core.settings import SelectionSettings
+from tasks.artifacts import selection_markdown
 from tests.conftest import photo
 from tests.test_training import TINY_SD15, captioned_photos, flow_config
 
@@ -29,6 +32,7 @@ CHEAP_GRID = {
     "prompts": ["{token}, portrait photo", "{token}, oil painting portrait"],
     "strengths": [0.6, 1.0],
 }
+CHEAP_GRID_SETTINGS = SelectionSettings(**CHEAP_GRID)
 
 
 def test_the_metric_grid_ends_with_the_class_prompt_without_the_token():
@@ -46,11 +50,17 @@ def test_the_metric_grid_ends_with_the_class_prompt_without_the_token():
 
 def test_a_grid_is_read_back_only_for_its_own_key(tmp_path):
     grid = [[photo((64, 64), seed) for seed in (1, 2)] for _ in range(2)]
-    save_grid(tmp_path / "g", "key-a", grid, 0.5)
-    images, loss = load_grid(tmp_path / "g", "key-a")
-    assert loss == 0.5 and [[np.asarray(i).tolist() for i in row] for row in images] == [
+    save_grid(tmp_path / "g", "key-a", grid, {"training_loss": 0.5, "heldout_loss": 0.7})
+    images, losses = load_grid(tmp_path / "g", "key-a")
+    assert losses == {"training_loss": 0.5, "heldout_loss": 0.7}
+    assert [[np.asarray(i).tolist() for i in row] for row in images] == [
         [np.asarray(i).tolist() for i in row] for row in grid
     ]
+    # A grid saved before the held-out split: its training images' loss was called validation_loss.
+    record = json.loads((tmp_path / "g" / "grid.json").read_text())
+    old = {"key": record["key"], "files": record["files"], "validation_loss": 0.4}
+    (tmp_path / "g" / "grid.json").write_text(json.dumps(old))
+    assert load_grid(tmp_path / "g", "key-a")[1] == {"training_loss": 0.4, "heldout_loss": None}
     assert load_grid(tmp_path / "g", "key-b") is None
     (tmp_path / "g" / "p01_1.png").write_bytes(b"broken")
     assert load_grid(tmp_path / "g", "key-a") is None
@@ -66,16 +76,16 @@ def test_epoch_metrics_on_constructed_grids(portraits):
     base = [[photo((96, 96), 10 + i + 3 * row) for i in range(3)] for row in range(3)]  # 2 token rows, class
     photos = [portraits["obama-1"], portraits["obama-2"]]
     reference = _reference(photos, base)
-    same = epoch_metrics(1, base, 0.3, reference, None)
+    same = epoch_metrics(1, base, {"training_loss": 0.3, "heldout_loss": 0.4}, reference, None)
     # The base model against itself: its own variety, no burn, no copy, nothing measured without an embedding.
     assert same.diversity == pytest.approx(1.0) and same.burn == 0.0 and same.copy_distance > 6
-    assert same.validation_loss == 0.3 and same.fidelity is None and same.preservation is None
+    assert (same.training_loss, same.heldout_loss) == (0.3, 0.4) and same.fidelity is None and same.preservation is None
     collapsed = [[base[0][0]] * 3, base[1], base[2]]  # every seed of the first prompt gives the same picture
-    assert epoch_metrics(2, collapsed, None, reference, None).diversity == pytest.approx(0.5 * (0 + 1.0), abs=1e-9)
+    assert epoch_metrics(2, collapsed, {}, reference, None).diversity == pytest.approx(0.5 * (0 + 1.0), abs=1e-9)
     cooked = [[image.filter(ImageFilter.GaussianBlur(3)) for image in row] for row in base[:-1]] + [base[-1]]
-    assert epoch_metrics(3, cooked, None, reference, None).burn > 0.25
+    assert epoch_metrics(3, cooked, {}, reference, None).burn > 0.25
     copied = [[photos[0].resize((96, 96)), *base[0][1:]], base[1], base[2]]
-    assert epoch_metrics(4, copied, None, reference, None).copy_distance <= 6
+    assert epoch_metrics(4, copied, {}, reference, None).copy_distance <= 6
 
 
 def test_face_fidelity_and_preservation_on_real_portraits(portraits):
@@ -89,15 +99,15 @@ def test_face_fidelity_and_preservation_on_real_portraits(portraits):
     base_class = [other, other]
     reference = Reference(obama, vectors, [[other, other], base_class], embed(base_class))
     like = epoch_metrics(
-        1, [[obama[0], obama[1]], [other, other]], None, reference, [embed([obama[0], obama[1]]), embed([other, other])]
+        1, [[obama[0], obama[1]], [other, other]], {}, reference, [embed([obama[0], obama[1]]), embed([other, other])]
     )
     unlike = epoch_metrics(
-        2, [[other, other], [other, other]], None, reference, [embed([other, other]), embed([other, other])]
+        2, [[other, other], [other, other]], {}, reference, [embed([other, other]), embed([other, other])]
     )
     bleeding = epoch_metrics(
         3,
         [[obama[0], obama[1]], [obama[2], obama[0]]],
-        None,
+        {},
         reference,
         [embed(obama[:2]), embed([obama[2], obama[0]])],
     )
@@ -206,14 +216,14 @@ def test_an_undertrained_run_resumes_from_its_last_epoch_and_selects_again(train
     assert any("min_fidelity" in reason for reason in record["reasons"])
     assert any("still undertrained after 1 resume(s)" in reason for reason in record["reasons"])
     # The resume started from epoch 2's LoRA: the round keeps a copy of it and names its source.
-    starts = [
-        json.loads(p.read_text())["source"] for p in (trained_run.work / "rs" / ".train-state").glob("*/start.json")
-    ]
+    states = SubjectLayout(trained_run.work, "rs").train_state("any").parent
+    starts = [json.loads(p.read_text())["source"] for p in states.glob("*/start.json")]
     assert starts == [str(trained_run.epoch_lora(2).resolve())]
-    start_copy = next((trained_run.work / "rs" / ".train-state").glob("*/start.safetensors"))
+    start_copy = next(states.glob("*/start.safetensors"))
     assert start_copy.read_bytes() == trained_run.epoch_lora(2).read_bytes()
     # Every metric is a number or unavailable; BLIP's embedding makes fidelity available for an object.
-    assert all(isinstance(m["fidelity"], float) and isinstance(m["validation_loss"], float) for m in record["metrics"])
+    assert all(isinstance(m["fidelity"], float) and isinstance(m["training_loss"], float) for m in record["metrics"])
+    assert all(m["heldout_loss"] is None for m in record["metrics"])  # no validation_split
     assert record["fidelity_model"].startswith("BLIP vision encoder")
     # The chosen epoch is the final file; the txt2img renders cover each strength.
     chosen = record["chosen_epoch"]
@@ -240,7 +250,7 @@ def test_selection_artifacts_show_the_table_chart_and_contact_sheets(trained_run
     assert by_key["rs-training-progress"].data == 100  # the last round's epoch n of n
     report = by_key["rs-selection"].data
     assert report.startswith("# Verdict: undertrained, epoch ")  # the verdict first
-    assert "undertrained" in report and "| epoch | validation_loss |" in report and "## Rounds" in report
+    assert "undertrained" in report and "| epoch | training_loss | heldout_loss |" in report and "## Rounds" in report
     assert report.count("data:image/png;base64,") >= 3  # the chart and at least two epochs' grids
     table = json.loads(by_key["rs-selection-metrics"].data)
     assert [row["epoch"] for row in table] == ["1", "2", "3", "4"] and all(row["fidelity"] != "" for row in table)
@@ -261,20 +271,28 @@ def test_select_only_on_a_kohya_folder_and_on_our_run(trained_run, tmp_path, cap
     files = {e: trained_run.epoch_lora(e).read_bytes() for e in (1, 2, 3)}
     folder = _kohya_folder(tmp_path, {1: files[1], 2: files[2]}, last=(3, files[3]))
     config = tmp_path / "cfg.json"
-    settings = {"selection": CHEAP_GRID, "resolution": 256, "min_bucket_reso": 128, "network_dim": 8}
+    # A person (no face in these photos or renders: no fidelity), the guards off: nothing can judge the epochs.
+    guards_off = {"copy_distance": -1, "min_diversity": 0.0, "max_preservation": 100.0, "max_burn": 100.0}
+    settings = {"selection": CHEAP_GRID | guards_off, "resolution": 256, "min_bucket_reso": 128, "network_dim": 8}
     settings["sample_prompts"] = "{token}, portrait photo --w 64 --h 64 --s 2"
     config.write_text(json.dumps(settings))
     args = ["--select-only", str(folder), "--token", "mylora", "--base-model", TINY_SD15, "--config", str(config)]
     assert main([*args, str(trained_run.photos)]) == 0
     out = capsys.readouterr().out
     record = json.loads((folder / "selection.json").read_text())
-    assert [m["epoch"] for m in record["metrics"]] == [1, 2, 3] and record["verdict"] in (
-        "good",
-        "overtrained",
-        "undertrained",
+    assert [m["epoch"] for m in record["metrics"]] == [1, 2, 3]
+    # No captioned training images beside a kohya folder: the losses are unavailable, and said so.
+    assert {"training_loss", "heldout_loss", "fidelity"} <= set(record["unavailable"]) and "training_loss" in out
+    # ... so a person must look: the verdict says so, and the reasons (printed too) say where.
+    sheets = folder / "selection" / "contact-sheets"
+    assert record["verdict"] == "needs_review" and record["chosen_epoch"] == 3 and NO_SIGNAL in record["reasons"]
+    assert f"needs review: compare the epochs' contact sheets in {sheets}" in out
+    assert sorted(p.name for p in sheets.iterdir()) == ["base.png", *(f"epoch-{e:06d}.png" for e in (1, 2, 3))]
+    report = selection_markdown(
+        find_run(folder, "mylora"), metric_spec(CHEAP_GRID_SETTINGS, "mylora", "person", 256), record
     )
-    # No captioned training images beside a kohya folder: the validation loss is unavailable, and said so.
-    assert "validation_loss" in record["unavailable"] and "validation_loss" in out
+    assert report.startswith("# Verdict: needs_review, epoch 3") and "every epoch, to judge by eye" in report
+    assert all(f"### Epoch {e}" in report for e in (1, 2, 3))
     assert (folder / "mylora.safetensors").read_bytes() == files[record["chosen_epoch"]]
     assert (folder / "mylora-000003.safetensors").read_bytes() == files[3]
     assert len(list((folder / "txt2img-images").glob("mylora_e*_w*.png"))) == 2 * 2
@@ -284,7 +302,7 @@ def test_select_only_on_a_kohya_folder_and_on_our_run(trained_run, tmp_path, cap
     out = capsys.readouterr().out
     assert "select" in out and "(base, " not in out  # nothing rendered again
     mine = json.loads((ours / "result_current" / "selection.json").read_text())
-    assert [m["epoch"] for m in mine["metrics"]] == [1, 2, 3, 4] and mine["metrics"][0]["validation_loss"] is not None
+    assert [m["epoch"] for m in mine["metrics"]] == [1, 2, 3, 4] and mine["metrics"][0]["training_loss"] is not None
     # A folder with no epoch files fails clearly, before loading anything.
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -8,8 +8,9 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from PIL import ImageEnhance, ImageFilter
 
+from lora_core.config import LoraConfig
 from lora_core.metrics import burn_score, copy_distance, diversity, fidelity, leave_one_out_ceiling
-from lora_core.selection import EpochMetrics, guards, select
+from lora_core.selection import NO_SIGNAL, EpochMetrics, guards, resume_config, select, verdict_note
 from lora_core.settings import SelectionSettings
 from tests.test_quality import jpeg
 
@@ -102,18 +103,86 @@ def test_the_band_prefers_the_earlier_epoch_before_a_guard():
     assert "BURN" in " ".join(selection.reasons)
 
 
-def test_without_fidelity_the_validation_loss_decides_and_says_so():
-    series = [EpochMetrics(epoch=e, validation_loss=loss) for e, loss in enumerate([0.30, 0.20, 0.15, 0.14], 1)]
+def test_the_demo_case_training_image_loss_alone_needs_review_and_never_resumes(tmp_path):
+    """The demo: no face in any render, the loss on the training images still falling. It was called
+    undertrained and resumed twice, towards overtraining; that loss cannot show either way."""
+    series = [EpochMetrics(epoch=e, training_loss=loss) for e, loss in enumerate([0.30, 0.20, 0.15, 0.14], 1)]
     selection = select(series)
-    assert selection.chosen_epoch == 4 and selection.verdict == "undertrained"  # still 7% lower
-    assert "rests on the validation loss" in " ".join(selection.reasons)
-    assert "fidelity" in selection.unavailable and "validation_loss" not in selection.unavailable
+    assert selection.verdict == "needs_review" and selection.chosen_epoch == 4  # the same epoch as before
+    assert NO_SIGNAL in selection.reasons and "contact sheets" in NO_SIGNAL
+    assert {"fidelity", "heldout_loss"} <= set(selection.unavailable) and "training_loss" not in selection.unavailable
+    config = LoraConfig()
+    assert resume_config(config, selection.verdict, 1, tmp_path / "t-000004.safetensors") is None
+    assert resume_config(config, "undertrained", 1, tmp_path / "t-000004.safetensors") is not None
+    assert verdict_note(selection.verdict, 4, tmp_path / "t-000004.safetensors", 0, 2) is None
 
 
-def test_with_nothing_measured_the_last_epoch_is_kept_and_everything_is_unavailable():
+def test_with_nothing_measured_the_last_epoch_is_kept_for_review():
     selection = select([EpochMetrics(epoch=e) for e in (1, 2, 3)])
-    assert selection.chosen_epoch == 3 and selection.verdict == "good"
-    assert len(selection.unavailable) == 6 and selection.metrics[0]["fidelity"] is None
+    assert selection.chosen_epoch == 3 and selection.verdict == "needs_review"
+    assert len(selection.unavailable) == 7 and selection.metrics[0]["fidelity"] is None
+
+
+def test_a_guard_without_fidelity_is_still_overtrained():
+    """The guards need no subject embedding: a copy or a collapse is evidence, and never resumes anyway."""
+    series = [EpochMetrics(epoch=e, training_loss=0.3 - 0.05 * e) for e in (1, 2, 3)]
+    series[2] = EpochMetrics(epoch=3, training_loss=0.15, diversity=0.1)
+    selection = select(series)
+    assert selection.verdict == "overtrained" and selection.chosen_epoch < 3
+
+
+def heldout_series(losses: list[float], training: float = 0.5, **guards_at: dict) -> list[EpochMetrics]:
+    """Held-out losses per epoch; the training images' loss keeps falling meanwhile, as it always does."""
+    return [
+        EpochMetrics(epoch=e, heldout_loss=loss, training_loss=training / e, **guards_at.get(f"e{e}", {}))
+        for e, loss in enumerate(losses, 1)
+    ]
+
+
+def test_the_heldout_loss_still_falling_at_the_end_is_undertrained_and_resumes(tmp_path):
+    selection = select(heldout_series([0.30, 0.25, 0.22, 0.20]))
+    assert selection.verdict == "undertrained" and selection.chosen_epoch == 4  # 10% lower in the last epoch
+    assert any("held-out loss still improved" in reason for reason in selection.reasons)
+    assert resume_config(LoraConfig(), selection.verdict, 1, tmp_path / "t-000004.safetensors") is not None
+    flat = select(heldout_series([0.30, 0.25, 0.22, 0.219]))
+    assert flat.verdict == "good" and flat.chosen_epoch == 4
+
+
+def test_the_heldout_minimum_starts_the_band_and_a_rise_out_of_it_is_overtrained():
+    # Lowest at epoch 3; epoch 4 is within 95% of it, epoch 5 is not: the band is 3-4, the latest chosen.
+    selection = select(heldout_series([0.30, 0.22, 0.20, 0.205, 0.24]))
+    assert selection.chosen_epoch == 4 and selection.verdict == "overtrained"
+    assert any("rose from 0.2000 (epoch 3) to 0.2400 (epoch 5)" in reason for reason in selection.reasons)
+    settled = select(heldout_series([0.30, 0.22, 0.20, 0.205, 0.207]))
+    assert settled.chosen_epoch == 5 and settled.verdict == "good"
+    # The band ends at the first epoch out of it, even if a later one dips back in.
+    assert select(heldout_series([0.30, 0.20, 0.25, 0.205])).chosen_epoch == 2
+
+
+def test_a_guard_bounds_the_heldout_band():
+    selection = select(heldout_series([0.30, 0.20, 0.205, 0.206], e4={"burn": 0.9}))
+    assert selection.verdict == "overtrained" and selection.chosen_epoch == 3
+    assert "BURN" in " ".join(selection.reasons)
+
+
+def test_fidelity_outranks_the_heldout_loss_and_the_heldout_loss_outranks_the_training_images():
+    both = [
+        EpochMetrics(epoch=m.epoch, heldout_loss=m.heldout_loss, fidelity=f)
+        for m, f in zip(heldout_series([0.30, 0.25, 0.20]), [0.5, 0.9, 0.8], strict=True)
+    ]
+    assert select(both).chosen_epoch == 2 and select(both).verdict == "good"
+    rising = select(heldout_series([0.20, 0.25, 0.30]))  # the training images' loss falls all along
+    assert rising.verdict == "overtrained" and rising.chosen_epoch == 1
+    assert any("held-out loss" in reason for reason in rising.reasons)
+
+
+@given(st.lists(st.floats(0.01, 1.0), min_size=1, max_size=10))
+def test_the_heldout_loss_never_leaves_a_run_for_review_and_chooses_within_the_band(losses):
+    selection = select(heldout_series(losses))
+    assert selection.verdict in ("good", "undertrained", "overtrained")
+    lowest = min(losses)
+    minimum = losses.index(lowest) + 1
+    assert selection.chosen_epoch >= minimum and losses[selection.chosen_epoch - 1] <= lowest / 0.95 * (1 + 1e-9)
 
 
 def test_a_guard_from_the_first_epoch_picks_epoch_one():

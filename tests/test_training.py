@@ -27,7 +27,7 @@ from lora_core.lora_io import read_lora
 from lora_core.models import load_base_model
 from lora_core.run_state import save_epoch
 from lora_core.settings import IngestSettings
-from lora_core.train_data import TrainItem, epoch_batches
+from lora_core.train_data import SplitError, TrainItem, epoch_batches, split_items, training_items
 from lora_core.training import Trainer
 from tests.conftest import ROOT, TINY_BLIP, photo
 
@@ -83,13 +83,14 @@ def test_loss_falls_when_overfitting_one_image(builtin_models_home, tmp_path):
         num_repeats=40, unet_lr=3e-3, lr_scheduler="constant", min_snr_gamma=0, train_text_encoder=False
     )
     trainer = Trainer(config, load_base_model(TINY_SD15), make_subject(tmp_path, config), show_progress=False)
-    before = trainer.validation_loss()
+    before = trainer.training_loss()
     steps = []
     stats = trainer.run_epoch(1, on_step=lambda *step: steps.append(step))
     assert len(stats.losses) == 20
     assert steps == [(i + 1, loss, lr) for i, (loss, lr) in enumerate(zip(stats.losses, stats.lrs, strict=True))]
-    assert trainer.validation_loss() < 0.85 * before  # learning, not just running
-    assert trainer.validation_loss() == trainer.validation_loss()  # deterministic
+    assert trainer.training_loss() < 0.85 * before  # learning, not just running
+    assert trainer.training_loss() == trainer.training_loss()  # deterministic
+    assert trainer.heldout_loss() is None  # nothing held out (validation_split 0)
 
 
 def test_a_new_process_continues_to_the_same_weights(builtin_models_home, tmp_path):
@@ -108,6 +109,55 @@ def test_a_new_process_continues_to_the_same_weights(builtin_models_home, tmp_pa
     assert resumed.lr_scheduler.get_last_lr() == straight.lr_scheduler.get_last_lr()
     with pytest.raises(ValueError, match="load that epoch's state"):
         resumed.run_epoch(4)
+
+
+def test_held_out_images_are_never_trained_on_and_their_loss_is_measured(builtin_models_home, tmp_path):
+    """validation_split (sd-scripts' name): one of three images is held out by validation_seed; the epoch
+    never draws it, its fixed loss is measured apart and moves with training; the metadata says so."""
+    config = small_config(num_repeats=1, validation_split=0.3, validation_seed=5, train_text_encoder=False)
+    layout = make_subject(tmp_path, config, sizes=((128, 160),) * 3)
+    trainer = Trainer(config, load_base_model(TINY_SD15), layout, show_progress=False)  # the CPU in fp32
+    assert len(trainer.items) == 2 and len(trainer.heldout) == 1
+    drawn = []
+    real = trainer.latents.batch
+    trainer.latents.batch = lambda indices, *rest: drawn.extend(indices) or real(indices, *rest)
+    once = (500,)  # one timestep: the same for every measurement, and cheap
+    before = trainer.heldout_loss(once)
+    assert before == trainer.heldout_loss(once) and before != trainer.training_loss(once)  # fixed; other images
+    drawn.clear()
+    trainer.run_epoch(1)
+    assert sorted(drawn) == [0, 1]  # the held-out image, index 2, is never drawn
+    assert trainer.heldout_loss(once) != before  # measured on the trained network
+    meta = read_lora(save_epoch(trainer, "v" * 64, {"session_id": "1", "started_at": "0"})).metadata
+    assert (meta["ss_validation_split"], meta["ss_validation_seed"], meta["ss_num_train_images"]) == ("0.3", "5", "2")
+    tags = [{t.strip() for t in item.caption.split(",")} for item in trainer.items + trainer.heldout]
+    unique = tags[-1] - set().union(*tags[:-1])  # "photo <i>": the held-out caption's own tag
+    assert unique and not any(f'"{tag}"' in meta["ss_tag_frequency"] for tag in unique)
+    # validation_seed, not the training seed, chose it (the two would hold out different images).
+    every = training_items(layout)
+    assert trainer.heldout == split_items(every, 0.3, 5)[1] != split_items(every, 0.3, config.seed)[1]
+
+
+def _items(count: int) -> list[TrainItem]:
+    return [
+        TrainItem(BucketAssignment(f"i/{n}.png", 64, 64, 64, 64, 1.0, 64, 64, 0, 0, 64, 64), "c", 1)
+        for n in range(count)
+    ]
+
+
+@given(st.integers(3, 30), st.floats(0.01, 0.6), st.integers(0, 1000))
+def test_a_split_is_by_image_and_seed_alone(count, split, seed):
+    items = _items(count)
+    held = max(1, round(count * split))
+    if count - held < 2:
+        with pytest.raises(SplitError, match="lower validation_split or add photos"):
+            split_items(items, split, seed)
+        return
+    train, heldout = split_items(items, split, seed)
+    assert len(heldout) == held and sorted(train + heldout, key=items.index) == items
+    again = split_items(list(reversed(items)), split, seed)  # the same images, whatever the order
+    assert {i.assignment.image for i in again[1]} == {i.assignment.image for i in heldout}
+    assert split_items(items, 0.0, seed) == (items, [])
 
 
 def test_epoch_file_has_the_metadata_tools_read(builtin_models_home, tmp_path):
@@ -228,18 +278,22 @@ def test_a_kohya_lora_continues_through_the_flow_and_sdxl_runs_end_to_end(
         | {"train_text_encoder": True}  # the preset trains the UNet only; both encoders' names are tested here
         | {"sample_every_n_epochs": 1, "sample_prompts": "{token}, portrait photo --w 64 --h 64 --s 2"}
         | {"selection": {"size": 64, "steps": 2, "seeds": [1, 2], "prompts": ["{token}, photo"], "max_resumes": 0}}
+        | {"validation_split": 0.2}  # one of the five photos held out: the verdict comes from its loss
     )
     sdxl.captioning.model = TINY_BLIP
     summary = train_subject(photos=photos, token="xl", workdir=tmp_path / "work", config=sdxl)
     lora = read_lora(Path(summary["train"]["final"]))
     assert len(lora.modules) == 986 and any(name.startswith("lora_te2_") for name in lora.modules)
     assert len(summary["train"]["epochs"][0]["samples"]) == 2  # SDXL samples render too
+    assert lora.metadata["ss_validation_split"] == "0.2" and lora.metadata["ss_num_train_images"] == str(4 * 2)
     # ... and its metric grids and selection: on the tiny random model no render has a face, so the
-    # face-based metrics are unavailable and the decision says it rests on the validation loss.
+    # face-based metrics are unavailable and the decision rests on the held-out photo's loss.
     record = json.loads((tmp_path / "work" / "xl" / "result_current" / "selection.json").read_text())
     assert record["chosen_epoch"] == 1 and {"fidelity", "preservation"} <= set(record["unavailable"])
-    assert isinstance(record["metrics"][0]["validation_loss"], float)
-    assert any("rests on the validation loss" in reason for reason in record["reasons"])
+    assert isinstance(record["metrics"][0]["training_loss"], float)
+    assert isinstance(record["metrics"][0]["heldout_loss"], float)
+    assert record["verdict"] != "needs_review"
+    assert any("rests on the held-out loss" in reason for reason in record["reasons"])
     assert len(list((tmp_path / "work" / "xl" / "txt2img-images").glob("xl_e000001_w*.png"))) == 3 * 2
 
 
@@ -559,7 +613,7 @@ def test_epochs_on_disk_are_kept_when_prefect_lost_their_records(
     config = flow_config(num_repeats=2, max_train_epochs=2)
     work = tmp_path / "work"
     first = train_subject(photos=photos, token="kp", workdir=work, config=config, stop_after="train")
-    shutil.rmtree(work / "kp" / ".prefect-results")  # every cache record gone, the files stay
+    shutil.rmtree(SubjectLayout(work, "kp").prefect_results)  # every cache record gone, the files stay
 
     def never(self, epoch, **kwargs):
         raise AssertionError(f"epoch {epoch} trained again")
