@@ -15,12 +15,27 @@ from tasks.retries import should_retry
 
 PACKAGES = ("lora_core", "tasks", "flows", "bench")
 
+
+
+@pytest.fixture(autouse=True)
+def photos_here(tmp_path, monkeypatch) -> Path:
+    """`photos/` with five files in the test's folder (its cwd): the command line checks that the photos
+    path holds enough files before it gets to what these tests are about."""
+    monkeypatch.chdir(tmp_path)
+    for i in range(5):
+        (tmp_path / "photos" / f"p{i}.jpg").parent.mkdir(exist_ok=True)
+        (tmp_path / "photos" / f"p{i}.jpg").write_bytes(b"a photo, as far as the path check knows")
+    return tmp_path / "photos"
+
+
 # Exceptions that never leave the function that raises them: control flow, caught where they are raised.
 # A run the command line starts without any preflight (it stops before training), so `_run` is reached.
 CLI_ARGS = ["photos", "--token", "t0k3n", "--stop-after", "ingest"]
 
 INTERNAL = {
     "bench.gpu._Stop": "ends one timed step early inside bench.gpu.one_more_step",
+    "flows.console.Stopped": "Ctrl-C: raised by flows.console.guard, printed by flows.cli.main (exit 130)",
+    "flows.console.ServerStartError": "raised by flows.console.guard, printed by flows.cli.main in one line (exit 1)",
 }
 
 

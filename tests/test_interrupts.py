@@ -265,7 +265,7 @@ def test_a_full_disk_keeps_the_finished_work_and_says_where(
 
     args = _command(subject, "--stop-after", "train")[3:]
     if "latents" in pattern:
-        subject["config"].write_text(subject["config"].read_text().replace("{", '{"cache_latents": true, ', 1))
+        subject["config"].write_text(subject["config"].read_text().replace("{", '{"cache_latents_to_disk": true, ', 1))
     hit = _full_disk_for(monkeypatch, pattern)
     code = main(args)
     err = capsys.readouterr().err
