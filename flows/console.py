@@ -119,6 +119,7 @@ def guard() -> Iterator[None]:
 class _Interrupts:
     def __init__(self) -> None:
         self.stopped_during: str | None = None
+        self.deadline: threading.Thread | None = None
 
     def message(self) -> str:
         return f"stopped {self.stopped_during}; run the same command to continue (finished work is kept)"
@@ -129,7 +130,8 @@ class _Interrupts:
             return
         self.stopped_during = _running_stage()
         logging.getLogger("prefect").setLevel(logging.CRITICAL + 1)  # its crash reports are not the user's news
-        threading.Thread(target=self._deadline, daemon=True).start()
+        self.deadline = threading.Thread(target=self._deadline, daemon=True)
+        self.deadline.start()
         raise KeyboardInterrupt
 
     def _deadline(self) -> None:

@@ -260,8 +260,12 @@ def test_a_poisoned_cuda_context_is_not_retried_in_the_same_process():
 def test_a_device_that_is_not_here_is_refused_before_any_work(tmp_path, capsys):
     from flows.cli import main
 
+    photos = tmp_path / "photos"  # enough files for the path check, which comes first
+    photos.mkdir()
+    for i in range(5):
+        (photos / f"p{i}.jpg").write_bytes(b"a photo, as far as the path check knows")
     for device, why in (("cuda", "no CUDA device"), ("tpu", "want cpu, cuda or cuda:N")):
-        assert main([str(tmp_path), "--token", "t0k3n", "--device", device]) == 2
+        assert main([str(photos), "--token", "t0k3n", "--workdir", str(tmp_path / "work"), "--device", device]) == 2
         assert why in capsys.readouterr().err
     assert not (tmp_path / "work").exists()
 
