@@ -160,35 +160,29 @@ def _outputs(workdir: Path) -> dict[str, bytes]:
     return {p.relative_to(workdir).as_posix(): p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()}
 
 
-def _noting_pids(monkeypatch, module, name: str, pids: Path) -> None:
-    """Make `module.name` write the pid of the process it runs in to `pids` (forked workers inherit this)."""
-    real = getattr(module, name)
+def test_ingest_on_two_threads_writes_what_one_does(tmp_path, messy_folder, monkeypatch):
+    decoders: list[str] = []
+    decode = lora_core.ingest.decode_image
 
-    def noted(*args, **kwargs):
-        with open(pids, "a") as handle:
-            handle.write(f"{os.getpid()}\n")
-        return real(*args, **kwargs)
+    def decode_and_note(data, settings):
+        decoders.append(f"{os.getpid()}:{threading.current_thread().name}")
+        time.sleep(0.02)  # long enough for the other thread to take the next photo
+        return decode(data, settings)
 
-    monkeypatch.setattr(module, name, noted)
-
-
-def test_ingest_on_two_processes_writes_what_one_does(tmp_path, messy_folder, monkeypatch):
-    pids = tmp_path / "pids"
-    _noting_pids(monkeypatch, lora_core.ingest, "decode_image", pids)
+    monkeypatch.setattr(lora_core.ingest, "decode_image", decode_and_note)
     one = ingest(messy_folder, SubjectLayout(tmp_path / "one", "t0k3n"), show_progress=False, workers=1)
-    assert set(pids.read_text().split()) == {str(os.getpid())}
-    pids.unlink()
+    here = f"{os.getpid()}:{threading.current_thread().name}"
+    assert set(decoders) == {here}
+    decoders.clear()
     two = ingest(messy_folder, SubjectLayout(tmp_path / "two", "t0k3n"), show_progress=False, workers=2)
-    if workers._can_fork():
-        seen = set(pids.read_text().split())
-        assert len(seen) == 2 and str(os.getpid()) not in seen, "two worker processes decoded the photos"
+    assert len(set(decoders)) == 2 and here not in decoders, "two worker threads decoded the photos"
     assert one.rows == two.rows
     assert _outputs(tmp_path / "one") == _outputs(tmp_path / "two"), "same images, names and manifest"
     reasons = {row["source"]: row["reason"] for row in two.rows}
     assert reasons["zz-copy.jpg"] == "exact duplicate of img0.jpg"
     assert reasons["img3.jpg"] == "exact duplicate of aa-copy.jpg"
     photos = [path for path in messy_folder.iterdir() if path.suffix != ".txt"]
-    assert len(pids.read_text().split()) == len(photos) - 2, "the two exact copies are never decoded"
+    assert len(decoders) == len(photos) - 2, "the two exact copies are never decoded"
 
 
 def test_every_photo_is_reported_as_it_is_done(tmp_path, messy_folder):

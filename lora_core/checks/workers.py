@@ -1,14 +1,15 @@
 """Per-photo work on every core this process may use: ingest's decoding, the check stages' face work.
 
-Threads would take turns: dlib's face models hold the GIL while they run (two
-threads measured 1.06x one), and so does Pillow's PNG writer (it compresses
-through a Python-level chunk writer, never releasing the GIL), the largest
-part of ingest's work. So photos go to worker processes, forked: each inherits
-the models and the work function already set up in the parent, and only each
-photo's item (a path, a file's bytes) and its small result are pickled.
-Results are placed by index, so a parallel run writes exactly what a
-sequential one does. Where forking is not the platform's safe default (macOS,
-Windows) the work runs here, one photo after another.
+Ingest decodes on threads: Pillow releases the GIL while it decodes, resizes
+and compresses PNG, and `bench.ingest_speed` measured threads and processes at
+the same speed-up on 2 cores. The checks cannot: dlib's face models hold the
+GIL while they run (two threads measured 1.06x one), so their photos go to
+worker processes, forked: each inherits the models and the work function
+already set up in the parent, and only each photo's item (a path) and its
+small result are pickled. Either way results are placed by index, so a
+parallel run writes exactly what a sequential one does. Where forking is not
+the platform's safe default (macOS, Windows) process work runs here, one
+photo after another.
 
 How many workers: the cores this process may run on (`os.sched_getaffinity`:
 taskset, cpusets), and no more than torch's thread count once torch is loaded,
@@ -23,7 +24,7 @@ import multiprocessing
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -73,31 +74,41 @@ def _run_one(job: int, item: Any) -> Any:
 
 
 def run_per_photo(
-    work: Callable[[T], R], items: Iterable[T], workers: int | None = None, *, count: int | None = None
+    work: Callable[[T], R],
+    items: Iterable[T],
+    workers: int | None = None,
+    *,
+    count: int | None = None,
+    threads: bool = False,
 ) -> Iterator[tuple[int, R]]:
-    """Yield `(index, work(item))` for every item as each finishes, on `photo_workers` processes.
+    """Yield `(index, work(item))` for every item as each finishes, on `photo_workers` workers.
 
     `items` is taken lazily, here, a few ahead of the workers, so a generator
     that reads files keeps only those in memory (give `count`, how many there
-    may be, for a generator). `work` may be any callable, a closure or a bound
-    method included: forked workers inherit it; items and results must pickle.
-    An exception in `work` is raised here, and the items not yet started are
-    cancelled.
+    may be, for a generator). On `threads` for work that releases the GIL;
+    otherwise on forked processes: `work` may still be any callable, a closure
+    or a bound method included (the workers inherit it), but items and results
+    must pickle. An exception in `work` is raised here, and the items not yet
+    started are cancelled.
     """
     total = count if count is not None else len(items)  # type: ignore[arg-type]
-    processes = photo_workers(total, workers)
-    if processes < 2 or not _can_fork():
+    count = photo_workers(total, workers)
+    if count < 2 or not (threads or _can_fork()):
         for index, item in enumerate(items):
             yield index, work(item)
         return
     job = next(_JOB_IDS)
     _JOBS[job] = work  # before the pool forks its workers, at the first submit
-    pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"))
+    pool: Executor = (
+        ThreadPoolExecutor(count, thread_name_prefix="photo")
+        if threads
+        else ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("fork"))
+    )
     ahead = enumerate(items)
     pending: dict[Future, int] = {}
     try:
         while True:
-            for index, item in itertools.islice(ahead, IN_FLIGHT_PER_WORKER * processes - len(pending)):
+            for index, item in itertools.islice(ahead, IN_FLIGHT_PER_WORKER * count - len(pending)):
                 pending[pool.submit(_run_one, job, item)] = index
             if not pending:
                 return
