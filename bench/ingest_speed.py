@@ -113,7 +113,7 @@ def _pooled(pool: Executor, paths: list[Path], out: Path) -> None:
 
 
 def _cpu_seconds() -> float:
-    """CPU time of this process and of its reaped children (ingest's and the pool's worker processes)."""
+    """CPU time of this process (its threads) and of its reaped children (the process pool's workers)."""
     mine, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return mine.ru_utime + mine.ru_stime + children.ru_utime + children.ru_stime
 
