@@ -91,6 +91,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "sources",
             "decoding",
             "ingest",
+            "ingest_swap",
             "image_store",
             "orientation",
             "quality",

@@ -13,7 +13,6 @@ every core, de-duplicates them and writes the layout.
 from __future__ import annotations
 
 import itertools
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,8 +27,9 @@ from lora_core.checks.workers import OnPhoto, run_per_photo
 from lora_core.decoding import RejectedImage, decode_image
 from lora_core.errors import DAMAGED_FILE_ERRORS, UserError
 from lora_core.fs import atomic_write_text, content_stamp, sha256_bytes, stamp_matches
+from lora_core.ingest_swap import clear_leftovers, link_or_copy, settle, swap_in
 from lora_core.layout import SubjectLayout, repeats_for
-from lora_core.manifest import read_manifest, write_manifest
+from lora_core.manifest import read_manifest
 from lora_core.settings import IngestSettings
 from lora_core.sources import Entry, InputError, fingerprint_input, open_input, pair_captions, read_caption
 
@@ -203,10 +203,13 @@ def _clear_for_rejected(rows: list[dict]) -> None:
 
 
 def _carry_sidecars(layout: SubjectLayout, new_dir: Path, new_name_by_sha: dict[str, str]) -> None:
-    """Move files beside old images (captions, cached latents) to the same photo's new name.
+    """Link or copy files beside old images (captions, cached latents) to the same photo's new name.
 
     Adding one photo renumbers the others; without this, an edited caption
-    would end up beside another photo or be lost.
+    would end up beside another photo or be lost. Never a move: until the
+    swap (`lora_core.ingest_swap`) the live folder keeps every file, so a kill
+    or an error before it loses nothing. The manifest pairs old numbers with
+    photos; the swap keeps it describing the folder on disk.
     """
     if not layout.manifest.exists():
         return
@@ -221,11 +224,11 @@ def _carry_sidecars(layout: SubjectLayout, new_dir: Path, new_name_by_sha: dict[
             continue
         for sidecar in old_image.parent.glob(f"{old_image.stem}.*"):
             if sidecar.name != old_image.name and sidecar.is_file() and not sidecar.is_symlink():
-                shutil.move(sidecar, new_dir / f"{Path(new_name).stem}{sidecar.name[len(old_image.stem) :]}")
+                link_or_copy(sidecar, new_dir / f"{Path(new_name).stem}{sidecar.name[len(old_image.stem) :]}")
 
 
-def _install(layout: SubjectLayout, kept: list[_Candidate], repeats: int, staging_root: Path) -> None:
-    """Number the kept images in source order and swap them in as the class folder."""
+def _install(layout: SubjectLayout, kept: list[_Candidate], repeats: int, staging_root: Path, rows: list[dict]) -> None:
+    """Number the kept images in source order and swap them in as the class folder, with `rows` as manifest."""
     new_dir = staging_root / f"{repeats}_{layout.token}"
     new_dir.mkdir()
     new_name_by_sha = {}
@@ -235,13 +238,7 @@ def _install(layout: SubjectLayout, kept: list[_Candidate], repeats: int, stagin
         cand.row["image"] = f"training_images/{new_dir.name}/{name}"
         new_name_by_sha[cand.sha256] = name
     _carry_sidecars(layout, new_dir, new_name_by_sha)
-
-    trash = staging_root / "previous"
-    trash.mkdir()
-    for old in layout.training_images.iterdir():
-        if old.is_dir() and not old.name.startswith(".") and old.name.endswith(f"_{layout.token}"):
-            old.rename(trash / old.name)
-    new_dir.rename(layout.class_dir(repeats))
+    swap_in(layout, staging_root, new_dir, rows)
 
 
 def ingest(
@@ -266,8 +263,7 @@ def ingest(
     """
     settings = settings or IngestSettings()
     layout.create()
-    for leftover in layout.training_images.glob(".ingest-*"):
-        shutil.rmtree(leftover, ignore_errors=True)  # from a killed run
+    clear_leftovers(layout)  # a killed run's staging: its swap finished or undone first
     staging_root = Path(tempfile.mkdtemp(prefix=".ingest-", dir=layout.training_images))
     staging = staging_root / "decoded"
     staging.mkdir()
@@ -282,11 +278,10 @@ def ingest(
         if len(kept) < settings.min_images:
             raise TooFewImagesError(_too_few_message(photos, rows, settings.min_images), rows)
         repeats = repeats_for(len(kept), num_repeats)
-        _install(layout, kept, repeats, staging_root)
-        write_manifest(layout.manifest, rows)
+        _install(layout, kept, repeats, staging_root, rows)  # writes the manifest too
         atomic_write_text(layout.ingest_stamp, ingest_stamp(photos, layout, settings, num_repeats))
     finally:
-        shutil.rmtree(staging_root, ignore_errors=True)
+        settle(layout, staging_root)  # an error mid-swap: the swap finished or undone, then staging deleted
 
     notes = []
     if len(kept) > settings.warn_above_images:
