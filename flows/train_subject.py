@@ -42,7 +42,7 @@ from lora_core.blip import BlipCaptioner
 from lora_core.buckets import BucketPlan
 from lora_core.checks import MirrorPolicy, QualityPolicy
 from lora_core.config import LoraConfig, Preset
-from lora_core.fs import sha256_file
+from lora_core.fs import remove_stale_temps, sha256_file
 from lora_core.layout import BOOKKEEPING, SubjectLayout
 from lora_core.lock import subject_lock
 from lora_core.models import require_base_model
@@ -108,6 +108,7 @@ def train_subject(
     layout = SubjectLayout(workdir, token)
     with subject_lock(layout.lock, layout.root), stage_results(layout.prefect_results, report.cached):
         layout.move_old_bookkeeping()  # a folder from before `.pipeline/` keeps its caches
+        remove_stale_temps(layout.root)  # killed writes' temp files: none is live, we hold the lock
         ingested = ingest_photos(Path(photos), token, workdir, config.ingest, config.num_repeats)
         export_settings(token, workdir, config)
         if report.add("ingest", ingested):

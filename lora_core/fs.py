@@ -13,6 +13,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ __all__ = [
     "content_stamp",
     "current_umask",
     "ensure_inside",
+    "remove_stale_temps",
     "sha256_bytes",
     "sha256_file",
     "source_version",
@@ -62,6 +64,27 @@ def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+# atomic_output's temp names: mkstemp's 8 random characters between our prefix and suffix.
+_TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+def remove_stale_temps(root: Path) -> list[Path]:
+    """Delete the temp files killed writes left under `root`; returns them.
+
+    A SIGKILL or power loss skips `atomic_output`'s clean-up, and each kill
+    would leave one more. Call it only while no other process can write under
+    `root` (holding its subject lock): a live write's temp file looks the same.
+    """
+    removed = []
+    for folder, _, names in os.walk(root):  # never into a linked folder: os.walk does not follow links
+        for name in names:
+            path = Path(folder) / name
+            if _TEMP_NAME.fullmatch(name) and path.is_file() and not path.is_symlink():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
 
 
 @contextmanager

@@ -35,6 +35,7 @@ __all__ = [
     "contact_sheet",
     "render",
     "sample_filename",
+    "sample_files",
     "save_samples",
 ]
 
@@ -245,10 +246,20 @@ def sample_filename(
 ) -> str:
     """sd-scripts' file name: `<name>_e000001_00_<YYYYmmddHHMMSS>_<seed>.png` at an epoch's end,
     `<name>_000100_00_...` at a step."""
+    return f"{output_name}_{_round(epoch, step)}_{index:02d}_{time.strftime('%Y%m%d%H%M%S')}_{seed}.png"
+
+
+def _round(epoch: int | None, step: int | None) -> str:
     if (epoch is None) == (step is None):
         raise ValueError("give exactly one of epoch or step")
-    number = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
-    return f"{output_name}_{number}_{index:02d}_{time.strftime('%Y%m%d%H%M%S')}_{seed}.png"
+    return f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
+
+
+def sample_files(folder: Path, output_name: str, *, epoch: int | None = None, step: int | None = None) -> list[Path]:
+    """The images already rendered for one round (an epoch's end, or a step), whatever second they carry."""
+    name = re.compile(rf"{re.escape(output_name)}_{_round(epoch, step)}_\d{{2}}_\d{{14}}_-?\d+\.png")
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir() if name.fullmatch(p.name)) if folder.is_dir() else []
 
 
 def save_samples(
@@ -260,7 +271,12 @@ def save_samples(
     epoch: int | None = None,
     step: int | None = None,
 ) -> list[Path]:
-    """Write each image atomically under `folder` (`result_current/sample/`); returns the paths."""
+    """Write each image atomically under `folder` (`result_current/sample/`); returns the paths.
+
+    The round's earlier images go once the new ones are written: a run killed after rendering an epoch's
+    samples renders them again, and the names carry the second, so the old set would stand beside the new.
+    """
+    earlier = sample_files(folder, output_name, epoch=epoch, step=step)
     paths = []
     for index, (prompt, row) in enumerate(zip(spec.prompts, grid, strict=True)):
         for seed, image in zip(prompt.seeds, row, strict=True):
@@ -268,6 +284,8 @@ def save_samples(
             with atomic_output(path) as tmp:
                 image.save(tmp, format="PNG")
             paths.append(path)
+    for path in set(earlier) - set(paths):
+        path.unlink(missing_ok=True)
     return paths
 
 

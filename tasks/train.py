@@ -37,7 +37,7 @@ from lora_core.run_state import (
     saves_lora,
     state_file,
 )
-from lora_core.sampling import SampleSpec, contact_sheet, render, save_samples
+from lora_core.sampling import SampleSpec, contact_sheet, render, sample_files, save_samples
 from lora_core.training import EpochStats, Trainer
 from tasks.artifacts import publish_epoch, publish_samples
 from tasks.caching import CodeVersion
@@ -115,6 +115,7 @@ class EpochResult(BaseModel):
             losses=done["losses"],
             lrs=done["lrs"],
             notes=done["notes"],
+            samples=sample_files(layout.samples, layout.token, epoch=epoch),
         )
 
 
@@ -197,9 +198,11 @@ def train_epoch(request: TrainRequest, epoch: int) -> EpochResult:
         trainer, stats = _train_with_ladder(request, layout, epoch)
         info = run_info(trainer.layout, request.run_key, request.config.network_weights)
         write_lora = saves_lora(trainer.config, epoch, request.last_epoch)
-        path = save_epoch(trainer, request.run_key, info, stats, write_lora=write_lora)
         every = request.config.sample_every_n_epochs
+        # Samples before the epoch is saved: once saved it counts as finished and is never trained (or
+        # sampled) again, so a run killed in between would keep an epoch without its samples.
         samples = _render_samples(trainer, request.token, epoch=epoch) if every and epoch % every == 0 else []
+        path = save_epoch(trainer, request.run_key, info, stats, write_lora=write_lora)
     except BaseException:
         release_trainers(request.run_key)  # a retry reloads the last saved epoch
         raise
