@@ -19,7 +19,6 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
-import torch
 from PIL import Image
 
 from lora_core.config import LoraConfig, Sampler
@@ -142,9 +141,7 @@ class GridRenderer:
             self.trainer = None
             self.precision = resolve_precision(config.mixed_precision, device)
             self.network = LoraNetwork(base, lora.rank, alpha, train_text_encoder=True)
-            for component in base.components.values():
-                component.to(self.precision.device, dtype=self.precision.dtype)
-            base.vae.to(self.precision.device, dtype=torch.float32)
+            base.place(self.precision.device, self.precision.dtype)
             for param in self.network.parameters():  # cast with their layers above; the update stays fp32
                 param.data = param.data.float()
 

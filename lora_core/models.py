@@ -10,6 +10,7 @@ folder or file, or taken from the config's `sdxl`.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,17 @@ __all__ = [
 
 
 _FILE_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")
+
+
+class _NoEmptyFp32Warning(logging.Filter):
+    """diffusers warns on every dtype cast that some modules "should be kept in float32: []", naming none
+    (its list is empty, not None); each epoch would print it, and it is nobody's news."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_NoEmptyFp32Warning())
 
 
 class BaseModelError(UserError, RuntimeError):
@@ -53,6 +65,14 @@ class BaseModel:
         """The trainable parts by the names kohya's prefixes use."""
         names = ["text_encoder", "text_encoder_2"][: len(self.text_encoders)]
         return {"unet": self.unet} | dict(zip(names, self.text_encoders, strict=True))
+
+    def place(self, device: Any, dtype: Any) -> None:
+        """The frozen weights on `device` in `dtype`; the VAE in fp32 there (fp16 VAEs overflow to NaN)."""
+        import torch
+
+        for component in self.components.values():
+            component.to(device, dtype=dtype)
+        self.vae.to(device, dtype=torch.float32)
 
     @property
     def version(self) -> str:

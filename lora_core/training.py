@@ -123,11 +123,9 @@ class Trainer:
 
     def _place_models(self) -> None:
         """Frozen weights in the training dtype on the device; the LoRA weights in fp32; the VAE in fp32."""
-        for component in self.base.components.values():
-            component.to(self.device, dtype=self.precision.dtype)
+        self.base.place(self.device, self.precision.dtype)
         for param in self.network.parameters():
             param.data = param.data.float()
-        self.base.vae.to(self.device, dtype=torch.float32)
         if self.config.gradient_checkpointing:
             self.base.unet.enable_gradient_checkpointing()
             for encoder in self.network.components.values():

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +23,17 @@ DEMO_PHOTOS = ROOT / "demo" / "photos"
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ["HF_HUB_OFFLINE"] = "1"
 TINY_BLIP = "builtin:tiny-blip"
+
+
+@pytest.fixture(autouse=True)
+def library_logs_to_live_stderr():
+    """diffusers and transformers bind `sys.stderr` once, at their first log line. When that was a test's
+    capsys stream, it is closed by the next test, and a later warning prints logging's own traceback into
+    whatever the test reads. Point their handlers at the stream this test starts with."""
+    for name in ("diffusers", "transformers"):
+        for handler in logging.getLogger(name).handlers:
+            if type(handler) is logging.StreamHandler:
+                handler.setStream(sys.stderr)
 
 
 def encode(image: Image.Image, fmt: str = "JPEG", **params) -> bytes:

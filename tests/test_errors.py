@@ -16,7 +16,6 @@ from tasks.retries import should_retry
 PACKAGES = ("lora_core", "tasks", "flows", "bench")
 
 
-
 @pytest.fixture(autouse=True)
 def photos_here(tmp_path, monkeypatch) -> Path:
     """`photos/` with five files in the test's folder (its cwd): the command line checks that the photos
