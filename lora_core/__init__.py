@@ -20,7 +20,8 @@ and tests/test_layers.py checks every import against it.
   `lora_io` (kohya's LoRA files), `manifest` (manifest.csv, its columns from
   the check records).
 - data preparation: `sources` (reading an input safely), `decoding` (one photo
-  to 8-bit RGB), `ingest`, `image_store`, `orientation` and `quality` (the
+  to 8-bit RGB), `ingest` and `ingest_swap` (putting the new class folder in
+  place with no kill losing a caption), `image_store`, `orientation` and `quality` (the
   `checks` and `crop` stages running the check records), `buckets`,
   `caption_text` (the caption rules), `blip` (the captioning model),
   `captioning`.
@@ -53,6 +54,7 @@ __all__ = [
     "hub",
     "image_store",
     "ingest",
+    "ingest_swap",
     "layout",
     "lock",
     "lora_io",
