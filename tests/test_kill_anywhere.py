@@ -27,7 +27,6 @@ from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
@@ -385,13 +384,6 @@ def kill_chain(start, workdir: Path, reference: CliRun, rng: random.Random) -> l
     return kills
 
 
-# Not in the default run yet: it finds a real bug (issue 15 is blocked on it). A kill that lands between an
-# epoch's LoRA and its sample images leaves the epoch finished on disk without its samples, and the re-run
-# keeps the epoch and never renders them; temporary files of killed writes also stay behind. Run it with
-# LORA_KILL_ANYWHERE=1 (about 6 minutes on 2 cores).
-@pytest.mark.skipif(
-    os.environ.get("LORA_KILL_ANYWHERE") != "1", reason="known failure, issue 15: set LORA_KILL_ANYWHERE=1"
-)
 def test_killed_anywhere_a_rerun_finishes_with_the_unkilled_outputs(builtin_models_home, tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -452,5 +444,6 @@ def test_killed_anywhere_a_rerun_finishes_with_the_unkilled_outputs(builtin_mode
 
     assert code == 0, f"the run after {len(kills)} kills failed (seed {seed}):\n{last.tail()}"
     assert not figures["half_written"], figures["half_written"]
+    assert not figures["temp_files_after_last_run"], figures["temp_files_after_last_run"]
     assert set(figures["hits"]) >= set(STEPS), f"steps never killed: {set(STEPS) - set(figures['hits'])}"
     assert not diffs, f"seed {seed}: the outputs differ from the unkilled run's: {diffs}"
