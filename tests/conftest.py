@@ -33,7 +33,7 @@ def library_logs_to_live_stderr():
     for name in ("diffusers", "transformers"):
         for handler in logging.getLogger(name).handlers:
             if type(handler) is logging.StreamHandler:
-                handler.setStream(sys.stderr)
+                handler.stream = sys.stderr  # not setStream: it flushes the old stream, which may be closed
 
 
 def encode(image: Image.Image, fmt: str = "JPEG", **params) -> bytes:
