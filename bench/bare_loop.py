@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lora_core.buckets import apply_bucket, read_buckets
-from lora_core.caption_text import read_caption
-from lora_core.config import LoraConfig
-from lora_core.layout import SubjectLayout
-from lora_core.lora_io import kohya_targets
-from lora_core.models import BaseModel
+from lora_core.config.lora_config import LoraConfig
+from lora_core.dataset.buckets import apply_bucket, read_buckets
+from lora_core.dataset.caption_text import read_caption
+from lora_core.families.loading import BaseModel
+from lora_core.foundation.layout import SubjectLayout
+from lora_core.foundation.lora_file import kohya_targets
 
 __all__ = ["BareInputs", "BareLoop", "autocast", "bare_inputs"]
 

@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lora_core.faces import face_models
-from lora_core.ingest import ingest
-from lora_core.layout import SubjectLayout
-from lora_core.orientation import check_orientation, turn
-from lora_core.quality import check_quality
-from lora_core.settings import CheckSettings, IngestSettings
+from lora_core.checks.face_models import face_models
+from lora_core.config.settings import CheckSettings, IngestSettings
+from lora_core.dataset.crop import check_quality
+from lora_core.dataset.ingest import ingest
+from lora_core.dataset.orient import check_orientation, turn
+from lora_core.foundation.layout import SubjectLayout
 
 DEMO = Path(__file__).resolve().parent.parent / "demo" / "photos"
 

@@ -36,8 +36,8 @@ import torch
 from bench.bare_loop import BareLoop, bare_inputs
 from bench.measure import StepClock, all_finite, epoch_boundary, precision_name, sample_decodes
 from bench.models import ARCHITECTURES, build_base, fingerprint, make_subject
-from lora_core.config import LoraConfig, preset_config
-from lora_core.layout import SEED_REPEAT_BUDGET
+from lora_core.config.lora_config import LoraConfig, preset_config
+from lora_core.foundation.layout import SEED_REPEAT_BUDGET
 
 GOAL_VRAM_GB = {"sd15": 6.0, "sdxl": 8.0}
 GOAL_RATIO = 1.0  # ours at least as fast as the plain loop
@@ -156,7 +156,8 @@ def one_more_step(trainer: Any) -> list[float]:
 
 def run_case(case: Case, args: argparse.Namespace, device: torch.device, work: Path) -> dict[str, Any]:
     """Ours (with the sample, boundary and save), a fresh trainer resumed, then the plain loop; one model at a time."""
-    from lora_core.training import Trainer
+    from lora_core.training.state import read_state, write_state
+    from lora_core.training.trainer import Trainer
 
     arch = ARCHITECTURES[case.architecture]
     config = case_config(case, args)
@@ -208,7 +209,7 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, work: P
     out["sample_finite"] = sample_decodes(base, inputs, precision, device)
     out["boundary"] = epoch_boundary(trainer, stats, repeats=1)
     state = work / case.name / "resume.safetensors"
-    trainer.save_state(state)
+    write_state(trainer, state)
     saved_slots = _optimizer_state(trainer)
     del trainer, base, clock
     _free()
@@ -217,7 +218,7 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, work: P
     base = build_base(arch, seed=0, device=device)
     _cast_frozen(base, case.precision)
     resumed = Trainer(config, base, layout, device=str(device), show_progress=False)
-    resumed.load_state(state)
+    read_state(resumed, state)
     loaded_step = resumed.global_step
     loaded_slots = _optimizer_state(resumed)
     more = one_more_step(resumed)

@@ -8,7 +8,7 @@ EXIF orientation 6, as phones store them. Deterministic: the same files every ru
 
 Timed on the same files, one after the other:
 
-- ours: `lora_core.ingest.ingest` on the folder, whole (listing, hashing,
+- ours: `lora_core.dataset.ingest.ingest` on the folder, whole (listing, hashing,
   decoding on every usable core, upright, 8-bit sRGB, downscaled to 2048 px,
   PNG, perceptual hashes, de-duplication, the layout and the manifest);
 - the plain loop (the goal's reference): `Image.open(path).convert("RGB").save(png)`
@@ -47,9 +47,9 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from lora_core.checks.workers import usable_cores
-from lora_core.ingest import ingest
-from lora_core.layout import SubjectLayout
-from lora_core.settings import IngestSettings
+from lora_core.config.settings import IngestSettings
+from lora_core.dataset.ingest import ingest
+from lora_core.foundation.layout import SubjectLayout
 
 GOAL_RATIO = 0.8  # ours / the plain loop, images per second
 _GRAIN_MARGIN = 64  # the grain field is this much larger than a photo; each photo takes its own window

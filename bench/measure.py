@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from bench.bare_loop import BareInputs, autocast
-from lora_core.models import BaseModel
+from lora_core.families.loading import BaseModel
 
 __all__ = ["StepClock", "all_finite", "epoch_boundary", "precision_name", "sample_decodes", "timed"]
 
@@ -121,7 +121,7 @@ def epoch_boundary(trainer: Any, stats: Any, repeats: int = 3) -> dict[str, Any]
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "network_weights": "",
     }
-    from lora_core.run_state import save_epoch as save
+    from lora_core.training.state import save_epoch as save
 
     kept: list[dict[str, Any]] = []
     saves, artifacts = [], []

@@ -19,15 +19,15 @@ from typing import Any
 import torch
 
 from bench.photos import photo
-from lora_core.blip import BlipCaptioner
-from lora_core.buckets import BucketPlan, bucket_subject
-from lora_core.captioning import caption_subject
-from lora_core.config import LoraConfig
-from lora_core.ingest import ingest
-from lora_core.layout import SubjectLayout
-from lora_core.models import BaseModel
-from lora_core.settings import IngestSettings
-from lora_core.tiny_models import sd_noise_scheduler
+from lora_core.config.lora_config import LoraConfig
+from lora_core.config.settings import IngestSettings
+from lora_core.dataset.blip import BlipCaptioner
+from lora_core.dataset.buckets import BucketPlan, bucket_subject
+from lora_core.dataset.captioning import caption_subject
+from lora_core.dataset.ingest import ingest
+from lora_core.families.loading import BaseModel
+from lora_core.foundation.layout import SubjectLayout
+from lora_core.foundation.tiny_models import sd_noise_scheduler
 
 __all__ = ["ARCHITECTURES", "Architecture", "build_base", "fingerprint", "make_subject"]
 
@@ -199,7 +199,7 @@ def build_base(arch: Architecture, seed: int = 0, device: str | torch.device = "
     from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from lora_core.tiny_models import _clip_tokenizer
+    from lora_core.foundation.tiny_models import _clip_tokenizer
 
     unet = build_unet(arch, seed, device)
     tokenizers, encoders = [], []

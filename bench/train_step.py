@@ -34,8 +34,8 @@ import torch
 from bench.bare_loop import BareLoop, bare_inputs
 from bench.measure import StepClock, all_finite, epoch_boundary, precision_name
 from bench.models import ARCHITECTURES, build_base, make_subject
-from lora_core.config import LoraConfig, preset_config
-from lora_core.layout import SEED_REPEAT_BUDGET
+from lora_core.config.lora_config import LoraConfig, preset_config
+from lora_core.foundation.layout import SEED_REPEAT_BUDGET
 
 GOAL_RATIO = 0.95  # ours / bare, steps per second
 GOAL_BOUNDARY = 0.02  # the epoch boundary, as a share of one epoch's training
@@ -91,7 +91,7 @@ def _summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build, train both ways in alternating rounds, time the epoch boundary; return the figures."""
-    from lora_core.training import Trainer
+    from lora_core.training.trainer import Trainer
 
     torch.set_num_threads(args.threads)
     arch = ARCHITECTURES["sd15-mid" if args.model == "mid" else "sd15-tiny"]

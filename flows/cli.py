@@ -1,6 +1,6 @@
 """The command line: `python -m flows.train_subject PHOTOS --token TOKEN` (flags, settings, the printed summary).
 
-Errors follow `lora_core.errors`: a `UserError` (bad input, unreachable model,
+Errors follow `lora_core.foundation.errors`: a `UserError` (bad input, unreachable model,
 bad setting) prints its message and exits 2, a `RunFailure` (a NaN loss)
 exits 1, anything else is a bug and keeps its traceback. A stage's error names
 the stage, with no traceback on the terminal (`flows.console`). Ctrl-C stops
@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 from flows import console
 from flows.report import STAGES, Report
-from lora_core.errors import EXIT_USER_ERROR, RunFailure, UserError, exit_code
-from lora_core.layout import SubjectLayout, validate_token
+from lora_core.foundation.errors import EXIT_USER_ERROR, RunFailure, UserError, exit_code
+from lora_core.foundation.layout import SubjectLayout, validate_token
 
 if TYPE_CHECKING:
-    from lora_core.config import LoraConfig
+    from lora_core.config.lora_config import LoraConfig
 
 PROG = "python -m flows.train_subject"
 _Option = tuple[tuple[str, ...], dict[str, Any]]
@@ -176,8 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> LoraConfig:
     """The run's config: the preset, then the config file, then the command line's flags
-    (`lora_core.run_config.subject_config`). Raises `ConfigError` naming the file or flag and the field."""
-    from lora_core.run_config import subject_config
+    (`lora_core.setup.resolve.subject_config`). Raises `ConfigError` naming the file or flag and the field."""
+    from lora_core.setup.resolve import subject_config
 
     config_file = args.config
     if config_file is None and args.select_only is not None:  # the run's own settings, as we exported them
@@ -233,8 +233,8 @@ def check_args(args: argparse.Namespace) -> LoraConfig:
         print(f"warning: {warning.message}", file=sys.stderr)
     if args.select_only is None:
         console.check_photos(args.photos, config.ingest.min_images, exclude=args.workdir)
-    from lora_core.precision import resolve_device  # torch loads here, once the cheap checks passed
-    from lora_core.run_state import preflight
+    from lora_core.training.precision import resolve_device  # torch loads here, once the cheap checks passed
+    from lora_core.training.state import preflight
 
     resolve_device(args.device)
     if args.select_only is None and Report(args.stop_after).reaches("train"):

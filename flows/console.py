@@ -21,10 +21,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
-from lora_core.errors import RunFailure, UserError
-from lora_core.layout import SubjectLayout
-from lora_core.lock import subject_lock
-from lora_core.sources import CAPTION_SUFFIXES, InputError, open_input
+from lora_core.foundation.errors import RunFailure, UserError
+from lora_core.foundation.layout import SubjectLayout
+from lora_core.foundation.lock import subject_lock
+from lora_core.foundation.sources import CAPTION_SUFFIXES, InputError, open_input
 
 __all__ = [
     "EXIT_INTERRUPTED",

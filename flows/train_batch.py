@@ -3,7 +3,7 @@
     prefect deployment run train-batch/default --param batch_file=/shared/batches/tonight.yaml   # work pool
     prefect deployment run train-batch/local --param batch_file=tonight.yaml     # python -m deployments.serve
 
-The batch file (`lora_core.batch`) is checked whole before anything starts.
+The batch file (`lora_core.setup.subjects`) is checked whole before anything starts.
 Then each subject becomes its own `train-subject` run through the work pool
 (`run_deployment`; the `train-subject` deployment beside the batch's own), so
 the subjects spread over every worker that polls it and each shows under the
@@ -26,7 +26,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from prefect.states import Completed, Failed, State
 
-from lora_core.batch import BatchSubject, load_batch, subject_outcome
+from lora_core.setup.subjects import BatchSubject, load_batch, subject_outcome
 
 __all__ = ["SUMMARY_KEY", "subject_deployment", "train_batch"]
 

@@ -38,19 +38,19 @@ from typing import Any
 from prefect import flow
 
 from flows.report import STAGES, Report, StageName
-from lora_core.blip import BlipCaptioner
-from lora_core.buckets import BucketPlan
 from lora_core.checks import MirrorPolicy, QualityPolicy
-from lora_core.config import LoraConfig, Preset
-from lora_core.fs import remove_stale_temps, sha256_file
-from lora_core.layout import BOOKKEEPING, SubjectLayout
-from lora_core.lock import subject_lock
-from lora_core.models import require_base_model
-from lora_core.run_config import subject_config
-from lora_core.run_folder import config_for_run, find_run
-from lora_core.run_state import preflight
-from lora_core.selection import resume_config
-from lora_core.settings import SubjectType
+from lora_core.config.lora_config import LoraConfig, Preset
+from lora_core.config.settings import SubjectType
+from lora_core.dataset.blip import BlipCaptioner
+from lora_core.dataset.buckets import BucketPlan
+from lora_core.evaluation.epoch_files import config_for_run, find_run
+from lora_core.evaluation.selection import resume_config
+from lora_core.families.loading import require_base_model
+from lora_core.foundation.fs import remove_stale_temps, sha256_file
+from lora_core.foundation.layout import BOOKKEEPING, SubjectLayout
+from lora_core.foundation.lock import subject_lock
+from lora_core.setup.resolve import subject_config
+from lora_core.training.state import preflight
 from tasks.artifacts import TrainingProgress
 from tasks.buckets import bucket_images
 from tasks.captions import caption_images
@@ -93,7 +93,7 @@ def train_subject(
 ) -> dict:
     """Turn `photos` and a trigger `token` into the seed's layout, stage by stage (see the module's list).
 
-    The settings resolve as on the command line (`lora_core.run_config.subject_config`): `preset`, then the
+    The settings resolve as on the command line (`lora_core.setup.resolve.subject_config`): `preset`, then the
     kohya_ss/CivitAI `config_file`, then `overrides` (LoraConfig fields, nested sections as mappings), then
     the named ones. `config`: a ready LoraConfig instead (Python callers). `device`: `cpu`, `cuda` or `cuda:N`
     (default: `cuda` when there is one, else the CPU in fp32).
@@ -150,7 +150,7 @@ def train_run(run: TrainRequest) -> list[EpochResult]:
 
 def select_and_resume(run: TrainRequest, epochs: list[EpochResult], report: Report) -> None:
     """Samples and select; undertrained: train on from the last epoch's LoRA, as the seed does by hand
-    (`lora_core.selection.resume_config`), and select again; then publish and render the choice."""
+    (`lora_core.evaluation.selection.resume_config`), and select again; then publish and render the choice."""
     layout = SubjectLayout(run.workdir, run.token)
     request = SelectRequest(
         folder=layout.result_current,

@@ -15,14 +15,14 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from lora_core.buckets import BucketResult
-from lora_core.captioning import CaptionResult
 from lora_core.checks import stage_columns
-from lora_core.layout import SubjectLayout
-from lora_core.metric_grids import load_grid
-from lora_core.run_folder import RunFiles
-from lora_core.sampling import SampleSpec, contact_sheet
-from lora_core.selection import METRICS, metric_chart
+from lora_core.dataset.buckets import BucketResult
+from lora_core.dataset.captioning import CaptionResult
+from lora_core.evaluation.epoch_files import RunFiles
+from lora_core.evaluation.metric_grids import load_grid
+from lora_core.evaluation.selection import METRICS, metric_chart
+from lora_core.foundation.layout import SubjectLayout
+from lora_core.training.sampling import SampleSpec, contact_sheet
 
 _TABLE_COLUMNS = ("source", "status", "reason", "image", "width", "height", "resized", "exif_rotated")
 

@@ -7,17 +7,17 @@ from pathlib import Path
 from prefect import get_run_logger
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-import lora_core.buckets
-import lora_core.manifest
-from lora_core.buckets import BucketPlan, BucketResult, bucket_subject, buckets_intact
-from lora_core.layout import SubjectLayout
-from lora_core.quality import QualityResult
+import lora_core.dataset.buckets
+import lora_core.dataset.manifest
+from lora_core.dataset.buckets import BucketPlan, BucketResult, bucket_subject, buckets_intact
+from lora_core.dataset.crop import QualityResult
+from lora_core.foundation.layout import SubjectLayout
 from tasks.artifacts import publish_buckets
 from tasks.caching import CodeVersion
 from tasks.stage import stage
 
 # The ingest result carries every image's hash, so new or changed photos re-run this.
-BUCKETS_CACHE = TASK_SOURCE + INPUTS + CodeVersion(modules=(lora_core.buckets, lora_core.manifest))
+BUCKETS_CACHE = TASK_SOURCE + INPUTS + CodeVersion(modules=(lora_core.dataset.buckets, lora_core.dataset.manifest))
 
 
 def _outputs_intact(dataset: QualityResult, workdir: Path, plan: BucketPlan, batch_size: int) -> bool:

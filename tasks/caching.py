@@ -11,7 +11,7 @@ from typing import Any
 
 from prefect.cache_policies import CachePolicy
 
-from lora_core.sources import fingerprint_input
+from lora_core.foundation.sources import fingerprint_input
 
 
 @dataclass(kw_only=True)

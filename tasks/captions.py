@@ -7,15 +7,15 @@ from pathlib import Path
 from prefect import get_run_logger
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-import lora_core.blip
-import lora_core.caption_text
-import lora_core.captioning
-import lora_core.manifest
-import lora_core.tiny_models
-from lora_core.captioning import CaptionResult, caption_subject, captions_intact
-from lora_core.layout import SubjectLayout
-from lora_core.quality import QualityResult
-from lora_core.settings import CaptionSettings
+import lora_core.dataset.blip
+import lora_core.dataset.caption_text
+import lora_core.dataset.captioning
+import lora_core.dataset.manifest
+import lora_core.foundation.tiny_models
+from lora_core.config.settings import CaptionSettings
+from lora_core.dataset.captioning import CaptionResult, caption_subject, captions_intact
+from lora_core.dataset.crop import QualityResult
+from lora_core.foundation.layout import SubjectLayout
 from tasks.artifacts import publish_captions
 from tasks.caching import CodeVersion
 from tasks.stage import stage
@@ -25,11 +25,11 @@ CAPTIONS_CACHE = (
     + INPUTS
     + CodeVersion(
         modules=(
-            lora_core.captioning,
-            lora_core.caption_text,
-            lora_core.blip,
-            lora_core.manifest,
-            lora_core.tiny_models,
+            lora_core.dataset.captioning,
+            lora_core.dataset.caption_text,
+            lora_core.dataset.blip,
+            lora_core.dataset.manifest,
+            lora_core.foundation.tiny_models,
         )
     )
 )

@@ -10,20 +10,20 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 import lora_core.checks
 import lora_core.checks.base
 import lora_core.checks.face
+import lora_core.checks.face_models
 import lora_core.checks.image
 import lora_core.checks.orientation
 import lora_core.checks.variety
 import lora_core.checks.workers
-import lora_core.faces
-import lora_core.image_store
-import lora_core.manifest
-import lora_core.orientation
-import lora_core.quality
-from lora_core.ingest import IngestResult
-from lora_core.layout import SubjectLayout
-from lora_core.orientation import OrientationResult, check_orientation, orientation_intact
-from lora_core.quality import QualityResult, check_quality, quality_intact
-from lora_core.settings import CheckSettings, SubjectType
+import lora_core.dataset.crop
+import lora_core.dataset.image_store
+import lora_core.dataset.manifest
+import lora_core.dataset.orient
+from lora_core.config.settings import CheckSettings, SubjectType
+from lora_core.dataset.crop import QualityResult, check_quality, quality_intact
+from lora_core.dataset.ingest import IngestResult
+from lora_core.dataset.orient import OrientationResult, check_orientation, orientation_intact
+from lora_core.foundation.layout import SubjectLayout
 from tasks.artifacts import publish_checks
 from tasks.caching import CodeVersion
 from tasks.ingest import PhotoProgress
@@ -41,11 +41,11 @@ _CHECK_MODULES = (
 _CODE = CodeVersion(
     modules=(
         *_CHECK_MODULES,
-        lora_core.faces,
-        lora_core.image_store,
-        lora_core.manifest,
-        lora_core.orientation,
-        lora_core.quality,
+        lora_core.checks.face_models,
+        lora_core.dataset.image_store,
+        lora_core.dataset.manifest,
+        lora_core.dataset.orient,
+        lora_core.dataset.crop,
     )
 )
 # Inputs carry every image's hash (ingest's rows), so one new photo re-runs the

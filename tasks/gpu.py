@@ -21,8 +21,8 @@ from contextlib import contextmanager
 
 from prefect.concurrency.sync import concurrency
 
-from lora_core.errors import UserError
-from lora_core.precision import share_cores
+from lora_core.foundation.errors import UserError
+from lora_core.training.precision import share_cores
 
 __all__ = ["SUBJECTS_ENV", "WORKER_ID_ENV", "ensure_gpu_limit", "gpu_limit_name", "gpu_slot", "share_cpu"]
 

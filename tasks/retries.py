@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from lora_core.errors import RunFailure, UserError
-from lora_core.memory import is_fatal_cuda_error
+from lora_core.foundation.errors import RunFailure, UserError
+from lora_core.training.memory import is_fatal_cuda_error
 
 # Errors that say the code is wrong: running it again gives the same error, later.
 PROGRAMMING_ERRORS: tuple[type[BaseException], ...] = (

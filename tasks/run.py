@@ -10,9 +10,9 @@ from pathlib import Path
 
 from prefect import get_run_logger
 
-from lora_core.config import LoraConfig
-from lora_core.layout import SubjectLayout
-from lora_core.run_state import export_run_config, open_run, publish_final
+from lora_core.config.lora_config import LoraConfig
+from lora_core.foundation.layout import SubjectLayout
+from lora_core.training.state import export_run_config, open_run, publish_final
 from tasks.stage import step
 from tasks.train import EpochResult, TrainRequest
 

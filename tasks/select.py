@@ -13,17 +13,16 @@ from prefect import get_run_logger
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from pydantic import BaseModel
 
-import lora_core.embedders
-import lora_core.metric_grids
-import lora_core.metrics
-import lora_core.run_folder
-import lora_core.sampling
-import lora_core.selection
-from lora_core.config import LoraConfig
-from lora_core.embedders import subject_embedder
-from lora_core.fs import sha256_file
-from lora_core.lora_io import LoraFile, read_lora
-from lora_core.metric_grids import (
+import lora_core.evaluation.embedders
+import lora_core.evaluation.epoch_files
+import lora_core.evaluation.metric_grids
+import lora_core.evaluation.metrics
+import lora_core.evaluation.selection
+import lora_core.training.sampling
+from lora_core.config.lora_config import LoraConfig
+from lora_core.evaluation.embedders import subject_embedder
+from lora_core.evaluation.epoch_files import RunFiles, SelectionError, find_run, publish_choice, write_selection
+from lora_core.evaluation.metric_grids import (
     GridRenderer,
     grids_intact,
     metric_spec,
@@ -31,11 +30,12 @@ from lora_core.metric_grids import (
     render_strengths,
     write_contact_sheets,
 )
-from lora_core.metrics import measure_run
-from lora_core.models import load_base_model, model_identity
-from lora_core.run_folder import RunFiles, SelectionError, find_run, publish_choice, write_selection
-from lora_core.sampling import SampleSpec, contact_sheet
-from lora_core.selection import review_note, select, verdict_note
+from lora_core.evaluation.metrics import measure_run
+from lora_core.evaluation.selection import review_note, select, verdict_note
+from lora_core.families.loading import load_base_model, model_identity
+from lora_core.foundation.fs import sha256_file
+from lora_core.foundation.lora_file import LoraFile, read_lora
+from lora_core.training.sampling import SampleSpec, contact_sheet
 from tasks.artifacts import publish_selection, publish_strengths
 from tasks.caching import CodeVersion
 from tasks.stage import stage, step
@@ -45,12 +45,12 @@ SELECT_CACHE = (
     + INPUTS
     + CodeVersion(
         modules=(
-            lora_core.run_folder,
-            lora_core.metric_grids,
-            lora_core.embedders,
-            lora_core.metrics,
-            lora_core.selection,
-            lora_core.sampling,
+            lora_core.evaluation.epoch_files,
+            lora_core.evaluation.metric_grids,
+            lora_core.evaluation.embedders,
+            lora_core.evaluation.metrics,
+            lora_core.evaluation.selection,
+            lora_core.training.sampling,
         )
     )
 )
@@ -72,7 +72,7 @@ def release_renderers(folder: Path) -> None:
 class SelectRequest(BaseModel):
     """A run folder to select in, and the settings that say how (the run's config)."""
 
-    folder: Path  # a run folder as `lora_core.run_folder.find_run` reads it
+    folder: Path  # a run folder as `lora_core.evaluation.epoch_files.find_run` reads it
     token: str
     config: LoraConfig
     photos: Path | None = None  # reference photos; default: the run's own training images

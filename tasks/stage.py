@@ -22,7 +22,7 @@ from typing import Any, Generic, ParamSpec, TypeVar
 from prefect import Task, task
 from prefect.cache_policies import CachePolicy
 
-from lora_core.errors import RunFailure, UserError
+from lora_core.foundation.errors import RunFailure, UserError
 from tasks.gpu import gpu_slot
 from tasks.retries import retry_transient
 

@@ -10,26 +10,28 @@ from prefect import get_run_logger
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from pydantic import BaseModel
 
-import lora_core.buckets
-import lora_core.conditioning
-import lora_core.lora_io
-import lora_core.metadata
-import lora_core.models
-import lora_core.network
-import lora_core.optim
-import lora_core.precision
-import lora_core.run_state
-import lora_core.sampling
-import lora_core.train_data
-import lora_core.training
-from lora_core.config import LoraConfig
-from lora_core.layout import SubjectLayout
-from lora_core.lora_io import read_lora
-from lora_core.memory import apply_steps, free_memory, oom_step
-from lora_core.models import load_base_model
-from lora_core.run_state import (
+import lora_core.dataset.buckets
+import lora_core.dataset.train_data
+import lora_core.families.conditioning
+import lora_core.families.loading
+import lora_core.foundation.lora_file
+import lora_core.training.metadata
+import lora_core.training.network
+import lora_core.training.optim
+import lora_core.training.precision
+import lora_core.training.sampling
+import lora_core.training.state
+import lora_core.training.trainer
+from lora_core.config.lora_config import LoraConfig
+from lora_core.families.loading import load_base_model
+from lora_core.foundation.layout import SubjectLayout
+from lora_core.foundation.lora_file import read_lora
+from lora_core.training.memory import apply_steps, free_memory, oom_step
+from lora_core.training.sampling import SampleSpec, contact_sheet, render, sample_files, save_samples
+from lora_core.training.state import (
     epoch_done,
     finished_epoch,
+    read_state,
     read_steps,
     record_steps,
     run_info,
@@ -37,8 +39,7 @@ from lora_core.run_state import (
     saves_lora,
     state_file,
 )
-from lora_core.sampling import SampleSpec, contact_sheet, render, sample_files, save_samples
-from lora_core.training import EpochStats, Trainer
+from lora_core.training.trainer import EpochStats, Trainer
 from tasks.artifacts import publish_epoch, publish_samples
 from tasks.caching import CodeVersion
 from tasks.stage import stage
@@ -52,18 +53,18 @@ TRAIN_CACHE = (
     + INPUTS
     + CodeVersion(
         modules=(
-            lora_core.training,
-            lora_core.network,
-            lora_core.train_data,
-            lora_core.conditioning,
-            lora_core.optim,
-            lora_core.precision,
-            lora_core.run_state,
-            lora_core.metadata,
-            lora_core.lora_io,
-            lora_core.models,
-            lora_core.buckets,
-            lora_core.sampling,
+            lora_core.training.trainer,
+            lora_core.training.network,
+            lora_core.dataset.train_data,
+            lora_core.families.conditioning,
+            lora_core.training.optim,
+            lora_core.training.precision,
+            lora_core.training.state,
+            lora_core.training.metadata,
+            lora_core.foundation.lora_file,
+            lora_core.families.loading,
+            lora_core.dataset.buckets,
+            lora_core.training.sampling,
         )
     )
 )
@@ -144,7 +145,7 @@ def _trainer(request: TrainRequest, config: LoraConfig, epoch: int) -> Trainer:
     )
     trainer = Trainer(config, base, layout, device=request.device, show_progress=False)
     if epoch > request.first_epoch:
-        trainer.load_state(state_file(layout, request.run_key, epoch - 1))
+        read_state(trainer, state_file(layout, request.run_key, epoch - 1))
         logger.info("train: continuing after epoch %d (step %d)", epoch - 1, trainer.global_step)
     elif config.network_weights:
         report = trainer.network.load(read_lora(Path(config.network_weights)))
@@ -185,7 +186,7 @@ def train_epoch(request: TrainRequest, epoch: int) -> EpochResult:
     """Train one epoch; write `<token>-00000N.safetensors` and the state to continue from it.
 
     On CUDA out-of-memory the epoch is tried again one rung down the ladder
-    (see `lora_core.memory`); the steps taken are kept for the rest of the run
+    (see `lora_core.training.memory`); the steps taken are kept for the rest of the run
     and recorded in its kohya_ss JSON and ss_training_comment. Any other
     failure drops the loaded trainer, so a retry starts from the last saved
     epoch, never from a half-trained network.

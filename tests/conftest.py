@@ -94,7 +94,7 @@ def builtin_models_home(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def blip_captioner(builtin_models_home):
     """One loaded tiny BLIP for every test that captions in-process."""
-    from lora_core.blip import BlipCaptioner
+    from lora_core.dataset.blip import BlipCaptioner
 
     captioner = BlipCaptioner(TINY_BLIP, device="cpu")
     captioner.load()
@@ -154,6 +154,6 @@ class CountingFaceModels:
 
 @pytest.fixture
 def counting_faces() -> CountingFaceModels:
-    from lora_core.faces import face_models
+    from lora_core.checks.face_models import face_models
 
     return CountingFaceModels(face_models())

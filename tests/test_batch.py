@@ -1,4 +1,4 @@
-"""The batch file (lora_core.batch) and the one config resolution the CLI, the UI and the batch share."""
+"""The batch file (lora_core.setup.subjects) and the one config resolution the CLI, the UI and the batch share."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flows.cli import build_parser, config_from_args
-from lora_core.batch import BatchError, BatchSubject, load_batch, subject_outcome
-from lora_core.run_config import merge_settings, subject_config
+from lora_core.setup.resolve import merge_settings, subject_config
+from lora_core.setup.subjects import BatchError, BatchSubject, load_batch, subject_outcome
 
 
 def write_batch(folder: Path, data: object) -> Path:

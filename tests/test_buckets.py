@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_core.buckets import (
+from lora_core.dataset.buckets import (
     BucketPlan,
     apply_bucket,
     bucket_counts,
@@ -21,8 +21,8 @@ from lora_core.buckets import (
     short_buckets,
     write_buckets,
 )
-from lora_core.ingest import ingest
-from lora_core.layout import SubjectLayout
+from lora_core.dataset.ingest import ingest
+from lora_core.foundation.layout import SubjectLayout
 from tests.conftest import photo
 
 SD_SCRIPTS = json.loads((Path(__file__).parent / "data" / "sd_scripts_buckets.json").read_text())
@@ -205,7 +205,7 @@ def test_bucket_stage_on_an_ingested_subject(tmp_path, make_photo):
     # A training image replaced behind our back (another size) makes the csv stale.
     victim = layout.root / result.rows[0]["image"]
     photo((300, 300), 1).save(victim)
-    from lora_core.manifest import read_manifest, write_manifest
+    from lora_core.dataset.manifest import read_manifest, write_manifest
 
     frame = read_manifest(layout.manifest)
     frame.loc[frame["image"] == result.rows[0]["image"], ["width", "height"]] = 300

@@ -9,13 +9,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lora_core.blip import BlipCaptioner, CaptionModelError
-from lora_core.caption_text import strip_phrases, with_prefix
-from lora_core.captioning import caption_subject, captions_intact, read_captions
-from lora_core.ingest import ingest
-from lora_core.layout import SubjectLayout
-from lora_core.settings import DEFAULT_STRIP_PHRASES, CaptionSettings
-from lora_core.tiny_models import materialize
+from lora_core.config.settings import DEFAULT_STRIP_PHRASES, CaptionSettings
+from lora_core.dataset.blip import BlipCaptioner, CaptionModelError
+from lora_core.dataset.caption_text import strip_phrases, with_prefix
+from lora_core.dataset.captioning import caption_subject, captions_intact, read_captions
+from lora_core.dataset.ingest import ingest
+from lora_core.foundation.layout import SubjectLayout
+from lora_core.foundation.tiny_models import materialize
 from tests.conftest import TINY_BLIP, photo
 
 TOKEN = "t0k3n"
@@ -172,10 +172,10 @@ def test_a_repo_the_hub_does_not_serve_is_a_model_error(monkeypatch, tmp_path):
     """The hub answers (say 401 for a typo'd id) but gives no model: a clear error, not an OSError retried."""
     import huggingface_hub.constants
 
-    import lora_core.blip
+    import lora_core.dataset.blip
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setattr(lora_core.blip, "hub_unreachable", lambda repo: None)
+    monkeypatch.setattr(lora_core.dataset.blip, "hub_unreachable", lambda repo: None)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # the download itself fails here
     with pytest.raises(CaptionModelError, match="cannot download it"):
         BlipCaptioner("Salesforce/blip-image-captioning-typo").load()
@@ -254,7 +254,7 @@ def test_captions_made_with_other_settings_are_not_intact(subject, blip_captione
 
 @pytest.mark.parametrize("extension", [".png", ".JPG", ".safetensors"])
 def test_a_caption_extension_that_names_an_image_is_refused(extension):
-    from lora_core.config import LoraConfig
+    from lora_core.config.lora_config import LoraConfig
 
     with pytest.raises(ValueError, match=r"captions use \.txt"):
         LoraConfig(caption_extension=extension)

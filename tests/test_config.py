@@ -10,8 +10,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lora_core.config import ConfigError, LoraConfig, format_optimizer_args, parse_optimizer_args, preset_config
-from lora_core.config_io import ConfigWarning, load_config, to_kohya_gui
+from lora_core.config.kohya import ConfigWarning, load_config, to_kohya_gui
+from lora_core.config.lora_config import (
+    ConfigError,
+    LoraConfig,
+    format_optimizer_args,
+    parse_optimizer_args,
+    preset_config,
+)
 
 DATA = Path(__file__).parent / "data"
 

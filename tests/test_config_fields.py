@@ -22,16 +22,16 @@ import tests.test_models
 import tests.test_orientation
 import tests.test_quality
 import tests.test_training
-from lora_core.buckets import BucketPlan
-from lora_core.config import LoraConfig
-from lora_core.layout import repeats_for
-from lora_core.lora_io import read_lora
-from lora_core.metadata import kohya_metadata
-from lora_core.models import BaseModelError, load_base_model
-from lora_core.optim import make_optimizer, make_scheduler, param_groups
-from lora_core.run_state import save_epoch, saves_lora
-from lora_core.sampling import SampleSpec
-from lora_core.training import Trainer
+from lora_core.config.lora_config import LoraConfig
+from lora_core.dataset.buckets import BucketPlan
+from lora_core.families.loading import BaseModelError, load_base_model
+from lora_core.foundation.layout import repeats_for
+from lora_core.foundation.lora_file import read_lora
+from lora_core.training.metadata import kohya_metadata
+from lora_core.training.optim import make_optimizer, make_scheduler, param_groups
+from lora_core.training.sampling import SampleSpec
+from lora_core.training.state import save_epoch, saves_lora
+from lora_core.training.trainer import Trainer
 from tests.test_training import TINY_SD15, make_subject, small_config
 
 SIZES = ((128, 160),) * 2  # one bucket: the batch size shows in the number of batches
@@ -214,7 +214,7 @@ def test_flipped_latents_are_the_mirrored_image(build):
     import numpy as np
     from PIL import Image, ImageOps
 
-    from lora_core.buckets import apply_bucket
+    from lora_core.dataset.buckets import apply_bucket
 
     trainer = build(small_config(num_repeats=1, mixed_precision="no", flip_aug=True))
     item = trainer.items[0]

@@ -1,4 +1,4 @@
-"""One error taxonomy (`lora_core.errors`): the retry policy and the command line decide from it alike."""
+"""One error taxonomy (`lora_core.foundation.errors`): the retry policy and the command line decide from it alike."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import flows.cli
-from lora_core.errors import RunFailure, UserError
+from lora_core.foundation.errors import RunFailure, UserError
 from tasks.retries import should_retry
 
 PACKAGES = ("lora_core", "tasks", "flows", "bench")
@@ -123,8 +123,8 @@ def test_a_network_weights_file_that_is_not_a_lora_exits_2_at_once(tmp_path, cap
 
 def test_the_flow_refuses_a_starting_file_that_is_not_a_lora_before_any_work(prefect_harness, tmp_path):
     from flows.train_subject import train_subject
-    from lora_core.config import preset_config
-    from lora_core.lora_io import LoraFileError
+    from lora_core.config.lora_config import preset_config
+    from lora_core.foundation.lora_file import LoraFileError
 
     bad = tmp_path / "start.safetensors"
     bad.write_bytes(b"\x00" * 512)
@@ -141,8 +141,8 @@ def test_a_user_error_inside_a_stage_fails_at_once(prefect_harness, good_folder,
     from prefect import flow
 
     import tasks.ingest
-    from lora_core.lora_io import LoraFileError
-    from lora_core.settings import IngestSettings
+    from lora_core.config.settings import IngestSettings
+    from lora_core.foundation.lora_file import LoraFileError
 
     calls = []
 
@@ -164,13 +164,13 @@ def test_a_user_error_inside_a_stage_fails_at_once(prefect_harness, good_folder,
 
 def test_a_damaged_file_means_redo_but_a_bug_surfaces(tmp_path, monkeypatch):
     """`*_intact` answers False for a file a crash or an editor damaged, and lets a bug in our code through."""
-    import lora_core.buckets
-    import lora_core.captioning
-    import lora_core.ingest
-    from lora_core.buckets import BucketPlan, buckets_intact
-    from lora_core.captioning import captions_intact
-    from lora_core.ingest import layout_intact
-    from lora_core.layout import SubjectLayout
+    import lora_core.dataset.buckets
+    import lora_core.dataset.captioning
+    import lora_core.dataset.ingest
+    from lora_core.dataset.buckets import BucketPlan, buckets_intact
+    from lora_core.dataset.captioning import captions_intact
+    from lora_core.dataset.ingest import layout_intact
+    from lora_core.foundation.layout import SubjectLayout
 
     layout = SubjectLayout(tmp_path, "t0k3n")
     layout.root.mkdir(parents=True)
@@ -186,9 +186,9 @@ def test_a_damaged_file_means_redo_but_a_bug_surfaces(tmp_path, monkeypatch):
     def bug(*args, **kwargs):
         raise TypeError("a bug in our own reader")
 
-    monkeypatch.setattr(lora_core.ingest, "read_manifest", bug)
-    monkeypatch.setattr(lora_core.buckets, "read_buckets", bug)
-    monkeypatch.setattr(lora_core.captioning, "read_captions", bug)
+    monkeypatch.setattr(lora_core.dataset.ingest, "read_manifest", bug)
+    monkeypatch.setattr(lora_core.dataset.buckets, "read_buckets", bug)
+    monkeypatch.setattr(lora_core.dataset.captioning, "read_captions", bug)
     for check in checks:
         with pytest.raises(TypeError):
             check()

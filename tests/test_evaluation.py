@@ -1,4 +1,4 @@
-"""Epoch metrics from renders (lora_core.metrics), the samples and select stages, auto-resume, --select-only."""
+"""Epoch metrics from renders (evaluation.metrics), the samples and select stages, auto-resume, --select-only."""
 
 from __future__ import annotations
 
@@ -9,17 +9,17 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from lora_core.config import LoraConfig
-from lora_core.embedders import FaceEmbedder
-from lora_core.layout import SubjectLayout
-from lora_core.lora_io import read_lora
-from lora_core.metric_grids import grid_key, load_grid, metric_spec, save_grid
-from lora_core.metrics import Reference, epoch_metrics
-from lora_core.models import load_base_model
-from lora_core.network import LoraNetwork
-from lora_core.run_folder import SelectionError, find_run, publish_choice
-from lora_core.selection import NO_SIGNAL
-from lora_core.settings import SelectionSettings
+from lora_core.config.lora_config import LoraConfig
+from lora_core.config.settings import SelectionSettings
+from lora_core.evaluation.embedders import FaceEmbedder
+from lora_core.evaluation.epoch_files import SelectionError, find_run, publish_choice
+from lora_core.evaluation.metric_grids import grid_key, load_grid, metric_spec, save_grid
+from lora_core.evaluation.metrics import Reference, epoch_metrics
+from lora_core.evaluation.selection import NO_SIGNAL
+from lora_core.families.loading import load_base_model
+from lora_core.foundation.layout import SubjectLayout
+from lora_core.foundation.lora_file import read_lora
+from lora_core.training.network import LoraNetwork
 from tasks.artifacts import selection_markdown
 from tests.conftest import photo
 from tests.test_training import TINY_SD15, captioned_photos, flow_config
@@ -122,7 +122,7 @@ def test_strength_scales_the_update_and_zero_is_the_base(builtin_models_home, tm
     with torch.no_grad():
         for param in network.parameters():
             param.normal_()
-    from lora_core.lora_io import save_lora
+    from lora_core.foundation.lora_file import save_lora
 
     save_lora(tmp_path / "l.safetensors", network.weights(), 4.0, {}, torch.float32)
     lora = read_lora(tmp_path / "l.safetensors")

@@ -12,7 +12,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, Fl
 
 from flows.cli import build_parser, config_from_args, main
 from flows.train_subject import STAGES, train_subject
-from lora_core.config import preset_config
+from lora_core.config.lora_config import preset_config
 from tests.conftest import TINY_BLIP, encode, photo
 
 
@@ -228,7 +228,7 @@ def test_cli_stops_after_buckets(prefect_harness, capsys, good_folder, tmp_path)
 
 def test_cli_with_an_unreachable_caption_model_says_what_to_do(prefect_harness, capsys, good_folder, tmp_path):
     done = _cli(capsys, str(good_folder), "--token", "c", "--workdir", str(tmp_path / "W"), "--stop-after", "captions")
-    assert done.returncode == 2  # an unreachable model is a user error (lora_core.errors)
+    assert done.returncode == 2  # an unreachable model is a user error (lora_core.foundation.errors)
     assert "--caption-model DIR" in done.stderr and "builtin:tiny-blip" in done.stderr
     assert (tmp_path / "W" / "c" / "buckets.csv").is_file()  # the stages before it are done and kept
 
@@ -263,7 +263,7 @@ def test_going_back_to_an_earlier_check_policy_puts_its_files_back(prefect_harne
     """fix -> flag -> fix: the third run's cached result is only trusted once its files are back."""
     from PIL import Image
 
-    from lora_core.settings import CheckSettings
+    from lora_core.config.settings import CheckSettings
     from tests.test_orientation import crops, same_pixels
 
     photos = tmp_path / "photos"

@@ -14,11 +14,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lora_core.config import LoraConfig
-from lora_core.lora_io import read_lora
-from lora_core.memory import apply_steps, oom_step
-from lora_core.models import load_base_model
-from lora_core.training import NonFiniteLossError, Trainer
+from lora_core.config.lora_config import LoraConfig
+from lora_core.families.loading import load_base_model
+from lora_core.foundation.lora_file import read_lora
+from lora_core.training.memory import apply_steps, oom_step
+from lora_core.training.state import read_state, write_state
+from lora_core.training.trainer import NonFiniteLossError, Trainer
 from tests.test_training import TINY_SD15, captioned_photos, flow_config, make_subject, small_config
 
 # Four small images in one bucket: half precision on a CPU is several times slower than fp32, keep steps few.
@@ -66,12 +67,12 @@ def test_fp16_on_the_cpu_skips_an_overflowing_step_and_lowers_the_scale(builtin_
 
 def test_accumulating_two_batches_of_one_equals_one_batch_of_two(builtin_models_home, tmp_path, monkeypatch):
     """Same items, same noise: accumulation 2 x batch 1 is batch 2, in half the optimizer steps."""
-    import lora_core.training
+    import lora_core.training.trainer
 
     runs = {}
     for name, batch, accumulate in (("batch2", 2, 1), ("accumulated", 1, 2), ("plain", 1, 1)):
         order = [[0, 1], [2, 3]] if batch == 2 else [[0], [1], [2], [3]]
-        monkeypatch.setattr(lora_core.training, "epoch_batches", lambda *args, order=order: order)
+        monkeypatch.setattr(lora_core.training.trainer, "epoch_batches", lambda *args, order=order: order)
         config = small_config(
             num_repeats=1,
             train_batch_size=batch,
@@ -271,7 +272,7 @@ def test_a_device_that_is_not_here_is_refused_before_any_work(tmp_path, capsys):
 
 
 def test_config_sdxl_and_v2_must_describe_the_model(builtin_models_home, tmp_path):
-    from lora_core.models import BaseModelError
+    from lora_core.families.loading import BaseModelError
 
     base = load_base_model(TINY_SD15)
     config = small_config(num_repeats=1)
@@ -288,8 +289,8 @@ def test_an_8bit_adamw_state_saves_and_resumes(builtin_models_home, tmp_path, mo
     which bitsandbytes' optimizers support, through the same `write_state`/`read_state` a GPU run uses)."""
     import bitsandbytes
 
-    from lora_core.config import Optimizer
-    from lora_core.optim import OPTIMIZERS
+    from lora_core.config.lora_config import Optimizer
+    from lora_core.training.optim import OPTIMIZERS
 
     def adamw8bit(groups, args, device):
         return bitsandbytes.optim.AdamW8bit(groups, **args), None
@@ -312,9 +313,9 @@ def test_an_8bit_adamw_state_saves_and_resumes(builtin_models_home, tmp_path, mo
     nested = saved[0]["__bnb_optimizer_quant_state__"]
     assert nested["state1"].dtype == torch.uint8  # 8-bit moments: the state this test is about
     path = tmp_path / "state.safetensors"
-    trainer.save_state(path)
+    write_state(trainer, path)
     fresh = Trainer(config, load_base_model(TINY_SD15), layout, device="cpu")
-    fresh.load_state(path)
+    read_state(fresh, path)
     loaded = fresh.optimizer.state_dict()["state"]
     assert loaded.keys() == saved.keys()
     for index, slots in saved.items():

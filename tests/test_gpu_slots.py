@@ -16,7 +16,7 @@ import tasks.train
 from deployments.machine import prepare_machine
 from deployments.worker import worker_command
 from flows.train_batch import batch_state
-from lora_core.precision import share_cores
+from lora_core.training.precision import share_cores
 from tasks.gpu import SUBJECTS_ENV, WORKER_ID_ENV, WorkerIdError, gpu_limit_name, gpu_slot, share_cpu
 from tasks.stage import stage
 

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import lora_core.sources
-from lora_core.decoding import decode_image, to_rgb8
-from lora_core.ingest import InputError, TooFewImagesError, ingest, layout_intact
-from lora_core.layout import InvalidTokenError, SubjectLayout
-from lora_core.manifest import ALL_COLUMNS, read_manifest
-from lora_core.settings import IngestSettings
-from lora_core.sources import fingerprint_input
+import lora_core.foundation.sources
+from lora_core.config.settings import IngestSettings
+from lora_core.dataset.decoding import decode_image, to_rgb8
+from lora_core.dataset.ingest import InputError, TooFewImagesError, ingest, layout_intact
+from lora_core.dataset.manifest import ALL_COLUMNS, read_manifest
+from lora_core.foundation.layout import InvalidTokenError, SubjectLayout
+from lora_core.foundation.sources import fingerprint_input
 from tests.conftest import encode, photo
 
 
@@ -113,7 +113,7 @@ def test_bomb_is_refused_before_decoding(monkeypatch):
 
     monkeypatch.setattr(Image.Image, "load", no_decode)
     monkeypatch.setattr("PIL.ImageFile.ImageFile.load", no_decode)
-    from lora_core.decoding import RejectedImage
+    from lora_core.dataset.decoding import RejectedImage
 
     with pytest.raises(RejectedImage, match=r"12000x9000 \(108 MP\), over the 100 MP limit"):
         decode_image(bomb, IngestSettings())
@@ -295,7 +295,7 @@ def test_symlink_outside_the_input_is_never_read(tmp_path, good_folder, monkeypa
         opened.append(str(path))
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(lora_core.sources.os, "open", spy)
+    monkeypatch.setattr(lora_core.foundation.sources.os, "open", spy)
     result = run(good_folder, tmp_path / "work")
     assert row_of(result, "link.jpg")["reason"] == "symlink points outside the input (not read)"
     assert row_of(result, "linkdir")["status"] == "rejected"

@@ -1,7 +1,7 @@
 """Ingest killed or failing mid-swap never loses an edited caption nor pairs it with another photo.
 
 A re-ingest renumbers the images and carries each caption to its photo's new
-number, then swaps the new class folder in (`lora_core.ingest_swap`). Here it
+number, then swaps the new class folder in (`lora_core.dataset.ingest_swap`). Here it
 is stopped at each dangerous point: a hard kill (`os._exit` in a subprocess,
 so no `finally` runs) or an exception; the state left, and the next run of
 the same command, must keep every caption beside its own photo.
@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lora_core.ingest import ingest
-from lora_core.layout import SubjectLayout
-from lora_core.manifest import read_manifest
+from lora_core.dataset.ingest import ingest
+from lora_core.dataset.manifest import read_manifest
+from lora_core.foundation.layout import SubjectLayout
 from tests.conftest import ROOT, encode, photo
 
 TOKEN = "t0k3n"
@@ -41,16 +41,16 @@ def arm(point: str, fire: Callable[[], None], patch: Callable[[object, str, obje
     The swap's folder moves are `Path.rename`; should they stop being, the stop
     point is never reached and the tests say so rather than pass.
     """
-    import lora_core.ingest
+    import lora_core.dataset.ingest
 
     if point == "carried":
-        carry = lora_core.ingest._carry_sidecars
+        carry = lora_core.dataset.ingest._carry_sidecars
 
         def carried(*args: object, **kwargs: object) -> None:
             carry(*args, **kwargs)
             fire()
 
-        patch(lora_core.ingest, "_carry_sidecars", carried)
+        patch(lora_core.dataset.ingest, "_carry_sidecars", carried)
         return
     rename = Path.rename
 

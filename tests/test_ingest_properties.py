@@ -9,10 +9,10 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lora_core.ingest import TooFewImagesError, ingest
-from lora_core.layout import SubjectLayout
-from lora_core.manifest import read_manifest
-from lora_core.settings import IngestSettings
+from lora_core.config.settings import IngestSettings
+from lora_core.dataset.ingest import TooFewImagesError, ingest
+from lora_core.dataset.manifest import read_manifest
+from lora_core.foundation.layout import SubjectLayout
 from tests.conftest import encode, photo
 
 FORMATS = {

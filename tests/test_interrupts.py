@@ -26,9 +26,9 @@ import pytest
 from safetensors import safe_open
 
 from flows import console
-from lora_core.fs import DiskFullError, atomic_write_text
-from lora_core.layout import SubjectLayout
-from lora_core.lock import SubjectBusyError, subject_lock
+from lora_core.foundation.fs import DiskFullError, atomic_write_text
+from lora_core.foundation.layout import SubjectLayout
+from lora_core.foundation.lock import SubjectBusyError, subject_lock
 from tests.conftest import ROOT, TINY_BLIP, encode, photo
 
 TINY_SD15 = "builtin:tiny-sd15"
@@ -180,7 +180,7 @@ def test_a_second_ctrl_c_exits_at_once_and_the_first_has_a_deadline(monkeypatch)
 _HOLD = """
 import sys, time
 from pathlib import Path
-from lora_core.lock import subject_lock
+from lora_core.foundation.lock import subject_lock
 with subject_lock(Path(sys.argv[1]), Path(sys.argv[2])):
     print("held", flush=True)
     time.sleep(600)

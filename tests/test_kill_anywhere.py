@@ -31,8 +31,8 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from lora_core.layout import SubjectLayout
-from lora_core.tiny_models import materialize
+from lora_core.foundation.layout import SubjectLayout
+from lora_core.foundation.tiny_models import materialize
 from tests.conftest import ROOT, TINY_BLIP, photo
 from tests.test_training import TINY_SD15
 
@@ -63,10 +63,10 @@ EVERY_RUN = {"startup", "export-settings", "start-run", "publish-run", "publish-
 NO_USER_FILES = {"startup", "start-run"}  # they write bookkeeping only: never killed "after a write"
 BEGUN = "Beginning flow run"
 FINISHED = re.compile(r"Task run '(?P<task>[a-z0-9-]+)-[0-9a-f]{3,}' - Finished in state")
-TEMP_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # lora_core.fs.atomic_output's mkstemp names
+TEMP_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # lora_core.foundation.fs.atomic_output's mkstemp names
 STAMP = re.compile(r"^[0-9a-f]{64}\s*$")
 SAMPLE_TIME = re.compile(r"_\d{14}_")  # sd-scripts' sample names carry the second they were rendered
-# LoRA metadata that names the moment or the session, not the weights (lora_core.metadata.kohya_metadata).
+# LoRA metadata that names the moment or the session, not the weights (lora_core.training.metadata.kohya_metadata).
 VOLATILE_METADATA = {"modelspec.date", "ss_training_started_at", "ss_training_finished_at", "ss_session_id"}
 CONFIG = {
     "resolution": 256,
@@ -202,7 +202,7 @@ def audit(subject: Path) -> dict:
     for path in sorted(p for p in subject.rglob("*") if p.is_file()) if subject.is_dir() else []:
         rel = path.relative_to(subject)
         if path == layout.lock:
-            continue  # rewritten in place by design: the flock is on its inode (lora_core.lock reads any text)
+            continue  # rewritten in place by design: the flock is on its inode (foundation.lock reads any text)
         if TEMP_FILE.match(path.name) or (rel.parts[0] == "training_images" and rel.parts[1].startswith(".ingest-")):
             found["temp"].append(str(rel))  # a temporary name (ingest stages in training_images/.ingest-*)
             continue

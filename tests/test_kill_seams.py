@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 import tasks.train
-from lora_core.fs import atomic_write_text, remove_stale_temps
-from lora_core.layout import SubjectLayout
-from lora_core.sampling import SamplePrompt, SampleSpec, sample_files, save_samples
+from lora_core.foundation.fs import atomic_write_text, remove_stale_temps
+from lora_core.foundation.layout import SubjectLayout
+from lora_core.training.sampling import SamplePrompt, SampleSpec, sample_files, save_samples
 from tests.conftest import TINY_BLIP, photo
 
 TOKEN = "t0k3n"

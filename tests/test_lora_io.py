@@ -9,10 +9,10 @@ import struct
 import pytest
 import torch
 
-from lora_core.lora_io import LoraFileError, model_hash, read_lora, save_lora, tag_frequency
-from lora_core.models import load_base_model
-from lora_core.network import LoraNetwork
-from lora_core.tiny_models import materialize
+from lora_core.families.loading import load_base_model
+from lora_core.foundation.lora_file import LoraFileError, model_hash, read_lora, save_lora, tag_frequency
+from lora_core.foundation.tiny_models import materialize
+from lora_core.training.network import LoraNetwork
 
 TINY_SD15 = "builtin:tiny-sd15"
 TINY_SDXL = "builtin:tiny-sdxl"

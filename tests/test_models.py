@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from lora_core.models import BaseModelError, load_base_model, model_identity
-from lora_core.tiny_models import materialize
+from lora_core.families.loading import BaseModelError, load_base_model, model_identity
+from lora_core.foundation.tiny_models import materialize
 
 
 class _Payload:
@@ -76,7 +76,7 @@ def test_a_single_file_checkpoint_loads_with_its_config(builtin_models_home, tmp
     """A CivitAI-style single .safetensors (original layout) gives exactly the folder's weights."""
     import torch
 
-    from lora_core.network import LoraNetwork
+    from lora_core.training.network import LoraNetwork
     from tests.ldm_checkpoint import write_single_file
 
     checkpoint = tmp_path / "tiny-sd15.safetensors"

@@ -10,12 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageChops
 
-from lora_core.faces import face_models
-from lora_core.ingest import ingest
-from lora_core.layout import SubjectLayout
-from lora_core.manifest import read_manifest
-from lora_core.orientation import check_orientation, find_rotation, mirror_consensus, orientation_intact, turn
-from lora_core.settings import CheckSettings, IngestSettings, SubjectType
+from lora_core.checks.face_models import face_models
+from lora_core.config.settings import CheckSettings, IngestSettings, SubjectType
+from lora_core.dataset.ingest import ingest
+from lora_core.dataset.manifest import read_manifest
+from lora_core.dataset.orient import check_orientation, find_rotation, mirror_consensus, orientation_intact, turn
+from lora_core.foundation.layout import SubjectLayout
 
 
 def same_pixels(a: Image.Image, b: Image.Image) -> bool:

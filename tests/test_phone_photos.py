@@ -15,16 +15,16 @@ import pytest
 from PIL import Image
 
 import lora_core.checks.workers as workers
-import lora_core.ingest
-import lora_core.orientation
-import lora_core.sources
+import lora_core.dataset.ingest
+import lora_core.dataset.orient
+import lora_core.foundation.sources
 from lora_core.checks.workers import photo_workers, run_per_photo, usable_cores
-from lora_core.decoding import decode_image
-from lora_core.ingest import ingest
-from lora_core.layout import SubjectLayout
-from lora_core.orientation import check_orientation
-from lora_core.quality import check_quality
-from lora_core.settings import CheckSettings, IngestSettings
+from lora_core.config.settings import CheckSettings, IngestSettings
+from lora_core.dataset.crop import check_quality
+from lora_core.dataset.decoding import decode_image
+from lora_core.dataset.ingest import ingest
+from lora_core.dataset.orient import check_orientation
+from lora_core.foundation.layout import SubjectLayout
 from tests.conftest import encode, photo
 from tests.test_orientation import crops
 
@@ -162,14 +162,14 @@ def _outputs(workdir: Path) -> dict[str, bytes]:
 
 def test_ingest_on_two_threads_writes_what_one_does(tmp_path, messy_folder, monkeypatch):
     decoders: list[str] = []
-    decode = lora_core.ingest.decode_image
+    decode = lora_core.dataset.ingest.decode_image
 
     def decode_and_note(data, settings):
         decoders.append(f"{os.getpid()}:{threading.current_thread().name}")
         time.sleep(0.02)  # long enough for the other thread to take the next photo
         return decode(data, settings)
 
-    monkeypatch.setattr(lora_core.ingest, "decode_image", decode_and_note)
+    monkeypatch.setattr(lora_core.dataset.ingest, "decode_image", decode_and_note)
     one = ingest(messy_folder, SubjectLayout(tmp_path / "one", "t0k3n"), show_progress=False, workers=1)
     here = f"{os.getpid()}:{threading.current_thread().name}"
     assert set(decoders) == {here}
@@ -258,14 +258,14 @@ def portrait_set(tmp_path_factory, portraits):
 def test_the_checks_on_worker_processes_find_what_one_process_does(portrait_set, tmp_path, monkeypatch):
     (one, two), (rows_one, rows_two) = portrait_set
     pids = tmp_path / "pids"
-    analyse = lora_core.orientation._analyse
+    analyse = lora_core.dataset.orient._analyse
 
     def analyse_and_note(path, models):
         with open(pids, "a") as handle:
             handle.write(f"{os.getpid()}\n")
         return analyse(path, models)
 
-    monkeypatch.setattr(lora_core.orientation, "_analyse", analyse_and_note)
+    monkeypatch.setattr(lora_core.dataset.orient, "_analyse", analyse_and_note)
     settings = CheckSettings()
     reports: list[str] = []
     alone = check_orientation(one, rows_one, settings, show_progress=False, workers=1)

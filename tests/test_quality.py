@@ -11,11 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image, ImageFilter
 
-from lora_core.ingest import ingest
-from lora_core.layout import SubjectLayout
-from lora_core.manifest import read_manifest
-from lora_core.orientation import check_orientation
-from lora_core.quality import (
+from lora_core.config.settings import CheckSettings, IngestSettings, SubjectType
+from lora_core.dataset.crop import (
     _grey,
     blockiness,
     check_quality,
@@ -28,7 +25,10 @@ from lora_core.quality import (
     sharpness,
     upscale_signature,
 )
-from lora_core.settings import CheckSettings, IngestSettings, SubjectType
+from lora_core.dataset.ingest import ingest
+from lora_core.dataset.manifest import read_manifest
+from lora_core.dataset.orient import check_orientation
+from lora_core.foundation.layout import SubjectLayout
 from tests.conftest import DEMO_PHOTOS
 
 
@@ -117,7 +117,7 @@ def test_count_guidance_follows_the_seeds_table(count):
 
 
 def test_identity_distance_singles_out_another_person(portraits):
-    from lora_core.faces import face_models
+    from lora_core.checks.face_models import face_models
 
     models = face_models()
     descriptors = []

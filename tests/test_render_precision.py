@@ -15,12 +15,12 @@ import pytest
 import torch
 from torch import nn
 
-from lora_core.config import LoraConfig
-from lora_core.lora_io import LoraFile, kohya_targets
-from lora_core.metric_grids import GridRenderer
-from lora_core.models import BaseModel, load_base_model
-from lora_core.precision import Precision
-from lora_core.sampling import SamplePrompt, SampleSpec, render
+from lora_core.config.lora_config import LoraConfig
+from lora_core.evaluation.metric_grids import GridRenderer
+from lora_core.families.loading import BaseModel, load_base_model
+from lora_core.foundation.lora_file import LoraFile, kohya_targets
+from lora_core.training.precision import Precision
+from lora_core.training.sampling import SamplePrompt, SampleSpec, render
 
 TINY_SDXL = "builtin:tiny-sdxl"
 CPU = torch.device("cpu")

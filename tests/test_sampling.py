@@ -9,11 +9,12 @@ import pytest
 import torch
 from PIL import ImageChops
 
-from lora_core.config import Sampler
-from lora_core.metric_grids import grid_key, metric_spec
-from lora_core.models import load_base_model
-from lora_core.precision import Precision
-from lora_core.sampling import (
+from lora_core.config.lora_config import Sampler
+from lora_core.config.settings import SelectionSettings
+from lora_core.evaluation.metric_grids import grid_key, metric_spec
+from lora_core.families.loading import load_base_model
+from lora_core.training.precision import Precision
+from lora_core.training.sampling import (
     DEFAULT_PROMPTS,
     SCHEDULERS,
     SamplePrompt,
@@ -23,8 +24,7 @@ from lora_core.sampling import (
     sample_filename,
     save_samples,
 )
-from lora_core.settings import SelectionSettings
-from lora_core.training import Trainer
+from lora_core.training.trainer import Trainer
 from tests.test_training import TINY_SD15, make_subject, small_config
 
 SPEC = SampleSpec(

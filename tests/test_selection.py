@@ -8,10 +8,10 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from PIL import ImageEnhance, ImageFilter
 
-from lora_core.config import LoraConfig
-from lora_core.metrics import burn_score, copy_distance, diversity, fidelity, leave_one_out_ceiling
-from lora_core.selection import NO_SIGNAL, EpochMetrics, guards, resume_config, select, verdict_note
-from lora_core.settings import SelectionSettings
+from lora_core.config.lora_config import LoraConfig
+from lora_core.config.settings import SelectionSettings
+from lora_core.evaluation.metrics import burn_score, copy_distance, diversity, fidelity, leave_one_out_ceiling
+from lora_core.evaluation.selection import NO_SIGNAL, EpochMetrics, guards, resume_config, select, verdict_note
 from tests.test_quality import jpeg
 
 

@@ -11,10 +11,10 @@ from prefect import flow
 from prefect.states import Completed, Failed
 
 import tasks.ingest
-from lora_core.blip import CaptionModelError
-from lora_core.config import ConfigError
-from lora_core.ingest import TooFewImagesError
-from lora_core.settings import IngestSettings
+from lora_core.config.lora_config import ConfigError
+from lora_core.config.settings import IngestSettings
+from lora_core.dataset.blip import CaptionModelError
+from lora_core.dataset.ingest import TooFewImagesError
 from tasks.artifacts import artifact_key
 from tasks.retries import retry_transient
 

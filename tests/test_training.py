@@ -18,17 +18,17 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lora_core.buckets import BucketAssignment, BucketPlan, bucket_subject
-from lora_core.captioning import caption_subject
-from lora_core.config import LoraConfig, preset_config
-from lora_core.ingest import ingest
-from lora_core.layout import SubjectLayout
-from lora_core.lora_io import read_lora
-from lora_core.models import load_base_model
-from lora_core.run_state import save_epoch
-from lora_core.settings import IngestSettings
-from lora_core.train_data import SplitError, TrainItem, epoch_batches, split_items, training_items
-from lora_core.training import Trainer
+from lora_core.config.lora_config import LoraConfig, preset_config
+from lora_core.config.settings import IngestSettings
+from lora_core.dataset.buckets import BucketAssignment, BucketPlan, bucket_subject
+from lora_core.dataset.captioning import caption_subject
+from lora_core.dataset.ingest import ingest
+from lora_core.dataset.train_data import SplitError, TrainItem, epoch_batches, split_items, training_items
+from lora_core.families.loading import load_base_model
+from lora_core.foundation.layout import SubjectLayout
+from lora_core.foundation.lora_file import read_lora
+from lora_core.training.state import read_state, save_epoch, write_state
+from lora_core.training.trainer import Trainer
 from tests.conftest import ROOT, TINY_BLIP, photo
 
 TINY_SD15 = "builtin:tiny-sd15"
@@ -98,10 +98,10 @@ def test_a_new_process_continues_to_the_same_weights(builtin_models_home, tmp_pa
     layout = make_subject(tmp_path, config, sizes=((256, 320), (320, 256), (256, 256)))
     straight = Trainer(config, load_base_model(TINY_SD15), layout, show_progress=False)
     straight.run_epoch(1)
-    straight.save_state(tmp_path / "state.safetensors")
+    write_state(straight, tmp_path / "state.safetensors")
     straight.run_epoch(2)
     resumed = Trainer(config, load_base_model(TINY_SD15), layout, show_progress=False)
-    resumed.load_state(tmp_path / "state.safetensors")
+    read_state(resumed, tmp_path / "state.safetensors")
     assert resumed.epoch == 1 and resumed.global_step == straight.steps_per_epoch
     resumed.run_epoch(2)
     a, b = straight.network.weights(), resumed.network.weights()
@@ -424,7 +424,7 @@ def test_the_train_stage_caches_each_epoch_and_publishes_it(prefect_harness, bui
 
 
 def test_oom_ladder_follows_the_seed():
-    from lora_core.memory import apply_steps, oom_step
+    from lora_core.training.memory import apply_steps, oom_step
 
     config = small_config(mixed_precision="no", train_batch_size=4, cache_latents=False)
     seen = []
@@ -529,7 +529,7 @@ def test_continuing_a_lora_archives_the_last_run_and_records_the_source(prefect_
 
 
 def test_long_captions_are_encoded_in_75_token_windows(builtin_models_home, tmp_path):
-    from lora_core.conditioning import token_windows
+    from lora_core.families.conditioning import token_windows
 
     config = small_config(num_repeats=1, max_token_length=150, train_text_encoder=False)
     trainer = Trainer(config, load_base_model(TINY_SD15), make_subject(tmp_path, config), show_progress=False)
@@ -547,7 +547,7 @@ def test_long_captions_are_encoded_in_75_token_windows(builtin_models_home, tmp_
     assert torch.equal(text.hidden[:, :76], whole[0][:, :76])
     assert torch.equal(text.hidden[:, 76:151], whole[1][:, 1:76]) and torch.equal(text.hidden[:, 151], whole[1][:, 76])
     assert trainer.run_epoch(1).losses
-    from lora_core.conditioning import conditioning_for
+    from lora_core.families.conditioning import conditioning_for
 
     assert conditioning_for(trainer.base, 1, 225).encode(captions, trainer.device).hidden.shape[1] == 227
 
@@ -555,7 +555,7 @@ def test_long_captions_are_encoded_in_75_token_windows(builtin_models_home, tmp_
 def test_shuffle_tags_keeps_the_leading_tokens():
     import random
 
-    from lora_core.train_data import shuffle_tags
+    from lora_core.dataset.train_data import shuffle_tags
 
     caption = "t0k3n, a man, suit, tie, smiling, outdoors"
     seen = {shuffle_tags(caption, 1, random.Random(seed)) for seed in range(20)}

@@ -11,14 +11,14 @@ from hypothesis import strategies as st
 from PIL import Image, ImageOps
 
 import tasks.artifacts
+from lora_core.checks.face_models import face_models
 from lora_core.checks.variety import COLOUR_NAMES, background_colour, colour_name, yaw
-from lora_core.faces import face_models
-from lora_core.ingest import ingest
-from lora_core.layout import SubjectLayout
-from lora_core.manifest import read_manifest
-from lora_core.orientation import check_orientation
-from lora_core.quality import check_quality
-from lora_core.settings import CheckSettings, IngestSettings, SubjectType
+from lora_core.config.settings import CheckSettings, IngestSettings, SubjectType
+from lora_core.dataset.crop import check_quality
+from lora_core.dataset.ingest import ingest
+from lora_core.dataset.manifest import read_manifest
+from lora_core.dataset.orient import check_orientation
+from lora_core.foundation.layout import SubjectLayout
 from tests.test_orientation import crops
 
 RGB = st.tuples(*[st.integers(0, 255)] * 3)

@@ -3,7 +3,7 @@
 A new check is one module here declaring its `Check` (code, what it
 measures, how it judges, its summary words, its manifest columns, its
 settings model), one line in `CHECKS`, its settings among `CheckSettings`'s
-bases (`lora_core.settings`), and its test. Stages run their checks in
+bases (`lora_core.config.settings`), and its test. Stages run their checks in
 registry order, so a check may look at the flags raised before it.
 
 Modules: `orientation` (stage `checks`: rotated, sideways, mirrored), `face`

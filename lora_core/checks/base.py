@@ -19,7 +19,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from lora_core.faces import Face, FaceModels
+from lora_core.checks.face_models import Face, FaceModels
 
 __all__ = ["MIN_RELATIVE", "Check", "Column", "Finding", "Photo", "QualityPolicy", "Sample"]
 

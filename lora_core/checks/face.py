@@ -1,6 +1,6 @@
 """Face checks: portraits with the subject's face clear and whole, and only the subject (people only).
 
-The face is dlib's largest detection (`lora_core.faces`). Another face at
+The face is dlib's largest detection (`lora_core.checks.face_models`). Another face at
 least a quarter the size of it is someone else in the frame; a face farther
 than dlib's same-person bound from the set's median face is likely the wrong
 person in the folder.

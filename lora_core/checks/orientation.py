@@ -1,7 +1,7 @@
 """Orientation checks: sideways photos and mirrored selfies, which the seed asks users to fix by hand.
 
 They run in the `checks` stage, on ingest's images as decoded: its runner
-(`lora_core.orientation`) finds each photo's rotation and the antisymmetric
+(`lora_core.dataset.orient`) finds each photo's rotation and the antisymmetric
 part of its face descriptor, and applies the policy; these records judge.
 
 Mirroring is a sign-synchronisation problem. Correlating every pair of

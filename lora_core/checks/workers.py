@@ -13,7 +13,7 @@ photo after another.
 
 How many workers: the cores this process may run on (`os.sched_getaffinity`:
 taskset, cpusets), and no more than torch's thread count once torch is loaded,
-which is how `lora_core.precision.share_cores` gives each of several subjects
+which is how `lora_core.training.precision.share_cores` gives each of several subjects
 on one machine its share.
 """
 
@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 from rich.progress import Progress
 
-from lora_core.fs import JsonCache, sha256_file
+from lora_core.foundation.fs import JsonCache, sha256_file
 
 __all__ = ["MIN_PHOTOS_PER_WORKER", "OnPhoto", "analyse_photos", "photo_workers", "run_per_photo", "usable_cores"]
 

@@ -1,0 +1,84 @@
+"""A run's settings from their layers: the preset, then a config file, then explicit overrides.
+
+The command line, the Prefect deployments and the tests all build a run's
+`LoraConfig` this one way, so a value set in a kohya_ss or CivitAI file and a
+flag given on top of it combine the same wherever the run starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from lora_core.config.kohya import describe_validation_error, load_config
+from lora_core.config.lora_config import ConfigError, LoraConfig, Preset, preset_config
+
+__all__ = ["merge_settings", "resolve_config", "subject_config"]
+
+
+def merge_settings(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with `changes` laid over it: nested settings merge key by key; a None change keeps the base."""
+    merged = dict(base)
+    for key, value in changes.items():
+        if value is None:
+            continue
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge_settings(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def resolve_config(
+    preset: Preset | str | None = None,
+    config_file: Path | str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    origin: str = "overrides",
+) -> LoraConfig:
+    """The preset (default: sd15, or sdxl for an SDXL config file), the file's values over it, then `overrides`
+    (LoraConfig field names; nested settings as dicts; None values ignored).
+
+    Raises `ConfigError` naming the file, or `origin` for an override, and the field; a config file's
+    unknown keys warn with a `ConfigWarning`.
+    """
+    config = load_config(config_file, preset) if config_file else preset_config(preset or Preset.sd15)
+    if not overrides or all(value is None for value in overrides.values()):
+        return config
+    try:
+        return LoraConfig.model_validate(merge_settings(config.model_dump(), overrides))
+    except ValidationError as err:
+        raise ConfigError(describe_validation_error(Path(origin), err, {})) from None
+
+
+def subject_config(
+    preset: Preset | str | None = None,
+    config_file: Path | str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    base_model: str | None = None,
+    caption_model: str | None = None,
+    subject_type: str | None = None,
+    mirror_policy: str | None = None,
+    quality_policy: str | None = None,
+    network_weights: Path | str | None = None,
+    epochs: int | None = None,
+    max_resumes: int | None = None,
+    recaption: bool | None = None,
+    origin: str = "overrides",
+) -> LoraConfig:
+    """A subject's config from what a person names: the command line's flags, the train-subject
+    deployment's parameters, a batch file's entry. Preset, then config file, then `overrides`, then the
+    named settings (each None: not given). Raises `ConfigError` naming `origin` and the field."""
+    named = {
+        "pretrained_model_name_or_path": base_model,
+        "network_weights": str(network_weights) if network_weights else None,
+        "max_train_epochs": epochs,
+        "subject_type": subject_type,
+        "selection": {"max_resumes": max_resumes},
+        "checks": {"mirror_policy": mirror_policy, "quality_policy": quality_policy},
+        "captioning": {"model": caption_model, "recaption": recaption},
+    }
+    return resolve_config(preset, config_file, merge_settings(dict(overrides or {}), named), origin)

@@ -1,0 +1,108 @@
+"""kohya's default LoRA network as peft layers on a base model.
+
+The network trains exactly the modules sd-scripts' default LoRA trains (see
+`lora_io`), with peft's `lora_A`/`lora_B` initialised as kohya initialises
+`lora_down`/`lora_up` (Kaiming-uniform and zeros), so the file we write is the
+file kohya would write.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lora_core.families.loading import BaseModel
+from lora_core.foundation.lora_file import LoraFile, LoraTarget, kohya_name, kohya_targets
+
+__all__ = ["LoadReport", "LoraNetwork"]
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """How an existing LoRA file matched the network it was loaded into."""
+
+    loaded: int
+    missing: list[str]  # our modules the file has no weights for (they start fresh)
+    unexpected: list[str]  # the file's modules we do not train (ignored)
+
+
+class LoraNetwork:
+    """kohya's default LoRA on `base`: peft layers in the UNet and, if asked, the text encoder(s)."""
+
+    def __init__(self, base: BaseModel, rank: int, alpha: float, train_text_encoder: bool = True) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        self.rank, self.alpha, self.sdxl = int(rank), float(alpha), base.sdxl
+        self.components = base.components if train_text_encoder else {"unet": base.unet}
+        self.targets: list[LoraTarget] = kohya_targets(self.components, base.sdxl)
+        # Everything the base model has is frozen, the text encoders too when they get no LoRA:
+        # otherwise their weights' gradients are computed (and their memory held) every step.
+        for module in [*base.components.values(), base.vae]:
+            module.requires_grad_(False)
+        for component, root in self.components.items():
+            paths = [t.path for t in self.targets if t.component == component]
+            config = LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=paths, init_lora_weights=True)
+            inject_adapter_in_model(config, root)
+            root.requires_grad_(False)
+            for target in (t for t in self.targets if t.component == component):
+                for param in self._pair(target):
+                    param.requires_grad_(True)
+
+    def _layer(self, target: LoraTarget) -> Any:
+        return self.components[target.component].get_submodule(target.path)
+
+    def _pair(self, target: LoraTarget) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
+        """(down, up): peft's lora_A and lora_B weights of one module."""
+        layer = self._layer(target)
+        return layer.lora_A["default"].weight, layer.lora_B["default"].weight
+
+    def parameters(self, component: str | None = None) -> list[torch.nn.Parameter]:
+        """The trainable tensors, of one component or all."""
+        return [p for t in self.targets if component in (None, t.component) for p in self._pair(t)]
+
+    def weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """`{kohya name: (lora_down, lora_up)}`, ready for `lora_io.save_lora`."""
+        return {t.name: tuple(p.detach() for p in self._pair(t)) for t in self.targets}  # type: ignore[misc]
+
+    def clear(self) -> None:
+        """A zero update everywhere: the network computes the base model, as when fresh."""
+        with torch.no_grad():
+            for target in self.targets:
+                self._pair(target)[1].zero_()
+
+    def load(self, lora: LoraFile, strength: float = 1.0) -> LoadReport:
+        """Start from an existing kohya-format LoRA (ours or kohya's): the seed's way to resume.
+
+        A file with another alpha/rank ratio is rescaled into `up`, so the
+        network computes the same update the file describes, times `strength`
+        (the `<lora:name:0.8>` weight of AUTOMATIC1111; 0 gives the base model).
+        Modules the file lacks get a zero update, as a fresh network has.
+        """
+        ours = {t.name: t for t in self.targets}
+        # Also accept SDXL files that name UNet modules the diffusers way (both load everywhere).
+        if self.sdxl:
+            ours |= {kohya_name(t.component, t.path, True, sgm=False): t for t in self.targets}
+        loaded, unexpected = set(), []
+        with torch.no_grad():
+            for name, (down, up, alpha) in lora.modules.items():
+                target = ours.get(name)
+                if target is None:
+                    unexpected.append(name)
+                    continue
+                ours_down, ours_up = self._pair(target)
+                if down.shape != ours_down.shape or up.shape != ours_up.shape:
+                    raise ValueError(
+                        f"{name}: the file's rank-{down.shape[0]} weights {tuple(down.shape)}/{tuple(up.shape)} do "
+                        f"not fit this network's {tuple(ours_down.shape)}/{tuple(ours_up.shape)}; "
+                        f"set network_dim to {down.shape[0]}"
+                    )
+                ratio = (alpha / down.shape[0]) / (self.alpha / self.rank)
+                ours_down.copy_(down.to(ours_down))
+                ours_up.copy_((up.float() * ratio * strength).to(ours_up))
+                loaded.add(target.name)
+            missing = [t.name for t in self.targets if t.name not in loaded]
+            for name in missing:
+                self._pair(ours[name])[1].zero_()
+        return LoadReport(len(loaded), missing, sorted(unexpected))

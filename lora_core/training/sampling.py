@@ -1,0 +1,306 @@
+"""Sample images during training: fixed prompts and seeds, so epoch N and N+1 differ only by the LoRA.
+
+The seed's author watches the samples to see the LoRA learn (and to notice
+when "the preview images after a while start to be all the same"). We render
+the same prompts at the same seeds every time, with the models the trainer
+already has in memory (no reload), in eval mode, without touching any random
+state training uses, so a run with samples trains exactly as one without.
+Files are named as sd-scripts names them; each round also makes one contact
+sheet (prompts x seeds) for the Prefect UI.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw
+
+from lora_core.config.lora_config import Sampler
+from lora_core.families.loading import BaseModel
+from lora_core.foundation.fs import atomic_output
+from lora_core.training.precision import Precision
+
+__all__ = [
+    "DEFAULT_PROMPTS",
+    "SCHEDULERS",
+    "SamplePrompt",
+    "SampleSpec",
+    "contact_sheet",
+    "render",
+    "sample_filename",
+    "sample_files",
+    "save_samples",
+]
+
+# The seed's sample prompt first, then a couple that move the subject somewhere new.
+DEFAULT_PROMPTS = (
+    "{token}, portrait photo",
+    "{token}, photo of a person walking in a park, autumn",
+    "{token}, oil painting portrait",
+)
+
+
+@dataclass(frozen=True)
+class SamplePrompt:
+    """One prompt with its own settings; kohya's prompt options set them (`--w --h --s --l --n --d`)."""
+
+    text: str
+    negative: str = "lowres, blurry, deformed"
+    width: int = 512
+    height: int = 512
+    steps: int = 20
+    scale: float = 7.0
+    seeds: tuple[int, ...] = (1, 2)
+
+    @classmethod
+    def parse(cls, line: str, **defaults) -> SamplePrompt:
+        """A line of a kohya prompt file: `text --n negative --w 512 --h 768 --s 28 --l 7.5 --d 42`."""
+        text, *options = re.split(r"\s--(?=[a-z]\s)", " " + line.strip())
+        values = dict(defaults)
+        for option in options:
+            key, _, value = option.partition(" ")
+            value = value.strip()
+            try:
+                if key == "n":
+                    values["negative"] = value
+                elif key in ("w", "h"):
+                    values["width" if key == "w" else "height"] = max(64, int(value) // 8 * 8)
+                elif key == "s":
+                    values["steps"] = max(1, int(value))
+                elif key == "l":
+                    values["scale"] = float(value)
+                elif key == "d":
+                    values["seeds"] = (int(value),)
+            except ValueError:
+                raise ValueError(
+                    f"sample prompt {line.strip()!r}: option --{key} needs a number, got {value!r}"
+                ) from None
+        return cls(text=text.strip(), **values)
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """What to render: the prompts ({token} filled in), each with its size, steps and seeds, and the sampler."""
+
+    prompts: tuple[SamplePrompt, ...]
+    sampler: Sampler = Sampler.euler_a
+
+    def __post_init__(self) -> None:
+        # A name from a config file ("k_euler") becomes the enum; an unknown one fails here, not mid-render.
+        object.__setattr__(self, "sampler", Sampler(self.sampler))
+
+    @classmethod
+    def from_config(cls, config, token: str, **defaults) -> SampleSpec:
+        """The config's `sample_prompts`, one per line with kohya's options, at the training resolution,
+        with its `sample_sampler`."""
+        lines = [line.strip() for line in config.sample_prompts.splitlines() if line.strip()]
+        defaults = {"width": config.resolution, "height": config.resolution} | defaults
+        return cls(
+            tuple(SamplePrompt.parse(line.replace("{token}", token), **defaults) for line in lines or DEFAULT_PROMPTS),
+            sampler=config.sample_sampler,
+        )
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        """Every seed any prompt uses, in order (the contact sheet's columns)."""
+        return tuple(dict.fromkeys(seed for prompt in self.prompts for seed in prompt.seeds))
+
+
+# sd-scripts' `sample_sampler` names: the diffusers scheduler each samples with, and what sets it apart
+# (as sd-scripts' `get_my_scheduler` maps them; a `k_` name is an alias of the name without it). Two
+# options sd-scripts leaves at diffusers' defaults are set, so every sampler works at any step count:
+# PNDM skips its Runge-Kutta warm-up (as SD's own scheduler config does; with it, fewer than 4 steps
+# fail), and the deprecated `dpmsolver` algorithm ends at sigma_min (recent diffusers reject "zero").
+SCHEDULERS: dict[Sampler, tuple[str, dict[str, Any]]] = {
+    Sampler.ddim: ("DDIMScheduler", {}),
+    Sampler.pndm: ("PNDMScheduler", {"skip_prk_steps": True}),
+    Sampler.lms: ("LMSDiscreteScheduler", {}),
+    Sampler.k_lms: ("LMSDiscreteScheduler", {}),
+    Sampler.euler: ("EulerDiscreteScheduler", {}),
+    Sampler.k_euler: ("EulerDiscreteScheduler", {}),
+    Sampler.euler_a: ("EulerAncestralDiscreteScheduler", {}),
+    Sampler.k_euler_a: ("EulerAncestralDiscreteScheduler", {}),
+    Sampler.heun: ("HeunDiscreteScheduler", {}),
+    Sampler.dpm_2: ("KDPM2DiscreteScheduler", {}),
+    Sampler.k_dpm_2: ("KDPM2DiscreteScheduler", {}),
+    Sampler.dpm_2_a: ("KDPM2AncestralDiscreteScheduler", {}),
+    Sampler.k_dpm_2_a: ("KDPM2AncestralDiscreteScheduler", {}),
+    Sampler.dpmsolver: (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"},
+    ),
+    Sampler.dpmsolver_pp: ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    Sampler.dpmsingle: ("DPMSolverSinglestepScheduler", {}),
+}
+
+
+def _scheduler(base: BaseModel, sampler: Sampler):
+    """`sampler`'s scheduler on the model's own training schedule (its betas and prediction type)."""
+    import diffusers
+
+    name, options = SCHEDULERS[Sampler(sampler)]
+    return getattr(diffusers, name).from_config(base.noise_scheduler.config, **options)
+
+
+def _pipeline(base: BaseModel, sampler: Sampler):
+    """A diffusers pipeline over the trainer's modules (shared, not copied)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if base.sdxl:
+        return StableDiffusionXLPipeline(
+            vae=base.vae,
+            text_encoder=base.text_encoders[0],
+            text_encoder_2=base.text_encoders[1],
+            tokenizer=base.tokenizers[0],
+            tokenizer_2=base.tokenizers[1],
+            unet=base.unet,
+            scheduler=_scheduler(base, sampler),
+            add_watermarker=False,
+        )
+    return StableDiffusionPipeline(
+        vae=base.vae,
+        text_encoder=base.text_encoders[0],
+        tokenizer=base.tokenizers[0],
+        unet=base.unet,
+        scheduler=_scheduler(base, sampler),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+@contextmanager
+def _eval_mode(base: BaseModel) -> Iterator[None]:
+    """Eval mode and no gradients while rendering; each module's mode restored after.
+
+    The global RNG needs no saving: every render draws from its own seeded generator.
+    """
+    modules = [base.vae, *base.components.values()]
+    modes = [module.training for module in modules]
+    try:
+        for module in modules:
+            module.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for module, mode in zip(modules, modes, strict=True):
+            module.train(mode)
+
+
+def render(base: BaseModel, spec: SampleSpec, precision: Precision) -> list[list[Image.Image]]:
+    """One image per prompt and seed, `[prompt][seed]`: the same inputs give the same pictures.
+
+    The text encoders and UNet run in the training precision (`precision.autocast()`),
+    and the VAE decodes outside that autocast, in its own fp32 weights (bf16 when
+    training in bf16): SDXL's VAE overflows in fp16 to black or NaN pictures.
+    """
+    pipeline = _pipeline(base, spec.sampler)
+    pipeline.set_progress_bar_config(disable=True)
+    grid = []
+    with _eval_mode(base):
+        for prompt in spec.prompts:
+            row = []
+            for seed in prompt.seeds:
+                generator = torch.Generator(device="cpu").manual_seed(seed)
+                with precision.autocast():
+                    latents = pipeline(
+                        prompt.text,
+                        negative_prompt=prompt.negative,
+                        width=prompt.width,
+                        height=prompt.height,
+                        num_inference_steps=prompt.steps,
+                        guidance_scale=prompt.scale,
+                        generator=generator,
+                        output_type="latent",
+                    ).images
+                with precision.vae_autocast():
+                    image = _decode(base, latents)
+                row.append(pipeline.image_processor.postprocess(image.float(), output_type="pil")[0])
+            grid.append(row)
+    return grid
+
+
+def _decode(base: BaseModel, latents: torch.Tensor) -> torch.Tensor:
+    """Latents to pixels in [-1, 1] as diffusers' pipelines decode them, in the VAE's own weight dtype."""
+    vae = base.vae
+    latents = latents.to(vae.device, vae.dtype)
+    mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
+    if base.sdxl and mean is not None and std is not None:  # SDXL VAEs that normalise their latents
+        mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+        std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+        latents = latents * std / vae.config.scaling_factor + mean
+    else:
+        latents = latents / vae.config.scaling_factor
+    return vae.decode(latents, return_dict=False)[0]
+
+
+def sample_filename(
+    output_name: str, index: int, seed: int, *, epoch: int | None = None, step: int | None = None
+) -> str:
+    """sd-scripts' file name: `<name>_e000001_00_<YYYYmmddHHMMSS>_<seed>.png` at an epoch's end,
+    `<name>_000100_00_...` at a step."""
+    return f"{output_name}_{_round(epoch, step)}_{index:02d}_{time.strftime('%Y%m%d%H%M%S')}_{seed}.png"
+
+
+def _round(epoch: int | None, step: int | None) -> str:
+    if (epoch is None) == (step is None):
+        raise ValueError("give exactly one of epoch or step")
+    return f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
+
+
+def sample_files(folder: Path, output_name: str, *, epoch: int | None = None, step: int | None = None) -> list[Path]:
+    """The images already rendered for one round (an epoch's end, or a step), whatever second they carry."""
+    name = re.compile(rf"{re.escape(output_name)}_{_round(epoch, step)}_\d{{2}}_\d{{14}}_-?\d+\.png")
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir() if name.fullmatch(p.name)) if folder.is_dir() else []
+
+
+def save_samples(
+    folder: Path,
+    output_name: str,
+    spec: SampleSpec,
+    grid: list[list[Image.Image]],
+    *,
+    epoch: int | None = None,
+    step: int | None = None,
+) -> list[Path]:
+    """Write each image atomically under `folder` (`result_current/sample/`); returns the paths.
+
+    The round's earlier images go once the new ones are written: a run killed after rendering an epoch's
+    samples renders them again, and the names carry the second, so the old set would stand beside the new.
+    """
+    earlier = sample_files(folder, output_name, epoch=epoch, step=step)
+    paths = []
+    for index, (prompt, row) in enumerate(zip(spec.prompts, grid, strict=True)):
+        for seed, image in zip(prompt.seeds, row, strict=True):
+            path = Path(folder) / sample_filename(output_name, index, seed, epoch=epoch, step=step)
+            with atomic_output(path) as tmp:
+                image.save(tmp, format="PNG")
+            paths.append(path)
+    for path in set(earlier) - set(paths):
+        path.unlink(missing_ok=True)
+    return paths
+
+
+def contact_sheet(grid: list[list[Image.Image]], spec: SampleSpec, title: str = "", cell: int = 192) -> Image.Image:
+    """Prompts down, seeds across, each picture `cell` px, labelled: one image per round for the UI."""
+    label = 18
+    rows, cols = len(grid), max(len(row) for row in grid)
+    sheet = Image.new("RGB", (cols * cell, label + rows * (cell + label)), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((4, 3), f"{title}  seeds {', '.join(map(str, spec.seeds))}", fill=(0, 0, 0))
+    for r, (prompt, row) in enumerate(zip(spec.prompts, grid, strict=True)):
+        top = label + r * (cell + label)
+        draw.text((4, top + 3), prompt.text[: cols * cell // 7], fill=(40, 40, 40))
+        for c, image in enumerate(row):
+            thumb = image.convert("RGB")
+            thumb.thumbnail((cell, cell))
+            sheet.paste(thumb, (c * cell + (cell - thumb.width) // 2, top + label + (cell - thumb.height) // 2))
+    return sheet

@@ -1,0 +1,329 @@
+"""The training loop: one `Trainer` per run, its models and data loaded once, trained epoch by epoch.
+
+The step is the diffusers LoRA recipe, in one precision-aware piece that runs
+the same on a GPU and on the CPU (see `lora_core.training.precision`): frozen weights
+in the training dtype, LoRA weights and optimizer state in fp32, autocast for
+the forward pass, fp16 loss scaling, gradient accumulation over micro-batches.
+The other concepts live in their own modules: `network` (the LoRA layers),
+`train_data` (items, batches, latents), `conditioning` (SD1.5 and SDXL text
+and size conditioning), `optim` (optimizer and schedule), `state` (what is
+on disk), `metadata` (kohya's `ss_*` keys) and `memory` (the out-of-memory ladder).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from lora_core.config.lora_config import LoraConfig
+from lora_core.dataset.train_data import Latents, epoch_batches, epoch_seed, shuffle_tags, split_items, training_items
+from lora_core.families.conditioning import TextCondition, conditioning_for
+from lora_core.families.loading import BaseModel, check_config_matches
+from lora_core.foundation.errors import RunFailure
+from lora_core.foundation.layout import SubjectLayout
+from lora_core.training.network import LoraNetwork
+from lora_core.training.optim import make_optimizer, make_scheduler, param_groups
+from lora_core.training.precision import resolve_precision
+
+__all__ = ["FIXED_TIMESTEPS", "MAX_GRAD_NORM", "EpochStats", "NonFiniteLossError", "Trainer"]
+
+# sd-scripts' default max_grad_norm.
+MAX_GRAD_NORM = 1.0
+
+# The timesteps of the fixed loss (`Trainer.training_loss`, `Trainer.heldout_loss`): across the schedule.
+FIXED_TIMESTEPS = (100, 300, 500, 700, 900)
+
+
+class NonFiniteLossError(RunFailure, RuntimeError):
+    """The loss (or the gradient norm) became NaN or inf: the epoch stops, nothing is saved from it."""
+
+
+@dataclass
+class EpochStats:
+    """What one epoch did: per optimizer step, the loss and learning rate; fp16 steps skipped on overflow."""
+
+    epoch: int
+    global_step: int
+    losses: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    skipped_steps: list[int] = field(default_factory=list)
+
+    @property
+    def mean_loss(self) -> float:
+        return sum(self.losses) / max(1, len(self.losses))
+
+
+class Trainer:
+    """One LoRA run on `base`: trains epoch by epoch; `training.state` saves it and continues it in a new process.
+
+    `device` None means `cuda` when there is one, else the CPU in fp32; an
+    explicit device trains in the config's `mixed_precision`, on the CPU too.
+    """
+
+    def __init__(
+        self,
+        config: LoraConfig,
+        base: BaseModel,
+        layout: SubjectLayout,
+        *,
+        device: str | torch.device | None = None,
+        show_progress: bool = True,
+    ) -> None:
+        check_config_matches(config, base)
+        self.config, self.base, self.layout, self.show_progress = config, base, layout, show_progress
+        self.precision = resolve_precision(config.mixed_precision, device)
+        self.device = self.precision.device
+        self.notes: list[str] = list(self.precision.notes)
+        self.conditioning = conditioning_for(base, config.clip_skip, config.max_token_length)
+        self.notes += self.conditioning.notes
+        torch.manual_seed(config.seed)  # the LoRA's initial weights
+        self.network = LoraNetwork(base, config.network_dim, config.network_alpha, config.train_text_encoder)
+        self._place_models()
+        if config.v_parameterization:
+            base.noise_scheduler.register_to_config(prediction_type="v_prediction")
+        # The images trained on, then those held out (validation_split): indices past the first run on.
+        self.items, self.heldout = split_items(
+            training_items(layout, config.caption_extension), config.validation_split, config.split_seed
+        )
+        self.latents = Latents(
+            self.items + self.heldout,
+            layout,
+            base.vae,
+            base.spec,
+            self.device,
+            cache=config.cache_latents,
+            to_disk=config.cache_latents_to_disk,
+            flip=config.flip_aug,
+        )
+        self.text = self._cache_text()
+        self._offload_idle_models()
+        self.batches_per_epoch = len(epoch_batches(self.items, config.train_batch_size, 0))
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / config.gradient_accumulation_steps)
+        self.total_steps = self.steps_per_epoch * config.max_train_epochs
+        groups = param_groups(
+            config,
+            self.network.parameters("unet"),
+            [p for c in ("text_encoder", "text_encoder_2") for p in self.network.parameters(c)],
+        )
+        self.optimizer, note = make_optimizer(config, groups, self.device)
+        self.notes += [note] if note else []
+        self.lr_scheduler = make_scheduler(config, self.optimizer, self.total_steps)
+        self.scaler = self.precision.grad_scaler()
+        self.noise = torch.Generator().manual_seed(config.seed)
+        self.epoch, self.global_step = 0, 0
+
+    # -- set-up --
+
+    def _place_models(self) -> None:
+        """Frozen weights in the training dtype on the device; the LoRA weights in fp32; the VAE in fp32."""
+        self.base.place(self.device, self.precision.dtype)
+        for param in self.network.parameters():
+            param.data = param.data.float()
+        if self.config.gradient_checkpointing:
+            self.base.unet.enable_gradient_checkpointing()
+            for encoder in self.network.components.values():
+                if encoder is not self.base.unet:
+                    # transformers 5 renamed it; older releases only have the second name.
+                    enable = getattr(encoder, "activation_checkpointing_enable", None)
+                    (enable or encoder.gradient_checkpointing_enable)()
+
+    def _idle_models(self) -> list[torch.nn.Module]:
+        """Models training does not touch once its inputs are cached: they can leave the GPU."""
+        idle = [self.base.vae] if self.latents.cache else []
+        if self.text is not None:
+            idle += self.base.text_encoders
+        return idle
+
+    def _offload_idle_models(self) -> None:
+        if self.device.type == "cuda":
+            for module in self._idle_models():
+                module.to("cpu")
+
+    @contextmanager
+    def models_on_device(self) -> Iterator[None]:
+        """Every model on the device while rendering samples (they need the VAE and text encoders)."""
+        idle = self._idle_models() if self.device.type == "cuda" else []
+        for module in idle:
+            module.to(self.device)
+        try:
+            yield
+        finally:
+            for module in idle:
+                module.to("cpu")
+
+    def _cache_text(self) -> list[TextCondition] | None:
+        """Text-encoder outputs per image, once, when nothing about them changes while training."""
+        if self.config.train_text_encoder or self.config.shuffle_caption:
+            return None
+        with torch.no_grad(), self.precision.autocast():
+            return [self.conditioning.encode([item.caption], self.device) for item in self.items + self.heldout]
+
+    def resume_at(self, epoch: int, global_step: int) -> None:
+        """Continue after `epoch` at `global_step`, the LR schedule replayed to that step."""
+        self.epoch, self.global_step = epoch, global_step
+        self.lr_scheduler = make_scheduler(self.config, self.optimizer, self.total_steps, start=global_step)
+
+    # -- one micro-batch --
+
+    def _text_for(self, batch: list[int], captions: list[str]) -> TextCondition:
+        if self.text is not None:
+            return TextCondition.cat([self.text[i] for i in batch])
+        if self.config.train_text_encoder:
+            return self.conditioning.encode(captions, self.device)
+        with torch.no_grad():  # shuffled tags through frozen encoders: no graph to keep
+            return self.conditioning.encode(captions, self.device)
+
+    def _draws(self, size: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise and timesteps, drawn image by image, so 2 batches of 1 draw exactly what 1 batch of 2 does."""
+        config, steps = self.config, self.base.noise_scheduler.config.num_train_timesteps
+        noises, timesteps = [], []
+        for _ in range(size):
+            noise = torch.randn(shape, generator=self.noise)
+            if config.noise_offset:  # https://www.crosslabs.org/blog/diffusion-with-offset-noise
+                noise += config.noise_offset * torch.randn((shape[0], 1, 1), generator=self.noise)
+            noises.append(noise)
+            timesteps.append(torch.randint(0, steps, (1,), generator=self.noise))
+        return torch.stack(noises).to(self.device), torch.cat(timesteps).to(self.device)
+
+    def _loss(self, batch: list[int], rng: random.Random) -> torch.Tensor:
+        """The mean loss of one micro-batch (`rng`: the epoch's tag shuffles and flips)."""
+        config, schedule = self.config, self.base.noise_scheduler
+        captions = [self.items[i].caption for i in batch]
+        if config.shuffle_caption:
+            captions = [shuffle_tags(c, config.keep_tokens, rng) for c in captions]
+        flips = [config.flip_aug and rng.random() < 0.5 for _ in batch]
+        latents = self.latents.batch(batch, flips, self.noise)
+        # Sample noise and a timestep per image, and noise the latents (the forward diffusion process).
+        noise, steps = self._draws(len(batch), tuple(latents.shape[1:]))
+        noisy = schedule.add_noise(latents, noise, steps)
+        v_prediction = schedule.config.prediction_type == "v_prediction"
+        target = schedule.get_velocity(latents, noise, steps) if v_prediction else noise
+        with self.precision.autocast():
+            text = self._text_for(batch, captions)
+            kwargs = self.conditioning.unet_kwargs(text, [self.items[i] for i in batch], self.device)
+            prediction = self.base.unet(noisy, steps, **kwargs).sample
+        loss = torch.nn.functional.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if config.min_snr_gamma:
+            # Min-SNR weighting, https://arxiv.org/abs/2303.09556 (eq. 4; v-prediction divides by snr + 1).
+            alphas = schedule.alphas_cumprod.to(self.device)[steps]
+            snr = alphas / (1 - alphas)
+            loss = loss * snr.clamp(max=config.min_snr_gamma) / (snr + 1 if v_prediction else snr)
+        return loss.mean()
+
+    # -- an epoch --
+
+    def run_epoch(self, epoch: int, on_step: Callable[[int, float, float], None] | None = None) -> EpochStats:
+        """Train epoch `epoch` (1-based); the trainer must have finished epoch - 1.
+
+        `on_step(global_step, loss, lr)` is called after every optimizer step.
+        Raises `NonFiniteLossError` naming the step when the loss goes NaN or inf.
+        """
+        if epoch != self.epoch + 1:
+            raise ValueError(f"epoch {epoch} asked for after epoch {self.epoch}; load that epoch's state first")
+        from rich.progress import Progress
+
+        config = self.config
+        stats = EpochStats(epoch, self.global_step)
+        rng = random.Random(epoch_seed(config.seed, epoch))
+        batches = epoch_batches(self.items, config.train_batch_size, epoch_seed(config.seed, epoch))
+        groups = [
+            batches[i : i + config.gradient_accumulation_steps]
+            for i in range(0, len(batches), config.gradient_accumulation_steps)
+        ]
+        for module in self.network.components.values():
+            module.train()
+        with Progress(disable=not self.show_progress, transient=True) as progress:
+            bar = progress.add_task(f"train: epoch {epoch}", total=len(batches))
+            for group in groups:
+                loss = self._step(group, rng, epoch, stats)
+                self.lr_scheduler.step()
+                self.global_step += 1
+                stats.losses.append(loss)
+                stats.lrs.append(float(self.lr_scheduler.get_last_lr()[0]))
+                if on_step is not None:
+                    on_step(self.global_step, loss, stats.lrs[-1])
+                progress.advance(bar, len(group))
+        self.epoch, stats.global_step = epoch, self.global_step
+        return stats
+
+    def _step(self, group: list[list[int]], rng: random.Random, epoch: int, stats: EpochStats) -> float:
+        """One optimizer step over a group of micro-batches (gradient accumulation); returns the mean loss."""
+        params = self.network.parameters()
+        where = f"epoch {epoch}, step {self.global_step + 1} (step {len(stats.losses) + 1} of the epoch)"
+        total = 0.0
+        for batch in group:
+            loss = self._loss(batch, rng)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"{where}: the loss is {float(loss.detach())} (mixed_precision {self.precision.name}); "
+                    "nothing from this epoch is saved, the last epoch's files stay. Try bf16 or fp32, or a lower "
+                    "learning rate"
+                )
+            # Each micro-batch's share of the group's mean; the scaler multiplies the fp16 loss up.
+            self.scaler.scale(loss / len(group)).backward()
+            total += float(loss.detach())
+        self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+        norm = torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        if not self.scaler.is_enabled() and not torch.isfinite(norm):
+            raise NonFiniteLossError(
+                f"{where}: the gradient norm is {float(norm)} (mixed_precision {self.precision.name}); "
+                "nothing from this epoch is saved, the last epoch's files stay"
+            )
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)  # skipped when fp16 gradients overflowed
+        self.scaler.update()  # ... and the scale shrinks; it grows back after 2000 good steps
+        if self.scaler.is_enabled() and self.scaler.get_scale() < scale:
+            stats.skipped_steps.append(self.global_step + 1)
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / len(group)
+
+    # -- measuring --
+
+    def training_loss(self, timesteps: tuple[int, ...] = FIXED_TIMESTEPS, seed: int = 0) -> float:
+        """The fixed loss on the images trained on. It falls while they are learned, whether the subject
+        is being learned or the photos memorised, so it cannot show over- or undertraining."""
+        return self._fixed_loss(range(len(self.items)), timesteps, seed)
+
+    def heldout_loss(self, timesteps: tuple[int, ...] = FIXED_TIMESTEPS, seed: int = 0) -> float | None:
+        """The fixed loss on the held-out images (`validation_split`; None without any): sd-scripts' and
+        OneTrainer's validation loss. It stops falling when training stops generalising."""
+        if not self.heldout:
+            return None
+        return self._fixed_loss(range(len(self.items), len(self.items) + len(self.heldout)), timesteps, seed)
+
+    @torch.no_grad()
+    def _fixed_loss(self, indices: range, timesteps: tuple[int, ...], seed: int) -> float:
+        """The loss on the images at `indices` at fixed timesteps with fixed noise: comparable across epochs.
+
+        The training loss draws timesteps at random and is too noisy to show
+        learning over a few steps; this one is deterministic (no min-SNR weight,
+        no shuffling, no flips), as sd-scripts' and OneTrainer's validation loss are.
+        """
+        for module in self.base.components.values():
+            module.eval()
+        generator = torch.Generator().manual_seed(seed)
+        schedule = self.base.noise_scheduler
+        v_prediction = schedule.config.prediction_type == "v_prediction"
+        every = self.items + self.heldout
+        total, count = 0.0, 0
+        with self.models_on_device():
+            for index in indices:
+                item = every[index]
+                latents = self.latents.batch([index], [False], torch.Generator().manual_seed(seed))
+                with self.precision.autocast():
+                    text = self._text_for([index], [item.caption])
+                kwargs = self.conditioning.unet_kwargs(text, [item], self.device)
+                for step in timesteps:
+                    noise = torch.randn(latents.shape, generator=generator).to(self.device)
+                    t = torch.tensor([step], device=self.device)
+                    target = schedule.get_velocity(latents, noise, t) if v_prediction else noise
+                    with self.precision.autocast():
+                        prediction = self.base.unet(schedule.add_noise(latents, noise, t), t, **kwargs).sample
+                    total += float(torch.nn.functional.mse_loss(prediction.float(), target.float()))
+                    count += 1
+        return total / count
