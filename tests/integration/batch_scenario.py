@@ -35,7 +35,7 @@ from prefect.client.schemas.objects import FlowRun, TaskRun
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from deployments import SUBJECT_DEPLOYMENT
-from lora_core.batch import load_batch
+from lora_core.setup.subjects import load_batch
 from tests.integration.services import PrefectServer, background, log_tail
 
 REPO = Path(__file__).resolve().parents[2]
