@@ -18,9 +18,8 @@ from PIL import Image
 from lora_core.config.lora_config import LoraConfig
 from lora_core.dataset.buckets import apply_bucket, read_buckets
 from lora_core.dataset.caption_text import read_caption
-from lora_core.families.loading import BaseModel
+from lora_core.families.family import LoadedModel
 from lora_core.foundation.layout import SubjectLayout
-from lora_core.foundation.lora_file import kohya_targets
 
 __all__ = ["BareInputs", "BareLoop", "autocast", "bare_inputs"]
 
@@ -38,9 +37,9 @@ class BareInputs:
     time_ids: torch.Tensor | None  # SDXL's size conditioning, [n, 6]
 
 
-def _encode(base: BaseModel, input_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _encode(base: LoadedModel, input_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """SD1.5: the last layer; SDXL: both encoders' penultimate layers side by side and bigG's pooled output."""
-    if not base.sdxl:
+    if base.family.name != "sdxl":
         return base.text_encoders[0](input_ids[0]).last_hidden_state, None
     first = base.text_encoders[0](input_ids[0], output_hidden_states=True).hidden_states[-2]
     second = base.text_encoders[1](input_ids[1], output_hidden_states=True)
@@ -48,7 +47,7 @@ def _encode(base: BaseModel, input_ids: list[torch.Tensor]) -> tuple[torch.Tenso
 
 
 @torch.no_grad()
-def bare_inputs(base: BaseModel, layout: SubjectLayout, device: str | torch.device) -> BareInputs:
+def bare_inputs(base: LoadedModel, layout: SubjectLayout, device: str | torch.device) -> BareInputs:
     """Encode the subject's bucketed photos and captions with the base model in fp32 (before training casts it)."""
     device = torch.device(device)
     assignments = read_buckets(layout.buckets_csv)
@@ -69,7 +68,7 @@ def bare_inputs(base: BaseModel, layout: SubjectLayout, device: str | torch.devi
         encoder.to(device, torch.float32)
     hidden, pooled = _encode(base, input_ids)
     time_ids = None
-    if base.sdxl:
+    if base.family.name == "sdxl":
         rows = [
             [a.original_height, a.original_width, a.crop_top, a.crop_left, a.bucket_height, a.bucket_width]
             for a in assignments
@@ -96,7 +95,7 @@ class BareLoop:
 
     def __init__(
         self,
-        base: BaseModel,
+        base: LoadedModel,
         inputs: BareInputs,
         config: LoraConfig,
         *,
@@ -113,7 +112,7 @@ class BareLoop:
         dtype = _DTYPES[precision]
         names = ["text_encoder", "text_encoder_2"][: len(base.text_encoders)]
         trained = {"unet": base.unet} | (dict(zip(names, base.text_encoders, strict=True)) if self.train_text else {})
-        targets = kohya_targets(trained, base.sdxl)
+        targets = base.family.lora_targets(trained)
         groups: list[dict[str, Any]] = []
         for component, module in trained.items():
             module.to(self.device, dtype).requires_grad_(False)
@@ -165,7 +164,7 @@ class BareLoop:
                 hidden = self.inputs.hidden[index]
                 pooled = None if self.inputs.pooled is None else self.inputs.pooled[index]
             extra = {}
-            if self.base.sdxl:
+            if self.base.family.name == "sdxl":
                 assert self.inputs.time_ids is not None
                 extra = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": self.inputs.time_ids[index]}}
             prediction = self.base.unet(noisy, timesteps, hidden, **extra).sample

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from bench.bare_loop import BareInputs, autocast
-from lora_core.families.loading import BaseModel
+from lora_core.families.family import LoadedModel
 
 __all__ = ["StepClock", "all_finite", "epoch_boundary", "precision_name", "sample_decodes", "timed"]
 
@@ -147,7 +147,7 @@ def epoch_boundary(trainer: Any, stats: Any, repeats: int = 3) -> dict[str, Any]
 
 @torch.no_grad()
 def sample_decodes(
-    base: BaseModel, inputs: BareInputs, precision: str, device: str | torch.device, steps: int = 4
+    base: LoadedModel, inputs: BareInputs, precision: str, device: str | torch.device, steps: int = 4
 ) -> bool:
     """Denoise one latent with the trained UNet (DDIM, the training precision), decode it with the VAE in fp32.
 
@@ -162,7 +162,7 @@ def sample_decodes(
     generator = torch.Generator(device).manual_seed(0)
     latents = torch.randn((1, *inputs.latents.shape[1:]), generator=generator, device=device)
     extra = {}
-    if base.sdxl:
+    if base.family.name == "sdxl":
         extra = {"added_cond_kwargs": {"text_embeds": inputs.pooled[:1], "time_ids": inputs.time_ids[:1]}}
     was_training = base.unet.training
     base.unet.eval()

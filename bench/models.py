@@ -25,7 +25,8 @@ from lora_core.dataset.blip import BlipCaptioner
 from lora_core.dataset.buckets import BucketPlan, bucket_subject
 from lora_core.dataset.captioning import caption_subject
 from lora_core.dataset.ingest import ingest
-from lora_core.families.loading import BaseModel
+from lora_core.families import FAMILIES
+from lora_core.families.family import LoadedModel
 from lora_core.foundation.layout import SubjectLayout
 from lora_core.foundation.tiny_models import sd_noise_scheduler
 
@@ -149,7 +150,7 @@ class Architecture:
     """A base model's shape: UNet, text encoder(s) (SDXL's second has the projection) and VAE configs."""
 
     name: str
-    sdxl: bool
+    family: str  # its name in lora_core.families.FAMILIES
     unet: dict[str, Any]
     text_encoders: tuple[dict[str, Any], ...]
     vae: dict[str, Any]
@@ -157,15 +158,15 @@ class Architecture:
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "sd15": Architecture("sd15", False, SD15_UNET, (CLIP_L,), SD_VAE, "SD1.5 at full size"),
+    "sd15": Architecture("sd15", "sd15", SD15_UNET, (CLIP_L,), SD_VAE, "SD1.5 at full size"),
     "sdxl": Architecture(
-        "sdxl", True, SDXL_UNET, (CLIP_L, OPENCLIP_BIGG), SD_VAE | {"sample_size": 1024, "scaling_factor": 0.13025}
+        "sdxl", "sdxl", SDXL_UNET, (CLIP_L, OPENCLIP_BIGG), SD_VAE | {"sample_size": 1024, "scaling_factor": 0.13025}
     ),
     # The CPU bench: SD1.5's UNet at full width; a 2-layer 768-wide text encoder (its outputs are cached) and a
     # tiny VAE (it only encodes each image once).
     "sd15-mid": Architecture(
         "sd15-mid",
-        False,
+        "sd15",
         SD15_UNET,
         (
             _TINY_TEXT
@@ -174,9 +175,9 @@ ARCHITECTURES: dict[str, Architecture] = {
         TINY_VAE,
         "SD1.5 UNet at full width, tiny VAE and text encoder",
     ),
-    "sd15-tiny": Architecture("sd15-tiny", False, TINY_SD15_UNET, (_TINY_TEXT,), TINY_VAE, "SD1.5's tree, 32 wide"),
+    "sd15-tiny": Architecture("sd15-tiny", "sd15", TINY_SD15_UNET, (_TINY_TEXT,), TINY_VAE, "SD1.5's tree, 32 wide"),
     "sdxl-tiny": Architecture(
-        "sdxl-tiny", True, TINY_SDXL_UNET, (_TINY_TEXT, _TINY_TEXT), TINY_VAE, "SDXL's blocks, 32-64 wide, shallow"
+        "sdxl-tiny", "sdxl", TINY_SDXL_UNET, (_TINY_TEXT, _TINY_TEXT), TINY_VAE, "SDXL's blocks, 32-64 wide, shallow"
     ),
 }
 
@@ -190,13 +191,13 @@ def build_unet(arch: Architecture, seed: int = 0, device: str | torch.device = "
         return UNet2DConditionModel(**arch.unet)
 
 
-def build_base(arch: Architecture, seed: int = 0, device: str | torch.device = "cpu") -> BaseModel:
-    """A `BaseModel` of `arch` with seeded random weights, built on `device` (a GPU builds in seconds).
+def build_base(arch: Architecture, seed: int = 0, device: str | torch.device = "cpu") -> LoadedModel:
+    """A `LoadedModel` of `arch` with seeded random weights, built on `device` (a GPU builds in seconds).
 
     The tokenizer is the project's offline CLIP tokenizer (one token per
     character); token ids stay below 514, so a full 49408-row embedding works.
     """
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from lora_core.foundation.tiny_models import _clip_tokenizer
@@ -207,7 +208,7 @@ def build_base(arch: Architecture, seed: int = 0, device: str | torch.device = "
         tokenizer = _clip_tokenizer()
         ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
         config = CLIPTextConfig(**text, **ids, pad_token_id=tokenizer.eos_token_id)
-        with_projection = arch.sdxl and index == 1
+        with_projection = index == 1  # SDXL's second encoder
         torch.manual_seed(seed + 1 + index)
         with torch.device(device):
             encoders.append((CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config))
@@ -217,15 +218,14 @@ def build_base(arch: Architecture, seed: int = 0, device: str | torch.device = "
         vae = AutoencoderKL(**arch.vae)
     for module in (unet, vae, *encoders):
         module.requires_grad_(False)
-    return BaseModel(
+    return LoadedModel(
         spec=f"bench:{arch.name}",
-        sdxl=arch.sdxl,
+        family=FAMILIES[arch.family],
         unet=unet,
         vae=vae,
         text_encoders=encoders,
         tokenizers=tokenizers,
         noise_scheduler=sd_noise_scheduler(),
-        pipeline_class=StableDiffusionXLPipeline if arch.sdxl else StableDiffusionPipeline,
     )
 
 

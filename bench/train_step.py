@@ -34,7 +34,8 @@ import torch
 from bench.bare_loop import BareLoop, bare_inputs
 from bench.measure import StepClock, all_finite, epoch_boundary, precision_name
 from bench.models import ARCHITECTURES, build_base, make_subject
-from lora_core.config.lora_config import LoraConfig, preset_config
+from lora_core.config.lora_config import LoraConfig
+from lora_core.families import preset_config
 from lora_core.foundation.layout import SEED_REPEAT_BUDGET
 
 GOAL_RATIO = 0.95  # ours / bare, steps per second

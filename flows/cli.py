@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from flows import console
 from flows.report import STAGES, Report
+from lora_core.families import DEFAULT_PRESET, FAMILIES, PRESETS
 from lora_core.foundation.errors import EXIT_USER_ERROR, RunFailure, UserError, exit_code
 from lora_core.foundation.layout import SubjectLayout, validate_token
 
@@ -60,8 +61,9 @@ OPTIONS: tuple[_Option, ...] = (
     (
         ("--preset",),
         {
-            "choices": ["sd15", "sdxl"],
-            "help": "starting settings from the seed's recipe (default: sd15, or sdxl when the config file is SDXL)",
+            "choices": list(PRESETS),
+            "help": f"starting settings from the recipe (default: {DEFAULT_PRESET}, or the first preset of the "
+            "family a config file names, e.g. sdxl for kohya's sdxl: true)",
         },
     ),
     (
@@ -105,8 +107,9 @@ OPTIONS: tuple[_Option, ...] = (
     (
         ("--base-model",),
         {
-            "help": "base model: hub id, local diffusers folder, .safetensors checkpoint, or builtin:tiny-sd15 / "
-            "builtin:tiny-sdxl (no download; for trying the pipeline)"
+            "help": "base model: hub id, local diffusers folder, .safetensors checkpoint, or "
+            + " / ".join(f.builtin for f in FAMILIES.values() if f.builtin)
+            + " (no download; for trying the pipeline)"
         },
     ),
     (

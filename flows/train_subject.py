@@ -39,12 +39,13 @@ from prefect import flow
 
 from flows.report import STAGES, Report, StageName
 from lora_core.checks import MirrorPolicy, QualityPolicy
-from lora_core.config.lora_config import LoraConfig, Preset
+from lora_core.config.lora_config import LoraConfig
 from lora_core.config.settings import SubjectType
 from lora_core.dataset.blip import BlipCaptioner
 from lora_core.dataset.buckets import BucketPlan
 from lora_core.evaluation.epoch_files import config_for_run, find_run
 from lora_core.evaluation.selection import resume_config
+from lora_core.families import Preset
 from lora_core.families.loading import require_base_model
 from lora_core.foundation.fs import remove_stale_temps, sha256_file
 from lora_core.foundation.layout import BOOKKEEPING, SubjectLayout

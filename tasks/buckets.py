@@ -7,8 +7,6 @@ from pathlib import Path
 from prefect import get_run_logger
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-import lora_core.dataset.buckets
-import lora_core.dataset.manifest
 from lora_core.dataset.buckets import BucketPlan, BucketResult, bucket_subject, buckets_intact
 from lora_core.dataset.crop import QualityResult
 from lora_core.foundation.layout import SubjectLayout
@@ -17,7 +15,7 @@ from tasks.caching import CodeVersion
 from tasks.stage import stage
 
 # The ingest result carries every image's hash, so new or changed photos re-run this.
-BUCKETS_CACHE = TASK_SOURCE + INPUTS + CodeVersion(modules=(lora_core.dataset.buckets, lora_core.dataset.manifest))
+BUCKETS_CACHE = TASK_SOURCE + INPUTS + CodeVersion.of_task(__name__)
 
 
 def _outputs_intact(dataset: QualityResult, workdir: Path, plan: BucketPlan, batch_size: int) -> bool:

@@ -7,11 +7,6 @@ from pathlib import Path
 from prefect import get_run_logger
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-import lora_core.dataset.blip
-import lora_core.dataset.caption_text
-import lora_core.dataset.captioning
-import lora_core.dataset.manifest
-import lora_core.foundation.tiny_models
 from lora_core.config.settings import CaptionSettings
 from lora_core.dataset.captioning import CaptionResult, caption_subject, captions_intact
 from lora_core.dataset.crop import QualityResult
@@ -23,15 +18,7 @@ from tasks.stage import stage
 CAPTIONS_CACHE = (
     TASK_SOURCE
     + INPUTS
-    + CodeVersion(
-        modules=(
-            lora_core.dataset.captioning,
-            lora_core.dataset.caption_text,
-            lora_core.dataset.blip,
-            lora_core.dataset.manifest,
-            lora_core.foundation.tiny_models,
-        )
-    )
+    + CodeVersion.of_task(__name__)
 )
 
 

@@ -7,18 +7,6 @@ from pathlib import Path
 from prefect import get_run_logger
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-import lora_core.checks
-import lora_core.checks.base
-import lora_core.checks.face
-import lora_core.checks.face_models
-import lora_core.checks.image
-import lora_core.checks.orientation
-import lora_core.checks.variety
-import lora_core.checks.workers
-import lora_core.dataset.crop
-import lora_core.dataset.image_store
-import lora_core.dataset.manifest
-import lora_core.dataset.orient
 from lora_core.config.settings import CheckSettings, SubjectType
 from lora_core.dataset.crop import QualityResult, check_quality, quality_intact
 from lora_core.dataset.ingest import IngestResult
@@ -29,28 +17,9 @@ from tasks.caching import CodeVersion
 from tasks.ingest import PhotoProgress
 from tasks.stage import stage
 
-_CHECK_MODULES = (
-    lora_core.checks,
-    lora_core.checks.base,
-    lora_core.checks.face,
-    lora_core.checks.image,
-    lora_core.checks.orientation,
-    lora_core.checks.variety,
-    lora_core.checks.workers,
-)
-_CODE = CodeVersion(
-    modules=(
-        *_CHECK_MODULES,
-        lora_core.checks.face_models,
-        lora_core.dataset.image_store,
-        lora_core.dataset.manifest,
-        lora_core.dataset.orient,
-        lora_core.dataset.crop,
-    )
-)
 # Inputs carry every image's hash (ingest's rows), so one new photo re-runs the
 # stage; inside it, only that photo is analysed (per-image cache by content).
-CHECKS_CACHE = TASK_SOURCE + INPUTS + _CODE
+CHECKS_CACHE = TASK_SOURCE + INPUTS + CodeVersion.of_task(__name__)
 
 
 def _checks_intact(

@@ -9,10 +9,6 @@ from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-import lora_core.dataset.decoding
-import lora_core.dataset.ingest
-import lora_core.dataset.manifest
-import lora_core.foundation.sources
 from lora_core.config.settings import IngestSettings
 from lora_core.dataset.ingest import IngestResult, TooFewImagesError, ingest, ingest_stamp, layout_intact
 from lora_core.foundation.layout import SubjectLayout
@@ -24,7 +20,7 @@ INGEST_CACHE = (
     TASK_SOURCE
     + INPUTS
     + InputContent(parameter="photos", exclude_parameter="workdir")
-    + CodeVersion(modules=(lora_core.dataset.ingest, lora_core.dataset.decoding, lora_core.foundation.sources, lora_core.dataset.manifest))
+    + CodeVersion.of_task(__name__)
 )
 
 

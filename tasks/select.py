@@ -13,12 +13,6 @@ from prefect import get_run_logger
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from pydantic import BaseModel
 
-import lora_core.evaluation.embedders
-import lora_core.evaluation.epoch_files
-import lora_core.evaluation.metric_grids
-import lora_core.evaluation.metrics
-import lora_core.evaluation.selection
-import lora_core.training.sampling
 from lora_core.config.lora_config import LoraConfig
 from lora_core.evaluation.embedders import subject_embedder
 from lora_core.evaluation.epoch_files import RunFiles, SelectionError, find_run, publish_choice, write_selection
@@ -43,16 +37,7 @@ from tasks.stage import stage, step
 SELECT_CACHE = (
     TASK_SOURCE
     + INPUTS
-    + CodeVersion(
-        modules=(
-            lora_core.evaluation.epoch_files,
-            lora_core.evaluation.metric_grids,
-            lora_core.evaluation.embedders,
-            lora_core.evaluation.metrics,
-            lora_core.evaluation.selection,
-            lora_core.training.sampling,
-        )
-    )
+    + CodeVersion.of_task(__name__)
 )
 
 # The loaded base model with a LoRA network on it, shared by the samples and txt2img tasks of one run
@@ -113,7 +98,7 @@ def _renderer(request: SelectRequest, lora: LoraFile) -> GridRenderer:
         release_renderers(request.folder)  # this run's other renderer (another rank): one base model at a time
         config = request.config
         base = load_base_model(
-            config.pretrained_model_name_or_path, sdxl=config.sdxl, config_folder=request.base_model_config
+            config.pretrained_model_name_or_path, family=config.model_family, config_folder=request.base_model_config
         )
         _RENDERERS[key] = GridRenderer(base, config, lora, request.run().layout, request.device)
     return _RENDERERS[key]

@@ -10,18 +10,6 @@ from prefect import get_run_logger
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from pydantic import BaseModel
 
-import lora_core.dataset.buckets
-import lora_core.dataset.train_data
-import lora_core.families.conditioning
-import lora_core.families.loading
-import lora_core.foundation.lora_file
-import lora_core.training.metadata
-import lora_core.training.network
-import lora_core.training.optim
-import lora_core.training.precision
-import lora_core.training.sampling
-import lora_core.training.state
-import lora_core.training.trainer
 from lora_core.config.lora_config import LoraConfig
 from lora_core.families.loading import load_base_model
 from lora_core.foundation.layout import SubjectLayout
@@ -51,22 +39,7 @@ _TRAINERS: dict[str, Trainer] = {}
 TRAIN_CACHE = (
     TASK_SOURCE
     + INPUTS
-    + CodeVersion(
-        modules=(
-            lora_core.training.trainer,
-            lora_core.training.network,
-            lora_core.dataset.train_data,
-            lora_core.families.conditioning,
-            lora_core.training.optim,
-            lora_core.training.precision,
-            lora_core.training.state,
-            lora_core.training.metadata,
-            lora_core.foundation.lora_file,
-            lora_core.families.loading,
-            lora_core.dataset.buckets,
-            lora_core.training.sampling,
-        )
-    )
+    + CodeVersion.of_task(__name__)
 )
 
 
@@ -141,7 +114,7 @@ def _trainer(request: TrainRequest, config: LoraConfig, epoch: int) -> Trainer:
     release_trainers(request.run_key)  # a stale copy of this run's models: never two in memory
     layout = SubjectLayout(request.workdir, request.token)
     base = load_base_model(
-        config.pretrained_model_name_or_path, sdxl=config.sdxl, config_folder=request.base_model_config
+        config.pretrained_model_name_or_path, family=config.model_family, config_folder=request.base_model_config
     )
     trainer = Trainer(config, base, layout, device=request.device, show_progress=False)
     if epoch > request.first_epoch:

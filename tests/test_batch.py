@@ -55,7 +55,7 @@ def test_defaults_apply_subject_keys_win_and_overrides_merge(tmp_path, photo_dir
     assert anna.base_model == "builtin:tiny-sd15" and ben.base_model == "builtin:tiny-sdxl"
     assert ben.overrides == {"max_train_epochs": 8, "selection": {"max_resumes": 0, "resume_epochs": 2}}
     config = ben.lora_config("test")
-    assert config.sdxl and config.max_train_epochs == 8 and config.selection.max_resumes == 0
+    assert config.model_family == "sdxl" and config.max_train_epochs == 8 and config.selection.max_resumes == 0
     assert anna.lora_config("test").max_train_epochs == 3
     parameters = ben.parameters()
     assert json.loads(json.dumps(parameters)) == parameters  # what run_deployment sends

@@ -10,14 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lora_core.config.kohya import ConfigWarning, load_config, to_kohya_gui
-from lora_core.config.lora_config import (
-    ConfigError,
-    LoraConfig,
-    format_optimizer_args,
-    parse_optimizer_args,
-    preset_config,
-)
+from lora_core.config.kohya import ConfigWarning, to_kohya_gui
+from lora_core.config.lora_config import ConfigError, LoraConfig, format_optimizer_args, parse_optimizer_args
+from lora_core.families import preset_config
+from lora_core.setup.resolve import load_config
 
 DATA = Path(__file__).parent / "data"
 
@@ -38,7 +34,7 @@ def test_sdxl_preset_differs_only_where_the_seed_says():
     sd15, sdxl = preset_config("sd15").model_dump(), preset_config("sdxl").model_dump()
     changed = {k for k in sd15 if sd15[k] != sdxl[k]}
     assert changed == {
-        "sdxl",
+        "model_family",
         "resolution",
         "max_bucket_reso",
         "mixed_precision",
@@ -81,7 +77,7 @@ def test_seed_civitai_json_imports_key_by_key():
     }
     assert {k: getattr(config, k) for k in expected} == expected
     # resolution 1024 starts from the SDXL preset (bf16, buckets to 2048)
-    assert config.sdxl and config.max_bucket_reso == 2048 and config.mixed_precision == "bf16"
+    assert config.model_family == "sdxl" and config.max_bucket_reso == 2048 and config.mixed_precision == "bf16"
 
 
 def test_seed_civitai_json_pasted_with_its_comment_reports_line_and_column(tmp_path):
@@ -149,6 +145,7 @@ def test_a_held_out_split_has_sd_scripts_names_and_round_trips(tmp_path):
 def test_export_has_kohya_names():
     gui = to_kohya_gui(preset_config("sdxl"), output_name="t0k3n")
     assert gui["max_resolution"] == "1024,1024" and gui["epoch"] == 6 and gui["sdxl"] is True
+    assert gui["model_family"] == "sdxl" and to_kohya_gui(preset_config("sd15"))["sdxl"] is False
     assert gui["optimizer_args"] == "weight_decay=0.1" and gui["LoRA_type"] == "Standard"
     assert gui["learning_rate"] == gui["unet_lr"] == 4e-4 and gui["output_name"] == "t0k3n"
 

@@ -108,8 +108,7 @@ def _latent_files(trainer: Trainer) -> int:
 
 PROBES: dict[str, tuple[Any, Any, dict]] = {
     # field: (changed value, probe(config, build) -> what it changes, base config updates)
-    "sdxl": (True, _trainer(lambda t: "trained"), {}),  # refused: the tiny model is SD1.5
-    "v2": (True, _trainer(lambda t: "trained"), {}),  # refused likewise
+    "model_family": ("sdxl", _trainer(lambda t: "trained"), {}),  # refused: the tiny model is SD1.5
     "v_parameterization": (True, _trainer(lambda t: (t.base.noise_scheduler.config.prediction_type, _loss(t))), {}),
     "network_dim": (4, _trainer(lambda t: tuple(t.network.parameters()[0].shape)), {}),
     "network_alpha": (1, _trainer(lambda t: t.network._layer(t.network.targets[0]).scaling["default"]), {}),
@@ -167,7 +166,7 @@ ELSEWHERE = {
     "validation_seed": tests.test_training.test_held_out_images_are_never_trained_on_and_their_loss_is_measured,
 }
 
-REFUSED = {"sdxl", "v2", "caption_extension"}
+REFUSED = {"model_family", "caption_extension"}
 
 
 def test_every_field_is_walked():

@@ -123,7 +123,7 @@ def test_a_network_weights_file_that_is_not_a_lora_exits_2_at_once(tmp_path, cap
 
 def test_the_flow_refuses_a_starting_file_that_is_not_a_lora_before_any_work(prefect_harness, tmp_path):
     from flows.train_subject import train_subject
-    from lora_core.config.lora_config import preset_config
+    from lora_core.families import preset_config
     from lora_core.foundation.lora_file import LoraFileError
 
     bad = tmp_path / "start.safetensors"

@@ -12,7 +12,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, Fl
 
 from flows.cli import build_parser, config_from_args, main
 from flows.train_subject import STAGES, train_subject
-from lora_core.config.lora_config import preset_config
+from lora_core.families import preset_config
 from tests.conftest import TINY_BLIP, encode, photo
 
 

@@ -49,7 +49,7 @@ def test_sd15_network_has_kohyas_modules_and_names(builtin_models_home):
 
 def test_sdxl_network_has_kohyas_modules_and_stability_names(builtin_models_home):
     base = load_base_model(TINY_SDXL)
-    assert base.sdxl and base.version == "sdxl_base_v1-0"
+    assert base.family.name == "sdxl" and base.version == "sdxl_base_v1-0"
     names = [t.name for t in LoraNetwork(base, rank=4, alpha=2).targets]
     assert _counts(names) == {"lora_unet": 722, "lora_te1": 72, "lora_te2": 192}
     assert "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k" in names
@@ -85,9 +85,9 @@ def test_saved_file_has_kohyas_tensors_metadata_and_hash(builtin_models_home, tm
 
 
 def _diffusers_load(base, path, caplog):
-    pipeline = base.pipeline_class.from_pretrained(str(materialize(base.spec)))
+    pipeline = base.family.pipeline_class().from_pretrained(str(materialize(base.spec)))
     generator = torch.Generator().manual_seed(0)
-    size = 128 if base.sdxl else 64
+    size = 128 if base.family.name == "sdxl" else 64
     before = pipeline(
         "t0k3n, a man", num_inference_steps=2, height=size, width=size, generator=generator, output_type="np"
     ).images
@@ -123,7 +123,9 @@ def test_diffusers_loads_every_key_and_the_output_changes(builtin_models_home, t
         if isinstance(part, torch.nn.Module)
     }
     expected = (
-        {"unet": 722, "text_encoder": 72, "text_encoder_2": 192} if base.sdxl else {"unet": 192, "text_encoder": 72}
+        {"unet": 722, "text_encoder": 72, "text_encoder_2": 192}
+        if base.family.name == "sdxl"
+        else {"unet": 192, "text_encoder": 72}
     )
     assert {k: v for k, v in layers.items() if v} == expected
     assert abs(before - after).max() > 1e-3

@@ -34,9 +34,9 @@ def test_a_ckpt_is_never_unpickled(tmp_path):
 def test_a_local_diffusers_folder_loads_and_sdxl_is_detected(builtin_models_home):
     folder = materialize("builtin:tiny-sdxl")
     base = load_base_model(str(folder))
-    assert base.sdxl and len(base.text_encoders) == 2
-    with pytest.raises(BaseModelError, match="is SDXL, but the config says sdxl=False"):
-        load_base_model(str(folder), sdxl=False)
+    assert base.family.name == "sdxl" and len(base.text_encoders) == 2
+    with pytest.raises(BaseModelError, match="is SDXL, but the config says model_family=sd15"):
+        load_base_model(str(folder), family="sd15")
 
 
 @pytest.mark.parametrize(
@@ -81,7 +81,7 @@ def test_a_single_file_checkpoint_loads_with_its_config(builtin_models_home, tmp
 
     checkpoint = tmp_path / "tiny-sd15.safetensors"
     write_single_file(materialize("builtin:tiny-sd15"), checkpoint)
-    single = load_base_model(str(checkpoint), sdxl=False, config_folder="builtin:tiny-sd15")
+    single = load_base_model(str(checkpoint), family="sd15", config_folder="builtin:tiny-sd15")
     folder = load_base_model("builtin:tiny-sd15")
     for name in ("unet", "text_encoder"):
         a, b = folder.components[name].state_dict(), single.components[name].state_dict()

@@ -17,8 +17,9 @@ from torch import nn
 
 from lora_core.config.lora_config import LoraConfig
 from lora_core.evaluation.metric_grids import GridRenderer
-from lora_core.families.loading import BaseModel, load_base_model
-from lora_core.foundation.lora_file import LoraFile, kohya_targets
+from lora_core.families.family import LoadedModel
+from lora_core.families.loading import load_base_model
+from lora_core.foundation.lora_file import LoraFile
 from lora_core.training.precision import Precision
 from lora_core.training.sampling import SamplePrompt, SampleSpec, render
 
@@ -49,7 +50,7 @@ def _state() -> tuple[bool, torch.dtype]:
 
 
 @contextmanager
-def spying(base: BaseModel) -> Iterator[dict[str, list[Call]]]:
+def spying(base: LoadedModel) -> Iterator[dict[str, list[Call]]]:
     """Record every UNet and text encoder forward, and every VAE decode, while rendering."""
     calls: dict[str, list[Call]] = {"unet": [], "text": [], "decode": []}
     hooks = [base.unet.register_forward_pre_hook(lambda module, args: calls["unet"].append(Call(*_state())))]
@@ -75,7 +76,7 @@ def spying(base: BaseModel) -> Iterator[dict[str, list[Call]]]:
             hook.remove()
 
 
-def as_trainer(base: BaseModel, precision: Precision) -> BaseModel:
+def as_trainer(base: LoadedModel, precision: Precision) -> LoadedModel:
     """The frozen UNet and text encoders in the training dtype, the VAE in fp32, as the trainer keeps them."""
     for component in base.components.values():
         component.to(precision.device, dtype=precision.dtype)
@@ -84,7 +85,7 @@ def as_trainer(base: BaseModel, precision: Precision) -> BaseModel:
 
 
 @pytest.fixture(scope="module")
-def sdxl(builtin_models_home) -> BaseModel:
+def sdxl(builtin_models_home) -> LoadedModel:
     return load_base_model(TINY_SDXL)
 
 
@@ -118,7 +119,7 @@ def test_the_grid_renderer_without_a_layout_renders_in_the_configs_precision(bui
     base = load_base_model(TINY_SDXL)
     target = next(
         t
-        for t in kohya_targets(base.components, True)
+        for t in base.family.lora_targets(base.components)
         if type(layer := base.components[t.component].get_submodule(t.path)) is nn.Linear
     )
     generator = torch.Generator().manual_seed(0)

@@ -18,12 +18,13 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lora_core.config.lora_config import LoraConfig, preset_config
+from lora_core.config.lora_config import LoraConfig
 from lora_core.config.settings import IngestSettings
 from lora_core.dataset.buckets import BucketAssignment, BucketPlan, bucket_subject
 from lora_core.dataset.captioning import caption_subject
 from lora_core.dataset.ingest import ingest
 from lora_core.dataset.train_data import SplitError, TrainItem, epoch_batches, split_items, training_items
+from lora_core.families import preset_config
 from lora_core.families.loading import load_base_model
 from lora_core.foundation.layout import SubjectLayout
 from lora_core.foundation.lora_file import read_lora
@@ -529,7 +530,7 @@ def test_continuing_a_lora_archives_the_last_run_and_records_the_source(prefect_
 
 
 def test_long_captions_are_encoded_in_75_token_windows(builtin_models_home, tmp_path):
-    from lora_core.families.conditioning import token_windows
+    from lora_core.families.stable_diffusion import token_windows
 
     config = small_config(num_repeats=1, max_token_length=150, train_text_encoder=False)
     trainer = Trainer(config, load_base_model(TINY_SD15), make_subject(tmp_path, config), show_progress=False)
@@ -547,9 +548,9 @@ def test_long_captions_are_encoded_in_75_token_windows(builtin_models_home, tmp_
     assert torch.equal(text.hidden[:, :76], whole[0][:, :76])
     assert torch.equal(text.hidden[:, 76:151], whole[1][:, 1:76]) and torch.equal(text.hidden[:, 151], whole[1][:, 76])
     assert trainer.run_epoch(1).losses
-    from lora_core.families.conditioning import conditioning_for
 
-    assert conditioning_for(trainer.base, 1, 225).encode(captions, trainer.device).hidden.shape[1] == 227
+    conditioning = trainer.base.family.conditioning(trainer.base, 1, 225)
+    assert conditioning.encode(captions, trainer.device).hidden.shape[1] == 227
 
 
 def test_shuffle_tags_keeps_the_leading_tokens():

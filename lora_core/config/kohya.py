@@ -1,24 +1,34 @@
 """Config files in kohya's and CivitAI's formats: the kohya_ss GUI LoRA JSON and CivitAI's training JSON.
 
-`load_config` imports either on top of a preset, naming the file and the field
-of any bad value; `to_kohya_gui` exports the kohya_ss JSON of a run, which
-`load_config` reads back unchanged.
+`read_config_file` reads either into our field names, naming the file and the
+field of any bad value; `lora_core.setup.resolve.load_config` lays it over the
+family's preset. `to_kohya_gui` exports the kohya_ss JSON of a run, which reads
+back unchanged. This is the one place kohya's `sdxl`/`v2` flags (and CivitAI's
+1024 px resolution) are turned into a model family.
 """
 
 from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from lora_core.config.lora_config import ConfigError, LoraConfig, Preset, format_optimizer_args, preset_config
+from lora_core.config.lora_config import ConfigError, LoraConfig, format_optimizer_args
 from lora_core.foundation.fs import atomic_write_text
 
-__all__ = ["ConfigWarning", "describe_validation_error", "load_config", "to_kohya_gui", "write_kohya_gui"]
+__all__ = [
+    "ConfigFile",
+    "ConfigWarning",
+    "describe_validation_error",
+    "read_config_file",
+    "to_kohya_gui",
+    "write_kohya_gui",
+]
 
 
 class ConfigWarning(UserWarning):
@@ -60,6 +70,8 @@ _KOHYA_RENAMED = {
     "network_train_unet_only",
     "LoRA_type",
     "lora_network_weights",
+    "sdxl",
+    "v2",
 }
 _KOHYA_RUN_PATHS = {
     "train_data_dir",
@@ -103,6 +115,8 @@ def _from_civitai(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str],
     if "textEncoderLR" in data and "train_text_encoder" not in fields:  # CivitAI trains the encoders at LR > 0
         fields["train_text_encoder"] = _as_float(data["textEncoderLR"], 0.0) > 0
         origin["train_text_encoder"] = "textEncoderLR"
+    if _as_int(data.get("resolution"), 0) >= 1024:  # CivitAI's SDXL trainings are its 1024 px ones
+        fields["model_family"], origin["model_family"] = "sdxl", "resolution"
     lora_type = data.get("loraType", "lora")
     if str(lora_type).lower() != "lora":
         raise ConfigError(f"field 'loraType': {lora_type!r} is not supported; only 'lora'")
@@ -136,6 +150,9 @@ def _from_kohya_gui(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str
         if len(sides) == 2 and sides[0] != sides[1]:
             raise ConfigError(f"field 'max_resolution': {data['max_resolution']!r} is not square; use 'N,N'")
         fields["resolution"], origin["resolution"] = sides[0], "max_resolution"
+    if "model_family" not in data and ("sdxl" in data or "v2" in data):
+        sdxl = data.get("sdxl") in (True, "true", "True")
+        fields["model_family"], origin["model_family"] = ("sdxl", "sdxl") if sdxl else ("sd15", "v2")
     lora_type = data.get("LoRA_type", "Standard")
     if lora_type != "Standard":
         raise ConfigError(f"field 'LoRA_type': {lora_type!r} is not supported; only 'Standard' LoRA")
@@ -154,24 +171,37 @@ def describe_validation_error(path: Path, err: ValidationError, origin: dict[str
     return "\n".join(lines)
 
 
-def load_config(path: Path | str, preset: Preset | str | None = None) -> LoraConfig:
-    """Load a kohya_ss GUI LoRA JSON or a CivitAI training JSON on top of a preset.
+@dataclass
+class ConfigFile:
+    """A kohya_ss or CivitAI config file read into our field names, before any preset is laid under it."""
 
-    The format is detected from the keys (CivitAI's are camelCase). Without an
-    explicit `preset`, an SDXL file (kohya's ``"sdxl": true``, or CivitAI's
-    resolution of 1024 or more) starts from the `sdxl` preset. Unknown keys warn
-    with a `ConfigWarning` naming them; a bad value raises `ConfigError` naming
-    the file and the field.
+    path: Path
+    fields: dict[str, Any] = field(default_factory=dict)
+    origin: dict[str, str] = field(default_factory=dict)  # our field -> the file's key, for messages
+    unknown: list[str] = field(default_factory=list)
+
+    @property
+    def model_family(self) -> str | None:
+        return self.fields.get("model_family")
+
+    def over(self, base: LoraConfig) -> LoraConfig:
+        """The file's values laid over `base`; a bad value raises `ConfigError` naming the file and the key."""
+        try:
+            return LoraConfig.model_validate(base.model_dump() | self.fields)
+        except ValidationError as err:
+            raise ConfigError(describe_validation_error(self.path, err, self.origin)) from None
+
+
+def read_config_file(path: Path | str) -> ConfigFile:
+    """Read a kohya_ss GUI LoRA JSON or a CivitAI training JSON (told apart by CivitAI's camelCase keys).
+
+    Unknown keys warn with a `ConfigWarning` naming them; an unreadable file
+    or a value that cannot be mapped raises `ConfigError` naming the file.
     """
     path = Path(path)
     data = _read_json(path)
     try:
-        if _is_civitai(data):
-            fields, origin, unknown = _from_civitai(data)
-            looks_sdxl = _as_int(fields.get("resolution"), 0) >= 1024
-        else:
-            fields, origin, unknown = _from_kohya_gui(data)
-            looks_sdxl = fields.get("sdxl") in (True, "true", "True")
+        fields, origin, unknown = _from_civitai(data) if _is_civitai(data) else _from_kohya_gui(data)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
     if unknown:
@@ -179,12 +209,7 @@ def load_config(path: Path | str, preset: Preset | str | None = None) -> LoraCon
             ConfigWarning(f"{path}: ignoring keys this trainer does not use: {', '.join(sorted(unknown))}"),
             stacklevel=2,
         )
-    base = preset_config(preset or (Preset.sdxl if looks_sdxl else Preset.sd15))
-    merged = base.model_dump() | fields
-    try:
-        return LoraConfig.model_validate(merged)
-    except ValidationError as err:
-        raise ConfigError(describe_validation_error(path, err, origin)) from None
+    return ConfigFile(path, fields, origin, unknown)
 
 
 def _as_float(value: Any, default: float) -> float:
@@ -211,7 +236,7 @@ def to_kohya_gui(
     output_dir: Path | str = "",
     output_name: str = "",
 ) -> dict[str, Any]:
-    """The kohya_ss GUI LoRA-tab JSON of a run; `load_config` reads it back unchanged."""
+    """The kohya_ss GUI LoRA-tab JSON of a run; `read_config_file` reads it back unchanged."""
     out: dict[str, Any] = {"LoRA_type": "Standard"}
     for name in LoraConfig.model_fields:
         value = getattr(config, name)
@@ -227,6 +252,8 @@ def to_kohya_gui(
     out["learning_rate"] = config.unet_lr
     out["max_resolution"] = f"{config.resolution},{config.resolution}"
     out["network_train_unet_only"] = not config.train_text_encoder
+    out["sdxl"] = config.model_family == "sdxl"  # kohya_ss's checkbox; model_family is exported as itself too
+    out["v2"] = False
     out["train_data_dir"] = str(train_data_dir)
     out["output_dir"] = str(output_dir)
     out["output_name"] = output_name

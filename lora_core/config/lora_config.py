@@ -24,21 +24,14 @@ __all__ = [
     "LoraConfig",
     "MixedPrecision",
     "Optimizer",
-    "Preset",
     "Sampler",
     "format_optimizer_args",
     "parse_optimizer_args",
-    "preset_config",
 ]
 
 
 class ConfigError(UserError, ValueError):
     """A config file that cannot be used; the message names the file and the field."""
-
-
-class Preset(StrEnum):
-    sd15 = "sd15"
-    sdxl = "sdxl"
 
 
 class MixedPrecision(StrEnum):
@@ -123,8 +116,11 @@ class LoraConfig(BaseModel):
     pretrained_model_name_or_path: str | None = Field(
         None, description="Base model: hub id, local diffusers folder or single-file checkpoint."
     )
-    sdxl: bool = Field(False, description="The base model is SDXL.")
-    v2: bool = Field(False, description="The base model is SD 2.x.")
+    model_family: str = Field(
+        "sd15",
+        description="The base model's family (a name in lora_core.families.FAMILIES: sd15 for SD1.x/2.x, sdxl); "
+        "kohya_ss's sdxl and v2 flags map to it on import.",
+    )
     v_parameterization: bool = Field(False, description="The base model predicts v rather than noise.")
 
     # Network
@@ -275,29 +271,3 @@ class LoraConfig(BaseModel):
                 f"{self.min_bucket_reso} and max_bucket_reso {self.max_bucket_reso}"
             )
         return self
-
-
-_PRESETS: dict[Preset, dict[str, Any]] = {
-    Preset.sd15: {},
-    # The seed's SDXL recipe (same LRs and network, 1024 px, buckets up to 2048, bf16) within the seed's
-    # 10 GB, as sd-scripts' 12 GB recipe does it: gradient checkpointing and the UNet only, so the text
-    # encoders' outputs are cached once and the encoders leave the GPU.
-    Preset.sdxl: {
-        "sdxl": True,
-        "resolution": 1024,
-        "max_bucket_reso": 2048,
-        "mixed_precision": MixedPrecision.bf16,
-        "save_precision": MixedPrecision.bf16,
-        "gradient_checkpointing": True,
-        "train_text_encoder": False,
-    },
-}
-
-
-def preset_config(preset: Preset | str = Preset.sd15) -> LoraConfig:
-    """The seed's recipe for SD1.5 (`sd15`) or SDXL (`sdxl`)."""
-    try:
-        preset = Preset(preset)
-    except ValueError:
-        raise ConfigError(f"unknown preset {preset!r}; choose one of: sd15, sdxl") from None
-    return LoraConfig(**_PRESETS[preset])

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_core.config.lora_config import LoraConfig
+from lora_core.families import family_of_lora
 from lora_core.foundation.errors import UserError
 from lora_core.foundation.fs import atomic_write_bytes, atomic_write_text
 from lora_core.foundation.layout import SubjectLayout
@@ -61,11 +62,11 @@ class RunFiles:
 
 
 def config_for_run(config: LoraConfig, run: RunFiles) -> LoraConfig:
-    """`config`, told the base model is SDXL when the run's own files say so (kohya's `ss_base_model_version`)."""
-    first = read_metadata(next(iter(run.epochs.values())))
-    if config.sdxl or not first.get("ss_base_model_version", "").startswith("sdxl"):
+    """`config`, told the base model's family when the run's own files say it (kohya's `ss_base_model_version`)."""
+    family = family_of_lora(read_metadata(next(iter(run.epochs.values()))))
+    if family is None or family.name == config.model_family:
         return config
-    return LoraConfig.model_validate(config.model_dump() | {"sdxl": True})
+    return LoraConfig.model_validate(config.model_dump() | {"model_family": family.name})
 
 
 def _photos_in(folder: Path) -> list[Path]:

@@ -24,7 +24,7 @@ from PIL import Image
 from lora_core.config.lora_config import LoraConfig, Sampler
 from lora_core.config.settings import DEFAULT_CLASS_PROMPTS, SelectionSettings, SubjectType
 from lora_core.evaluation.epoch_files import RunFiles
-from lora_core.families.loading import BaseModel
+from lora_core.families.family import LoadedModel
 from lora_core.foundation.fs import atomic_output, atomic_write_text, sha256_file
 from lora_core.foundation.layout import SubjectLayout
 from lora_core.foundation.lora_file import LoraFile, read_lora
@@ -124,7 +124,7 @@ class GridRenderer:
     """
 
     def __init__(
-        self, base: BaseModel, config: LoraConfig, lora: LoraFile, layout: SubjectLayout | None, device: str | None
+        self, base: LoadedModel, config: LoraConfig, lora: LoraFile, layout: SubjectLayout | None, device: str | None
     ) -> None:
         from lora_core.training.network import LoraNetwork
         from lora_core.training.trainer import Trainer

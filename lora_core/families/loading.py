@@ -1,27 +1,29 @@
-"""The base model a LoRA is trained on: SD1.5 or SDXL, from wherever the user keeps it.
+"""The base model a LoRA is trained on, from wherever the user keeps it, recognised by its family.
 
 `load_base_model` takes what kohya_ss's `pretrained_model_name_or_path` takes:
 a hub id, a local diffusers folder, or a single-file checkpoint (`.safetensors`,
-or a `.ckpt` read with `weights_only=True`), plus `builtin:tiny-sd15` and
-`builtin:tiny-sdxl` for runs with no model at all. SDXL is detected from the
-folder or file, or taken from the config's `sdxl`.
+or a `.ckpt` read with `weights_only=True`), plus the `builtin:tiny-*` models
+for runs with no model at all. The family is recognised from the folder, the
+checkpoint's tensor names or the hub id; the config's `model_family` must agree.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_core.foundation.errors import UserError
+from lora_core.config.lora_config import LoraConfig
+from lora_core.families import FAMILIES, family_named
+from lora_core.families.family import LoadedModel, ModelFamily, read_checkpoint_keys
+from lora_core.foundation.errors import DAMAGED_FILE_ERRORS, UserError
 from lora_core.foundation.hub import hub_unreachable, model_identity, offline_help
 from lora_core.foundation.tiny_models import is_builtin, materialize
 
 __all__ = [
-    "BaseModel",
     "BaseModelError",
+    "LoadedModel",
     "check_config_matches",
     "load_base_model",
     "model_identity",
@@ -47,115 +49,87 @@ class BaseModelError(UserError, RuntimeError):
     """The base model cannot be loaded; the message says how to fix it."""
 
 
-@dataclass
-class BaseModel:
-    """The parts training needs, loaded once per process."""
-
-    spec: str
-    sdxl: bool
-    unet: Any
-    vae: Any
-    text_encoders: list[Any]
-    tokenizers: list[Any]
-    noise_scheduler: Any
-    pipeline_class: type = field(repr=False, default=object)
-
-    @property
-    def components(self) -> dict[str, Any]:
-        """The trainable parts by the names kohya's prefixes use."""
-        names = ["text_encoder", "text_encoder_2"][: len(self.text_encoders)]
-        return {"unet": self.unet} | dict(zip(names, self.text_encoders, strict=True))
-
-    def place(self, device: Any, dtype: Any) -> None:
-        """The frozen weights on `device` in `dtype`; the VAE in fp32 there (fp16 VAEs overflow to NaN)."""
-        import torch
-
-        for component in self.components.values():
-            component.to(device, dtype=dtype)
-        self.vae.to(device, dtype=torch.float32)
-
-    @property
-    def version(self) -> str:
-        """sd-scripts' `ss_base_model_version`."""
-        if self.sdxl:
-            return "sdxl_base_v1-0"
-        v_pred = self.noise_scheduler.config.prediction_type == "v_prediction"
-        v2 = getattr(self.text_encoders[0].config, "hidden_size", 768) == 1024
-        return f"sd_v{2 if v2 else 1}{'_v' if v_pred else ''}"
-
-
 def require_base_model(spec: str | None) -> str:
     """`spec`, or a clear error when none was given (checked before any work is done)."""
     if not spec:
+        builtins = " / ".join(f.builtin for f in FAMILIES.values() if f.builtin)
         raise BaseModelError(
             "no base model: pass --base-model (a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5, "
-            "a local diffusers folder or a .safetensors checkpoint), or builtin:tiny-sd15 / builtin:tiny-sdxl "
-            "for a run with no model at all"
+            f"a local diffusers folder or a .safetensors checkpoint), or {builtins} for a run with no model at all"
         )
     return spec
 
 
-def check_config_matches(config: Any, base: BaseModel) -> None:
-    """The config's `sdxl` and `v2` (kohya's model-type flags) must describe the loaded model.
+def check_config_matches(config: LoraConfig, model: LoadedModel) -> None:
+    """The config's `model_family` must be the loaded model's, and the family's own settings must fit it.
 
-    We detect the architecture from the model itself; a flag that disagrees is
-    a config meant for another model, and training on would mislabel the LoRA.
+    We recognise the family from the model itself; a config that names another
+    is meant for another model, and training on would mislabel the LoRA.
     """
-    if config.sdxl != base.sdxl:
-        kind = "SDXL" if base.sdxl else "SD1.x/2.x"
-        raise BaseModelError(f"base model {base.spec!r} is {kind}, but the config says sdxl={config.sdxl}")
-    v2 = base.version.startswith("sd_v2")
-    if not base.sdxl and config.v2 != v2:
-        kind = "SD2.x" if v2 else "SD1.x"
-        raise BaseModelError(
-            f"base model {base.spec!r} is {kind}, but the config says v2={config.v2}; set v2 to {str(v2).lower()}"
-        )
+    named = family_named(config.model_family)
+    if named is not model.family:
+        raise BaseModelError(_mismatch(model.spec, model.family, config.model_family))
+    model.family.check_config(config, model)
 
 
-def _is_sdxl_folder(folder: Path) -> bool:
-    index = json.loads((folder / "model_index.json").read_text())
-    return "XL" in index.get("_class_name", "") or "text_encoder_2" in index
+def _mismatch(spec: str, found: ModelFamily, named: str) -> str:
+    return (
+        f"base model {spec!r} is {found.label}, but the config says model_family={named}; "
+        f"set model_family to {found.name} (or use a {found.name} preset)"
+    )
 
 
-def load_base_model(spec: str | None, sdxl: bool | None = None, config_folder: str | None = None) -> BaseModel:
-    """Load the UNet, VAE, text encoder(s), tokenizer(s) and the training noise schedule.
-
-    `sdxl` None means detect; a single-file checkpoint needs its diffusers
-    config, which comes from `config_folder` (a local diffusers folder of the
-    same architecture) or the hub's cache.
-    """
-    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    spec = require_base_model(spec)
-    source: str = str(materialize(spec)) if is_builtin(spec) else spec
-    path = Path(source).expanduser()
-    kwargs: dict[str, Any] = {}
+def _recognise(spec: str, path: Path, source: str, named: ModelFamily | None) -> tuple[ModelFamily | None, str]:
+    """The family the model at `source` belongs to (None: cannot tell without loading), and the loader."""
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise BaseModelError(f"base model {spec!r}: not a diffusers folder (no model_index.json)")
-        detected = _is_sdxl_folder(path)
-        loader = "from_pretrained"
-    elif path.is_file():
+        index = json.loads((path / "model_index.json").read_text())
+        return _first(lambda f: f.recognises_folder(index), named), "from_pretrained"
+    if path.is_file():
         if path.suffix.lower() not in (".safetensors", ".ckpt"):
             raise BaseModelError(f"base model {spec!r}: want a .safetensors or .ckpt checkpoint")
-        detected = bool(sdxl)
-        loader = "from_single_file"
-        if config_folder:
-            kwargs["config"] = str(materialize(config_folder)) if is_builtin(config_folder) else config_folder
-    elif source.startswith((".", "/", "~")) or source.count("/") > 1 or path.suffix.lower() in _FILE_SUFFIXES:
+        try:
+            keys = read_checkpoint_keys(path)
+        except DAMAGED_FILE_ERRORS as err:
+            raise BaseModelError(f"base model {spec!r}: not a readable safetensors file ({err})") from None
+        found = None if keys is None else _first(lambda f: f.recognises_checkpoint(keys), named)
+        return found, "from_single_file"
+    if source.startswith((".", "/", "~")) or source.count("/") > 1 or path.suffix.lower() in _FILE_SUFFIXES:
         raise BaseModelError(f"base model {spec!r}: no such file or folder")
-    else:
-        detected = bool(sdxl) or "xl" in source.lower()
-        loader = "from_pretrained"
-    if sdxl is not None and sdxl != detected and loader == "from_pretrained" and path.is_dir():
-        kind = "SDXL" if detected else "SD1.x/2.x"
-        raise BaseModelError(f"base model {spec!r} is {kind}, but the config says sdxl={sdxl}; fix one of them")
-    pipeline_class = StableDiffusionXLPipeline if detected else StableDiffusionPipeline
-    load = getattr(pipeline_class, loader)
-    extra = {} if detected else {"safety_checker": None, "requires_safety_checker": False}
+    return _first(lambda f: f.recognises_hub_id(source), named), "from_pretrained"
+
+
+def _first(test: Any, named: ModelFamily | None) -> ModelFamily | None:
+    """The named family when it recognises the model (several may: a family built on another), else the first."""
+    if named is not None and test(named):
+        return named
+    return next((family for family in FAMILIES.values() if test(family)), None)
+
+
+def load_base_model(spec: str | None, family: str | None = None, config_folder: str | None = None) -> LoadedModel:
+    """Load the denoiser, VAE, text encoder(s), tokenizer(s) and the training noise schedule.
+
+    `family` None means recognise it; a named family must be the model's (a
+    hub id's or a `.ckpt`'s family cannot be told before loading: the named one
+    is used). A single-file checkpoint needs its diffusers config, which comes
+    from `config_folder` (a local diffusers folder of the same architecture) or
+    the hub's cache.
+    """
+    spec = require_base_model(spec)
+    named = family_named(family) if family else None
+    source: str = str(materialize(spec)) if is_builtin(spec) else spec
+    path = Path(source).expanduser()
+    found, loader = _recognise(spec, path, source, named)
+    if named is not None and found is not None and found is not named and (path.is_dir() or path.is_file()):
+        raise BaseModelError(_mismatch(spec, found, named.name))
+    chosen = named or found or next(iter(FAMILIES.values()))
+    options: dict[str, Any] = {}
+    if loader == "from_single_file" and config_folder:
+        options["config"] = str(materialize(config_folder)) if is_builtin(config_folder) else config_folder
     try:
         try:
-            pipeline = load(source, local_files_only=True, **extra, **kwargs)
+            model = chosen.load(source, loader, {"local_files_only": True, **options})
         except OSError:
             if path.exists():
                 raise
@@ -165,7 +139,7 @@ def load_base_model(spec: str | None, sdxl: bool | None = None, config_folder: s
                     "base model", source, "--base-model", "pretrained_model_name_or_path", "builtin:tiny-sd15"
                 )
                 raise BaseModelError(f"{message} ({why})") from None
-            pipeline = load(source, **extra, **kwargs)
+            model = chosen.load(source, loader, options)
     except BaseModelError:
         raise
     except Exception as err:
@@ -177,15 +151,5 @@ def load_base_model(spec: str | None, sdxl: bool | None = None, config_folder: s
                 "architecture"
             )
         raise BaseModelError(f"base model {spec!r}: cannot load it: {err}{hint}") from err
-    text_encoders = [pipeline.text_encoder] + ([pipeline.text_encoder_2] if detected else [])
-    tokenizers = [pipeline.tokenizer] + ([pipeline.tokenizer_2] if detected else [])
-    return BaseModel(
-        spec=spec,
-        sdxl=detected,
-        unet=pipeline.unet,
-        vae=pipeline.vae,
-        text_encoders=text_encoders,
-        tokenizers=tokenizers,
-        noise_scheduler=DDPMScheduler.from_config(pipeline.scheduler.config),
-        pipeline_class=pipeline_class,
-    )
+    model.spec = spec
+    return model

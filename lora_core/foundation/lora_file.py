@@ -1,30 +1,19 @@
-"""LoRA files in kohya's format: the modules it trains, its key names, its metadata.
+"""LoRA files in kohya's format: the file InvokeAI, ComfyUI, AUTOMATIC1111 and diffusers all load.
 
-What sd-scripts' default LoRA network does (networks/lora.py), and so what
-InvokeAI, ComfyUI, AUTOMATIC1111 and diffusers all load:
-
-- Targets: inside every `Transformer2DModel` of the UNet, each `Linear` and 1x1
-  `Conv2d`; inside every CLIP attention and MLP, each `Linear`. SD1.5 has 192
-  UNet and 72 text-encoder modules; SDXL 722 UNet, 72 + 192 text-encoder ones.
-- Names: a prefix (`lora_unet`, `lora_te`, or `lora_te1`/`lora_te2` for SDXL's
-  two encoders) and the module path with dots turned to underscores. SD1.5's
-  UNet paths are diffusers'; SDXL's are Stability's (`input_blocks_4_1_...`),
-  as sd-scripts trains SDXL on that module tree. Text-encoder paths start
-  `text_model_` (transformers 5 dropped that level from `CLIPTextModel`; every
-  loader still expects it).
 - Tensors: `<name>.lora_down.weight` [rank, in(,1,1)], `<name>.lora_up.weight`
   [out, rank(,1,1)] and `<name>.alpha`, a 0-d tensor holding network_alpha; the
   update is `alpha / rank * up @ down`.
+- Names: a prefix and a module path with dots turned to underscores; which
+  modules, and their names, are each model family's (`lora_core.families`).
+- Metadata: sd-scripts' `ss_*` keys and its `sshs_*` hashes, computed as it does.
 
-Our trainer injects peft LoRA layers into exactly these modules, so peft's
-`lora_A`/`lora_B` are kohya's `lora_down`/`lora_up` under another name.
+Files are written atomically and read as safetensors only, never unpickled.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -33,92 +22,21 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_bytes
-from torch import nn
 
 from lora_core.foundation.errors import DAMAGED_FILE_ERRORS, UserError
 from lora_core.foundation.fs import atomic_write_bytes
 
 __all__ = [
+    "LoraFile",
     "LoraFileError",
-    "LoraTarget",
-    "kohya_name",
-    "kohya_targets",
     "model_hash",
     "read_lora",
     "read_metadata",
     "save_lora",
 ]
 
-_UNET_BLOCKS = ("Transformer2DModel",)
-_TEXT_BLOCKS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
-
-
 class LoraFileError(UserError, ValueError):
     """A LoRA file that cannot be used here; the message names the file and the key."""
-
-
-@dataclass(frozen=True)
-class LoraTarget:
-    """One trained module: kohya's name for it, and where it is in our model."""
-
-    name: str  # kohya's, e.g. lora_unet_down_blocks_0_attentions_0_proj_in
-    component: str  # "unet", "text_encoder", "text_encoder_2"
-    path: str  # module path inside that component, as named_modules() gives it
-
-
-def _is_target_layer(module: nn.Module) -> bool:
-    # Exact classes, as sd-scripts matches class names: a peft wrapper is not a target again.
-    if type(module) is nn.Linear:
-        return True
-    return type(module) is nn.Conv2d and module.kernel_size == (1, 1)
-
-
-def _target_paths(root: nn.Module, blocks: tuple[str, ...]) -> list[str]:
-    paths: list[str] = []
-    for name, module in root.named_modules():
-        if type(module).__name__ in blocks:
-            for child, layer in module.named_modules():
-                if child and _is_target_layer(layer):
-                    paths.append(f"{name}.{child}")
-    return list(dict.fromkeys(paths))
-
-
-_SDXL_UNET = [
-    (re.compile(r"^down_blocks\.(\d+)\.attentions\.(\d+)\."), lambda i, j: f"input_blocks.{3 * i + j + 1}.1."),
-    (re.compile(r"^mid_block\.attentions\.0\."), lambda: "middle_block.1."),
-    (re.compile(r"^up_blocks\.(\d+)\.attentions\.(\d+)\."), lambda i, j: f"output_blocks.{3 * i + j}.1."),
-]
-
-
-def _sgm_path(path: str) -> str:
-    """A diffusers SDXL UNet attention path in Stability's naming (sd-scripts' sdxl_model_util map)."""
-    for pattern, replace in _SDXL_UNET:
-        match = pattern.match(path)
-        if match:
-            return replace(*map(int, match.groups())) + path[match.end() :]
-    raise ValueError(f"no Stability name for SDXL UNet module {path!r}")
-
-
-def kohya_name(component: str, path: str, sdxl: bool, sgm: bool = True) -> str:
-    """kohya's LoRA name for the module at `path` in `component`."""
-    if component == "unet":
-        return "lora_unet_" + (_sgm_path(path) if sdxl and sgm else path).replace(".", "_")
-    prefix = {"text_encoder": "lora_te1" if sdxl else "lora_te", "text_encoder_2": "lora_te2"}[component]
-    if not path.startswith("text_model."):
-        path = "text_model." + path
-    return f"{prefix}_{path.replace('.', '_')}"
-
-
-def kohya_targets(components: dict[str, nn.Module], sdxl: bool) -> list[LoraTarget]:
-    """Every module kohya's default LoRA trains in `components` ("unet", "text_encoder", "text_encoder_2")."""
-    targets: list[LoraTarget] = []
-    for component, root in components.items():
-        blocks = _UNET_BLOCKS if component == "unet" else _TEXT_BLOCKS
-        targets += [LoraTarget(kohya_name(component, p, sdxl), component, p) for p in _target_paths(root, blocks)]
-    names = [t.name for t in targets]
-    if len(set(names)) != len(names):
-        raise ValueError("two modules share a kohya name")
-    return targets
 
 
 # --- Writing ------------------------------------------------------------------------

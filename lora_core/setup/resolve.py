@@ -13,10 +13,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from lora_core.config.kohya import describe_validation_error, load_config
-from lora_core.config.lora_config import ConfigError, LoraConfig, Preset, preset_config
+from lora_core.config.kohya import describe_validation_error, read_config_file
+from lora_core.config.lora_config import ConfigError, LoraConfig
+from lora_core.families import Preset, family_named, preset_config, preset_for
 
-__all__ = ["merge_settings", "resolve_config", "subject_config"]
+__all__ = ["load_config", "merge_settings", "resolve_config", "subject_config"]
 
 
 def merge_settings(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
@@ -32,6 +33,18 @@ def merge_settings(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[
     return merged
 
 
+def load_config(path: Path | str, preset: Preset | str | None = None) -> LoraConfig:
+    """A kohya_ss GUI or CivitAI config file laid over `preset`; without one, over the first preset of the
+    family the file names (kohya's `sdxl: true` starts from `sdxl`). Raises `ConfigError` naming the file."""
+    read = read_config_file(path)
+    if not preset and read.model_family:
+        try:
+            preset = preset_for(read.model_family)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: field 'model_family': {err}") from None
+    return read.over(preset_config(preset))
+
+
 def resolve_config(
     preset: Preset | str | None = None,
     config_file: Path | str | None = None,
@@ -44,13 +57,17 @@ def resolve_config(
     Raises `ConfigError` naming the file, or `origin` for an override, and the field; a config file's
     unknown keys warn with a `ConfigWarning`.
     """
-    config = load_config(config_file, preset) if config_file else preset_config(preset or Preset.sd15)
-    if not overrides or all(value is None for value in overrides.values()):
-        return config
+    config = load_config(config_file, preset) if config_file else preset_config(preset)
+    if overrides and any(value is not None for value in overrides.values()):
+        try:
+            config = LoraConfig.model_validate(merge_settings(config.model_dump(), overrides))
+        except ValidationError as err:
+            raise ConfigError(describe_validation_error(Path(origin), err, {})) from None
     try:
-        return LoraConfig.model_validate(merge_settings(config.model_dump(), overrides))
-    except ValidationError as err:
-        raise ConfigError(describe_validation_error(Path(origin), err, {})) from None
+        family_named(config.model_family)
+    except ConfigError as err:
+        raise ConfigError(f"{config_file or origin}: field 'model_family': {err}") from None
+    return config
 
 
 def subject_config(

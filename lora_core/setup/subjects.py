@@ -28,8 +28,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lora_core.config.kohya import describe_validation_error
-from lora_core.config.lora_config import LoraConfig, Preset
+from lora_core.config.lora_config import LoraConfig
 from lora_core.config.settings import SubjectType
+from lora_core.families import Preset
 from lora_core.foundation.errors import UserError
 from lora_core.foundation.layout import SubjectLayout, validate_token
 from lora_core.setup.resolve import merge_settings, subject_config

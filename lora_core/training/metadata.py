@@ -24,6 +24,7 @@ __all__ = ["kohya_metadata", "tag_frequency_by_folder"]
 def kohya_metadata(trainer: Trainer, epoch: int, run_info: dict[str, str]) -> dict[str, str]:
     """The metadata of epoch `epoch` of `trainer`'s run (`run_info`: the run's id, start and origin)."""
     meta = _run(trainer, epoch, run_info) | _optimisation(trainer) | _data(trainer) | _modelspec(trainer, run_info)
+    meta |= trainer.base.family.metadata(trainer.base, trainer.config)  # ss_v2, ss_clip_skip, the architecture
     return {key: str(value) for key, value in meta.items()}
 
 
@@ -37,7 +38,6 @@ def _run(trainer: Trainer, epoch: int, run_info: dict[str, str]) -> dict[str, An
         "ss_output_name": trainer.layout.token,
         "ss_sd_model_name": Path(base.spec).name if Path(base.spec).exists() else base.spec,
         "ss_base_model_version": base.version,
-        "ss_v2": str(base.version.startswith("sd_v2")),
         "ss_network_module": "networks.lora",
         "ss_network_dim": trainer.network.rank,
         "ss_network_alpha": trainer.network.alpha,
@@ -96,7 +96,6 @@ def _data(trainer: Trainer) -> dict[str, Any]:
         "ss_max_bucket_reso": config.max_bucket_reso,
         "ss_bucket_no_upscale": config.bucket_no_upscale,
         "ss_bucket_info": json.dumps({"buckets": buckets}),
-        "ss_clip_skip": None if trainer.base.sdxl else config.clip_skip,  # SDXL ignores it
         "ss_max_token_length": config.max_token_length,
         "ss_cache_latents": trainer.latents.cache,
         "ss_shuffle_caption": config.shuffle_caption,
@@ -113,11 +112,9 @@ def _data(trainer: Trainer) -> dict[str, Any]:
 
 
 def _modelspec(trainer: Trainer, run_info: dict[str, str]) -> dict[str, Any]:
-    sdxl, resolution = trainer.base.sdxl, trainer.config.resolution
+    resolution = trainer.config.resolution
     return {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"stable-diffusion-{'xl-v1-base' if sdxl else 'v1'}/lora",
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if sdxl else "diffusers",
         "modelspec.title": trainer.layout.token,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.date": run_info.get("date", ""),

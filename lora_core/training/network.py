@@ -1,7 +1,7 @@
 """kohya's default LoRA network as peft layers on a base model.
 
 The network trains exactly the modules sd-scripts' default LoRA trains (see
-`lora_io`), with peft's `lora_A`/`lora_B` initialised as kohya initialises
+`lora_core.families`), with peft's `lora_A`/`lora_B` initialised as kohya initialises
 `lora_down`/`lora_up` (Kaiming-uniform and zeros), so the file we write is the
 file kohya would write.
 """
@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from lora_core.families.loading import BaseModel
-from lora_core.foundation.lora_file import LoraFile, LoraTarget, kohya_name, kohya_targets
+from lora_core.families.family import LoadedModel, LoraTarget
+from lora_core.foundation.lora_file import LoraFile
 
 __all__ = ["LoadReport", "LoraNetwork"]
 
@@ -31,12 +31,12 @@ class LoadReport:
 class LoraNetwork:
     """kohya's default LoRA on `base`: peft layers in the UNet and, if asked, the text encoder(s)."""
 
-    def __init__(self, base: BaseModel, rank: int, alpha: float, train_text_encoder: bool = True) -> None:
+    def __init__(self, base: LoadedModel, rank: int, alpha: float, train_text_encoder: bool = True) -> None:
         from peft import LoraConfig, inject_adapter_in_model
 
-        self.rank, self.alpha, self.sdxl = int(rank), float(alpha), base.sdxl
+        self.rank, self.alpha, self.family = int(rank), float(alpha), base.family
         self.components = base.components if train_text_encoder else {"unet": base.unet}
-        self.targets: list[LoraTarget] = kohya_targets(self.components, base.sdxl)
+        self.targets: list[LoraTarget] = base.family.lora_targets(self.components)
         # Everything the base model has is frozen, the text encoders too when they get no LoRA:
         # otherwise their weights' gradients are computed (and their memory held) every step.
         for module in [*base.components.values(), base.vae]:
@@ -81,9 +81,8 @@ class LoraNetwork:
         Modules the file lacks get a zero update, as a fresh network has.
         """
         ours = {t.name: t for t in self.targets}
-        # Also accept SDXL files that name UNet modules the diffusers way (both load everywhere).
-        if self.sdxl:
-            ours |= {kohya_name(t.component, t.path, True, sgm=False): t for t in self.targets}
+        # Also the names a family reads but does not write (SDXL's UNet named the diffusers way).
+        ours |= {alias: t for t in self.targets for alias in self.family.lora_aliases(t)}
         loaded, unexpected = set(), []
         with torch.no_grad():
             for name, (down, up, alpha) in lora.modules.items():

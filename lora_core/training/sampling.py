@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from lora_core.config.lora_config import Sampler
-from lora_core.families.loading import BaseModel
+from lora_core.families.family import LoadedModel
 from lora_core.foundation.fs import atomic_output
 from lora_core.training.precision import Precision
 
@@ -141,7 +141,7 @@ SCHEDULERS: dict[Sampler, tuple[str, dict[str, Any]]] = {
 }
 
 
-def _scheduler(base: BaseModel, sampler: Sampler):
+def _scheduler(base: LoadedModel, sampler: Sampler):
     """`sampler`'s scheduler on the model's own training schedule (its betas and prediction type)."""
     import diffusers
 
@@ -149,35 +149,13 @@ def _scheduler(base: BaseModel, sampler: Sampler):
     return getattr(diffusers, name).from_config(base.noise_scheduler.config, **options)
 
 
-def _pipeline(base: BaseModel, sampler: Sampler):
-    """A diffusers pipeline over the trainer's modules (shared, not copied)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    if base.sdxl:
-        return StableDiffusionXLPipeline(
-            vae=base.vae,
-            text_encoder=base.text_encoders[0],
-            text_encoder_2=base.text_encoders[1],
-            tokenizer=base.tokenizers[0],
-            tokenizer_2=base.tokenizers[1],
-            unet=base.unet,
-            scheduler=_scheduler(base, sampler),
-            add_watermarker=False,
-        )
-    return StableDiffusionPipeline(
-        vae=base.vae,
-        text_encoder=base.text_encoders[0],
-        tokenizer=base.tokenizers[0],
-        unet=base.unet,
-        scheduler=_scheduler(base, sampler),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+def _pipeline(base: LoadedModel, sampler: Sampler):
+    """The family's diffusers pipeline over the trainer's modules (shared, not copied)."""
+    return base.family.pipeline(base, _scheduler(base, sampler))
 
 
 @contextmanager
-def _eval_mode(base: BaseModel) -> Iterator[None]:
+def _eval_mode(base: LoadedModel) -> Iterator[None]:
     """Eval mode and no gradients while rendering; each module's mode restored after.
 
     The global RNG needs no saving: every render draws from its own seeded generator.
@@ -194,7 +172,7 @@ def _eval_mode(base: BaseModel) -> Iterator[None]:
             module.train(mode)
 
 
-def render(base: BaseModel, spec: SampleSpec, precision: Precision) -> list[list[Image.Image]]:
+def render(base: LoadedModel, spec: SampleSpec, precision: Precision) -> list[list[Image.Image]]:
     """One image per prompt and seed, `[prompt][seed]`: the same inputs give the same pictures.
 
     The text encoders and UNet run in the training precision (`precision.autocast()`),
@@ -221,24 +199,10 @@ def render(base: BaseModel, spec: SampleSpec, precision: Precision) -> list[list
                         output_type="latent",
                     ).images
                 with precision.vae_autocast():
-                    image = _decode(base, latents)
+                    image = base.family.decode(base, latents)
                 row.append(pipeline.image_processor.postprocess(image.float(), output_type="pil")[0])
             grid.append(row)
     return grid
-
-
-def _decode(base: BaseModel, latents: torch.Tensor) -> torch.Tensor:
-    """Latents to pixels in [-1, 1] as diffusers' pipelines decode them, in the VAE's own weight dtype."""
-    vae = base.vae
-    latents = latents.to(vae.device, vae.dtype)
-    mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
-    if base.sdxl and mean is not None and std is not None:  # SDXL VAEs that normalise their latents
-        mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
-        std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
-        latents = latents * std / vae.config.scaling_factor + mean
-    else:
-        latents = latents / vae.config.scaling_factor
-    return vae.decode(latents, return_dict=False)[0]
 
 
 def sample_filename(

@@ -5,9 +5,10 @@ the same on a GPU and on the CPU (see `lora_core.training.precision`): frozen we
 in the training dtype, LoRA weights and optimizer state in fp32, autocast for
 the forward pass, fp16 loss scaling, gradient accumulation over micro-batches.
 The other concepts live in their own modules: `network` (the LoRA layers),
-`train_data` (items, batches, latents), `conditioning` (SD1.5 and SDXL text
-and size conditioning), `optim` (optimizer and schedule), `state` (what is
-on disk), `metadata` (kohya's `ss_*` keys) and `memory` (the out-of-memory ladder).
+`dataset.train_data` (items, batches, latents), the model's family (its
+conditioning and its objective: what is noised, what is predicted),
+`optim` (optimizer and schedule), `state` (what is on disk), `metadata`
+(kohya's `ss_*` keys) and `memory` (the out-of-memory ladder).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import torch
 
 from lora_core.config.lora_config import LoraConfig
 from lora_core.dataset.train_data import Latents, epoch_batches, epoch_seed, shuffle_tags, split_items, training_items
-from lora_core.families.conditioning import TextCondition, conditioning_for
-from lora_core.families.loading import BaseModel, check_config_matches
+from lora_core.families.family import LoadedModel, TextCondition
+from lora_core.families.loading import check_config_matches
 from lora_core.foundation.errors import RunFailure
 from lora_core.foundation.layout import SubjectLayout
 from lora_core.training.network import LoraNetwork
@@ -68,7 +69,7 @@ class Trainer:
     def __init__(
         self,
         config: LoraConfig,
-        base: BaseModel,
+        base: LoadedModel,
         layout: SubjectLayout,
         *,
         device: str | torch.device | None = None,
@@ -79,13 +80,14 @@ class Trainer:
         self.precision = resolve_precision(config.mixed_precision, device)
         self.device = self.precision.device
         self.notes: list[str] = list(self.precision.notes)
-        self.conditioning = conditioning_for(base, config.clip_skip, config.max_token_length)
+        self.conditioning = base.family.conditioning(base, config.clip_skip, config.max_token_length)
         self.notes += self.conditioning.notes
         torch.manual_seed(config.seed)  # the LoRA's initial weights
         self.network = LoraNetwork(base, config.network_dim, config.network_alpha, config.train_text_encoder)
         self._place_models()
         if config.v_parameterization:
             base.noise_scheduler.register_to_config(prediction_type="v_prediction")
+        self.objective = base.family.objective(base)
         # The images trained on, then those held out (validation_split): indices past the first run on.
         self.items, self.heldout = split_items(
             training_items(layout, config.caption_extension), config.validation_split, config.split_seed
@@ -180,7 +182,7 @@ class Trainer:
 
     def _draws(self, size: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """Noise and timesteps, drawn image by image, so 2 batches of 1 draw exactly what 1 batch of 2 does."""
-        config, steps = self.config, self.base.noise_scheduler.config.num_train_timesteps
+        config, steps = self.config, self.objective.num_timesteps
         noises, timesteps = [], []
         for _ in range(size):
             noise = torch.randn(shape, generator=self.noise)
@@ -192,7 +194,7 @@ class Trainer:
 
     def _loss(self, batch: list[int], rng: random.Random) -> torch.Tensor:
         """The mean loss of one micro-batch (`rng`: the epoch's tag shuffles and flips)."""
-        config, schedule = self.config, self.base.noise_scheduler
+        config, objective = self.config, self.objective
         captions = [self.items[i].caption for i in batch]
         if config.shuffle_caption:
             captions = [shuffle_tags(c, config.keep_tokens, rng) for c in captions]
@@ -200,20 +202,14 @@ class Trainer:
         latents = self.latents.batch(batch, flips, self.noise)
         # Sample noise and a timestep per image, and noise the latents (the forward diffusion process).
         noise, steps = self._draws(len(batch), tuple(latents.shape[1:]))
-        noisy = schedule.add_noise(latents, noise, steps)
-        v_prediction = schedule.config.prediction_type == "v_prediction"
-        target = schedule.get_velocity(latents, noise, steps) if v_prediction else noise
+        noisy, target = objective.noisy(latents, noise, steps), objective.target(latents, noise, steps)
         with self.precision.autocast():
             text = self._text_for(batch, captions)
             kwargs = self.conditioning.unet_kwargs(text, [self.items[i] for i in batch], self.device)
             prediction = self.base.unet(noisy, steps, **kwargs).sample
         loss = torch.nn.functional.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        if config.min_snr_gamma:
-            # Min-SNR weighting, https://arxiv.org/abs/2303.09556 (eq. 4; v-prediction divides by snr + 1).
-            alphas = schedule.alphas_cumprod.to(self.device)[steps]
-            snr = alphas / (1 - alphas)
-            loss = loss * snr.clamp(max=config.min_snr_gamma) / (snr + 1 if v_prediction else snr)
-        return loss.mean()
+        weight = objective.weight(steps, config.min_snr_gamma)  # min-SNR, where the objective has one
+        return (loss if weight is None else loss * weight).mean()
 
     # -- an epoch --
 
@@ -307,8 +303,7 @@ class Trainer:
         for module in self.base.components.values():
             module.eval()
         generator = torch.Generator().manual_seed(seed)
-        schedule = self.base.noise_scheduler
-        v_prediction = schedule.config.prediction_type == "v_prediction"
+        objective = self.objective
         every = self.items + self.heldout
         total, count = 0.0, 0
         with self.models_on_device():
@@ -321,9 +316,9 @@ class Trainer:
                 for step in timesteps:
                     noise = torch.randn(latents.shape, generator=generator).to(self.device)
                     t = torch.tensor([step], device=self.device)
-                    target = schedule.get_velocity(latents, noise, t) if v_prediction else noise
+                    target = objective.target(latents, noise, t)
                     with self.precision.autocast():
-                        prediction = self.base.unet(schedule.add_noise(latents, noise, t), t, **kwargs).sample
+                        prediction = self.base.unet(objective.noisy(latents, noise, t), t, **kwargs).sample
                     total += float(torch.nn.functional.mse_loss(prediction.float(), target.float()))
                     count += 1
         return total / count

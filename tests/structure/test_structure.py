@@ -112,9 +112,10 @@ def test_lora_core_imports_no_prefect():
 
 # --- Only a family module asks which family it is --------------------------------------------------------------
 
-# Where the family may be named: the family modules, and the config import that maps kohya's/CivitAI's
-# `sdxl`/`v2` keys to a family.
-FAMILY_ALLOWED = ("lora_core/families/", "lora_core/config/kohya.py")
+# Where the family may be named: the family modules; the config import that maps kohya's/CivitAI's
+# `sdxl`/`v2` keys to a family; and the builders of the offline tiny models, which are data (a folder like a
+# hub's), not a question any code asks.
+FAMILY_ALLOWED = ("lora_core/families/", "lora_core/config/kohya.py", "lora_core/foundation/tiny_models.py")
 FAMILY_WORD = re.compile(r"sdxl|(^|_)v2($|_)|sd_?15|(^|_)sd_?v?[12]($|_)", re.IGNORECASE)
 
 
@@ -129,17 +130,17 @@ def family_questions(path: Path) -> list[str]:
             names = [node.id]
         elif isinstance(node, ast.Attribute):
             names = [node.attr]
-        elif isinstance(node, ast.keyword) and node.arg:
-            names = [node.arg]
-        elif isinstance(node, ast.arg):
+        elif isinstance(node, ast.keyword | ast.arg) and node.arg:
             names = [node.arg]
         elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
             names = [node.name]
         elif isinstance(node, ast.Compare):
-            for side in [node.left, *node.comparators]:
-                for leaf in ast.walk(side):
-                    if isinstance(leaf, ast.Constant) and isinstance(leaf.value, str) and FAMILY_WORD.search(leaf.value):
-                        found.append(f"{node.lineno}: compares with {leaf.value!r}")
+            leaves = [leaf for side in [node.left, *node.comparators] for leaf in ast.walk(side)]
+            found += [
+                f"{node.lineno}: compares with {leaf.value!r}"
+                for leaf in leaves
+                if isinstance(leaf, ast.Constant) and isinstance(leaf.value, str) and FAMILY_WORD.search(leaf.value)
+            ]
         found += [f"{node.lineno}: {name}" for name in names if FAMILY_WORD.search(name)]
     return found
 

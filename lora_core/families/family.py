@@ -1,0 +1,197 @@
+"""What a model family is: everything that differs between SD1.5, SDXL and the next, behind one interface.
+
+A family (`ModelFamily`) recognises its models (a diffusers folder, a hub id,
+a single-file checkpoint's keys, a LoRA's metadata), loads them, conditions
+the denoiser, states the training objective, names the LoRA's modules as kohya
+does, writes its part of the metadata, renders, and brings its presets (its
+memory recipe). `lora_core.families.FAMILIES` is the registry; no code outside
+`families/` asks which family a model is.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+if TYPE_CHECKING:  # torch loads when a model does: the command line checks its flags without it
+    import torch
+
+    from lora_core.config.lora_config import LoraConfig
+    from lora_core.dataset.train_data import TrainItem
+
+__all__ = [
+    "Conditioning",
+    "LoadedModel",
+    "LoraTarget",
+    "ModelFamily",
+    "Objective",
+    "TextCondition",
+]
+
+
+@dataclass(frozen=True)
+class LoraTarget:
+    """One trained module: kohya's name for it, and where it is in our model."""
+
+    name: str  # kohya's, e.g. lora_unet_down_blocks_0_attentions_0_proj_in
+    component: str  # "unet", "text_encoder", "text_encoder_2"
+    path: str  # module path inside that component, as named_modules() gives it
+
+
+@dataclass
+class TextCondition:
+    """Encoded captions: the hidden states the denoiser attends to, and a pooled embedding where it has one."""
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    @staticmethod
+    def cat(parts: list[TextCondition]) -> TextCondition:
+        import torch
+
+        pooled = [p.pooled for p in parts if p.pooled is not None]
+        return TextCondition(torch.cat([p.hidden for p in parts]), torch.cat(pooled) if pooled else None)
+
+
+@dataclass
+class LoadedModel:
+    """A base model's parts as training needs them, loaded once per process, and the family that knows them."""
+
+    spec: str
+    family: ModelFamily
+    unet: Any
+    vae: Any
+    text_encoders: list[Any]
+    tokenizers: list[Any]
+    noise_scheduler: Any
+
+    @property
+    def components(self) -> dict[str, Any]:
+        """The trainable parts by the names kohya's prefixes use."""
+        names = ["text_encoder", "text_encoder_2"][: len(self.text_encoders)]
+        return {"unet": self.unet} | dict(zip(names, self.text_encoders, strict=True))
+
+    def place(self, device: Any, dtype: Any) -> None:
+        """The frozen weights on `device` in `dtype`; the VAE in fp32 there (fp16 VAEs overflow to NaN)."""
+        import torch
+
+        for component in self.components.values():
+            component.to(device, dtype=dtype)
+        self.vae.to(device, dtype=torch.float32)
+
+    @property
+    def version(self) -> str:
+        """sd-scripts' `ss_base_model_version`."""
+        return self.family.base_model_version(self)
+
+
+class Conditioning(Protocol):
+    """How captions (and anything else) condition the denoiser: encode once, then the call's keyword arguments."""
+
+    notes: tuple[str, ...]
+    clip_skip: int
+
+    def encode(self, captions: list[str], device: torch.device) -> TextCondition: ...
+
+    def unet_kwargs(self, text: TextCondition, items: list[TrainItem], device: torch.device) -> dict[str, Any]: ...
+
+
+class Objective(Protocol):
+    """What the denoiser learns: how latents are noised at a timestep, what it predicts, how each loss weighs."""
+
+    num_timesteps: int
+
+    def noisy(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor: ...
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor: ...
+
+    def weight(self, timesteps: torch.Tensor, min_snr_gamma: float) -> torch.Tensor | None: ...
+
+
+class ModelFamily(ABC):
+    """One model family. Subclasses fill in what differs; the registry holds one instance of each."""
+
+    name: ClassVar[str]  # the registry key and the config's `model_family`
+    label: ClassVar[str]  # how messages name it: "SD1.x/2.x", "SDXL"
+    # Preset name -> LoraConfig values over the defaults: the family's recipe and the memory it relies on.
+    presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    builtin: ClassVar[str | None] = None  # its tiny offline model (`lora_core.foundation.tiny_models`), if any
+
+    # -- recognising a model --
+
+    @abstractmethod
+    def recognises_folder(self, model_index: Mapping[str, Any]) -> bool:
+        """A diffusers folder (its `model_index.json`) holds this family's model."""
+
+    @abstractmethod
+    def recognises_checkpoint(self, keys: set[str]) -> bool:
+        """A single-file checkpoint (its tensor names) holds this family's model."""
+
+    def recognises_hub_id(self, repo_id: str) -> bool:
+        """A hub id names this family's model, as far as its name tells (never loaded to find out)."""
+        return False
+
+    def recognises_lora(self, metadata: Mapping[str, str]) -> bool:
+        """A LoRA file (its `ss_*` metadata) was trained on this family."""
+        return False
+
+    # -- loading --
+
+    @abstractmethod
+    def load(self, source: str, loader: str, options: dict[str, Any]) -> LoadedModel:
+        """The model at `source` through diffusers' `loader` ("from_pretrained" or "from_single_file")."""
+
+    def check_config(self, config: LoraConfig, model: LoadedModel) -> None:  # noqa: B027 (optional hook)
+        """Raise when a setting cannot describe this model (the message says how to fix it)."""
+
+    # -- training --
+
+    @abstractmethod
+    def conditioning(self, model: LoadedModel, clip_skip: int, max_token_length: int) -> Conditioning: ...
+
+    @abstractmethod
+    def objective(self, model: LoadedModel) -> Objective: ...
+
+    @abstractmethod
+    def lora_targets(self, components: Mapping[str, torch.nn.Module]) -> list[LoraTarget]:
+        """Every module the LoRA trains in `components`, under kohya's names."""
+
+    def lora_aliases(self, target: LoraTarget) -> tuple[str, ...]:
+        """Other names a LoRA file may give `target` (read, never written)."""
+        return ()
+
+    # -- the file users load --
+
+    @abstractmethod
+    def base_model_version(self, model: LoadedModel) -> str:
+        """sd-scripts' `ss_base_model_version`."""
+
+    @abstractmethod
+    def metadata(self, model: LoadedModel, config: LoraConfig) -> dict[str, Any]:
+        """This family's `ss_*` and `modelspec.*` keys (`ss_v2`, `ss_clip_skip`, the architecture)."""
+
+    # -- rendering --
+
+    @abstractmethod
+    def pipeline(self, model: LoadedModel, scheduler: Any) -> Any:
+        """A diffusers pipeline over the model's modules (shared, never copied)."""
+
+    @abstractmethod
+    def decode(self, model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
+        """Latents to pixels in [-1, 1], in the VAE's own weight dtype."""
+
+    def __str__(self) -> str:
+        return self.label
+
+
+def read_checkpoint_keys(path: Path) -> set[str] | None:
+    """The tensor names of a `.safetensors` checkpoint, from its header alone (None: not one we can read so)."""
+    if Path(path).suffix.lower() != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    with safe_open(Path(path), framework="pt") as handle:
+        return set(handle.keys())
