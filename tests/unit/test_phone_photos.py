@@ -26,7 +26,7 @@ from lora_core.dataset.ingest import ingest
 from lora_core.dataset.orient import check_orientation
 from lora_core.foundation.layout import SubjectLayout
 from tests.conftest import encode, photo
-from tests.test_orientation import crops
+from tests.unit.test_orientation import crops
 
 FAST = {"HEIF": {"enc_params": {"preset": "ultrafast"}}, "AVIF": {"speed": 10}}  # x265 and aom, quickest
 

@@ -114,7 +114,7 @@ def prepare(photos: Path, workdir: Path, num_repeats: int | None) -> dict[str, s
 KILL_SCRIPT = """
 import os, sys
 from pathlib import Path
-from tests.test_ingest_kill import arm, run
+from tests.resilience.test_ingest_kill import arm, run
 arm(sys.argv[1], lambda: os._exit(137))
 run(Path(sys.argv[2]), Path(sys.argv[3]), None if sys.argv[4] == "auto" else int(sys.argv[4]))
 """

@@ -199,7 +199,7 @@ def test_outcome_reads_the_selection_of_a_finished_subject(tmp_path):
 
 def test_the_scheduled_default_batch_file_is_valid_on_a_fresh_clone():
     """deployments/nightly.yaml, the nightly schedule's default: the demo photos on the built-in tiny models."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     (subject,) = load_batch(root / "deployments" / "nightly.yaml")
     assert subject.photos == root / "demo" / "photos" and subject.token == "t0k3n"
     assert subject.lora_config("nightly").pretrained_model_name_or_path == "builtin:tiny-sd15"

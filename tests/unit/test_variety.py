@@ -19,7 +19,7 @@ from lora_core.dataset.ingest import ingest
 from lora_core.dataset.manifest import read_manifest
 from lora_core.dataset.orient import check_orientation
 from lora_core.foundation.layout import SubjectLayout
-from tests.test_orientation import crops
+from tests.unit.test_orientation import crops
 
 RGB = st.tuples(*[st.integers(0, 255)] * 3)
 

@@ -25,7 +25,7 @@ from lora_core.dataset.ingest import ingest
 from lora_core.foundation.layout import SubjectLayout
 from tests.conftest import photo
 
-SD_SCRIPTS = json.loads((Path(__file__).parent / "data" / "sd_scripts_buckets.json").read_text())
+SD_SCRIPTS = json.loads((Path(__file__).resolve().parents[1] / "data" / "sd_scripts_buckets.json").read_text())
 
 
 @pytest.mark.parametrize("case", SD_SCRIPTS["cases"], ids=lambda c: f"{c['resolution']}-{c['max_reso']}")

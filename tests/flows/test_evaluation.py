@@ -22,7 +22,7 @@ from lora_core.foundation.lora_file import read_lora
 from lora_core.training.network import LoraNetwork
 from tasks.artifacts import selection_markdown
 from tests.conftest import photo
-from tests.test_training import TINY_SD15, captioned_photos, flow_config
+from tests.unit.test_training import TINY_SD15, captioned_photos, flow_config
 
 # The metric grid on the tiny models: 64 px, 2 steps, two token prompts and the class prompt, two seeds.
 CHEAP_GRID = {

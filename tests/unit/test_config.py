@@ -15,7 +15,7 @@ from lora_core.config.lora_config import ConfigError, LoraConfig, format_optimiz
 from lora_core.families import preset_config
 from lora_core.setup.resolve import load_config
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 def test_defaults_are_the_seed_recipe():

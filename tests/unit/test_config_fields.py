@@ -14,14 +14,14 @@ from typing import Any
 import pytest
 import torch
 
-import tests.test_captioning
-import tests.test_evaluation
-import tests.test_flow
-import tests.test_ingest
-import tests.test_models
-import tests.test_orientation
-import tests.test_quality
-import tests.test_training
+import tests.flows.test_evaluation
+import tests.flows.test_flow
+import tests.unit.test_captioning
+import tests.unit.test_ingest
+import tests.unit.test_models
+import tests.unit.test_orientation
+import tests.unit.test_quality
+import tests.unit.test_training
 from lora_core.config.lora_config import LoraConfig
 from lora_core.dataset.buckets import BucketPlan
 from lora_core.families.loading import BaseModelError, load_base_model
@@ -32,7 +32,7 @@ from lora_core.training.optim import make_optimizer, make_scheduler, param_group
 from lora_core.training.sampling import SampleSpec
 from lora_core.training.state import save_epoch, saves_lora
 from lora_core.training.trainer import Trainer
-from tests.test_training import TINY_SD15, make_subject, small_config
+from tests.unit.test_training import TINY_SD15, make_subject, small_config
 
 SIZES = ((128, 160),) * 2  # one bucket: the batch size shows in the number of batches
 INFO = {"session_id": "1", "started_at": "0"}
@@ -152,18 +152,18 @@ PROBES: dict[str, tuple[Any, Any, dict]] = {
 
 # Fields whose effect a stage's own tests show, end to end.
 ELSEWHERE = {
-    "pretrained_model_name_or_path": tests.test_models.test_a_local_diffusers_folder_loads_and_sdxl_is_detected,
-    "network_weights": tests.test_training.test_a_kohya_lora_continues_through_the_flow_and_sdxl_runs_end_to_end,
-    "sample_every_n_steps": tests.test_training.test_the_train_stage_caches_each_epoch_and_publishes_it,
-    "sample_every_n_epochs": tests.test_training.test_the_train_stage_caches_each_epoch_and_publishes_it,
-    "subject_type": tests.test_quality.test_an_object_gets_image_checks_only,
-    "ingest": tests.test_ingest.test_too_few_images_fails_with_every_reason,
-    "checks": tests.test_orientation.test_mirrored_crops_are_flagged_fixed_or_rejected_by_policy,
-    "captioning": tests.test_captioning.test_captions_made_with_other_settings_are_not_intact,
-    "selection": tests.test_evaluation.test_an_undertrained_run_resumes_from_its_last_epoch_and_selects_again,
+    "pretrained_model_name_or_path": tests.unit.test_models.test_a_local_diffusers_folder_loads_and_sdxl_is_detected,
+    "network_weights": tests.unit.test_training.test_a_kohya_lora_continues_through_the_flow_and_sdxl_runs_end_to_end,
+    "sample_every_n_steps": tests.unit.test_training.test_the_train_stage_caches_each_epoch_and_publishes_it,
+    "sample_every_n_epochs": tests.unit.test_training.test_the_train_stage_caches_each_epoch_and_publishes_it,
+    "subject_type": tests.unit.test_quality.test_an_object_gets_image_checks_only,
+    "ingest": tests.unit.test_ingest.test_too_few_images_fails_with_every_reason,
+    "checks": tests.unit.test_orientation.test_mirrored_crops_are_flagged_fixed_or_rejected_by_policy,
+    "captioning": tests.unit.test_captioning.test_captions_made_with_other_settings_are_not_intact,
+    "selection": tests.flows.test_evaluation.test_an_undertrained_run_resumes_from_its_last_epoch_and_selects_again,
     # Held-out images need more than the probes' two photos: a split of two would be refused.
-    "validation_split": tests.test_training.test_held_out_images_are_never_trained_on_and_their_loss_is_measured,
-    "validation_seed": tests.test_training.test_held_out_images_are_never_trained_on_and_their_loss_is_measured,
+    "validation_split": tests.unit.test_training.test_held_out_images_are_never_trained_on_and_their_loss_is_measured,
+    "validation_seed": tests.unit.test_training.test_held_out_images_are_never_trained_on_and_their_loss_is_measured,
 }
 
 REFUSED = {"model_family", "caption_extension"}
@@ -173,7 +173,7 @@ def test_every_field_is_walked():
     assert set(PROBES) | set(ELSEWHERE) == set(LoraConfig.model_fields)
     assert not set(PROBES) & set(ELSEWHERE)
     assert all(callable(test) and test.__name__.startswith("test_") for test in ELSEWHERE.values())
-    assert tests.test_flow  # (imported so a renamed stage test fails here, not silently)
+    assert tests.flows.test_flow  # (imported so a renamed stage test fails here, not silently)
 
 
 @pytest.mark.parametrize("field", sorted(PROBES))

@@ -590,7 +590,7 @@ def test_recipe_options_train(builtin_models_home, tmp_path, updates):
 
 
 def test_a_trained_epoch_file_changes_a_diffusers_pipeline(builtin_models_home, tmp_path, caplog):
-    from tests.test_lora_io import _diffusers_load
+    from tests.unit.test_lora_io import _diffusers_load
 
     config = small_config(num_repeats=4, max_train_epochs=1, unet_lr=3e-3)
     base = load_base_model(TINY_SD15)

@@ -20,7 +20,7 @@ from lora_core.foundation.lora_file import read_lora
 from lora_core.training.memory import apply_steps, oom_step
 from lora_core.training.state import read_state, write_state
 from lora_core.training.trainer import NonFiniteLossError, Trainer
-from tests.test_training import TINY_SD15, captioned_photos, flow_config, make_subject, small_config
+from tests.unit.test_training import TINY_SD15, captioned_photos, flow_config, make_subject, small_config
 
 # Four small images in one bucket: half precision on a CPU is several times slower than fp32, keep steps few.
 FOUR = ((128, 160),) * 4

@@ -25,7 +25,7 @@ from lora_core.training.sampling import (
     save_samples,
 )
 from lora_core.training.trainer import Trainer
-from tests.test_training import TINY_SD15, make_subject, small_config
+from tests.unit.test_training import TINY_SD15, make_subject, small_config
 
 SPEC = SampleSpec(
     tuple(SamplePrompt(text, width=64, height=64, steps=3) for text in ("t0k3n, portrait photo", "t0k3n, oil painting"))

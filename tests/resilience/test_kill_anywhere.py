@@ -34,7 +34,7 @@ from safetensors import safe_open
 from lora_core.foundation.layout import SubjectLayout
 from lora_core.foundation.tiny_models import materialize
 from tests.conftest import ROOT, TINY_BLIP, photo
-from tests.test_training import TINY_SD15
+from tests.unit.test_training import TINY_SD15
 
 TOKEN = "t0k3n"
 EPOCHS = 2
