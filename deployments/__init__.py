@@ -11,5 +11,5 @@ POOL = "lora-gpu"
 SUBJECT_DEPLOYMENT = "train-subject/default"
 BATCH_DEPLOYMENT = "train-batch/default"
 SERVED = "local"
-NIGHTLY_CRON = "0 1 * * *"  # 01:00 every night; off until turned on (README: Scheduled batch)
+NIGHTLY_CRON = "0 1 * * *"  # 01:00 every night; off until turned on (docs/deployments.md: the schedule)
 NIGHTLY_BATCH = "deployments/nightly.yaml"

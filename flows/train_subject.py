@@ -110,25 +110,25 @@ def train_subject(
     with subject_lock(layout.lock, layout.root), stage_results(layout.prefect_results, report.cached):
         layout.move_old_bookkeeping()  # a folder from before `.pipeline/` keeps its caches
         remove_stale_temps(layout.root)  # killed writes' temp files: none is live, we hold the lock
-        ingested = ingest_photos(Path(photos), token, workdir, config.ingest, config.num_repeats)
-        export_settings(token, workdir, config)
+        ingested = ingest_photos(Path(photos), layout, config.ingest, config.num_repeats)
+        export_settings(layout, config)
         if report.add("ingest", ingested):
             return report.summary
         checks = (config.checks, config.subject_type, config.ingest.min_images)
-        checked = check_images(ingested, workdir, *checks)
+        checked = check_images(ingested, layout, *checks)
         if report.add("checks", checked):
             return report.summary
-        cropped = crop_images(checked, workdir, *checks)
+        cropped = crop_images(checked, layout, *checks)
         if report.add("crop", cropped):
             return report.summary
         plan = BucketPlan.from_config(config)
-        if report.add("buckets", bucket_images(cropped, workdir, plan, config.train_batch_size)):
+        if report.add("buckets", bucket_images(cropped, layout, plan, config.train_batch_size)):
             return report.summary
         blip = BlipCaptioner(config.captioning.model).identity
-        captioned = caption_images(cropped, workdir, config.captioning, config.caption_extension, blip)
+        captioned = caption_images(cropped, layout, config.captioning, config.caption_extension, blip)
         if report.add("captions", captioned):
             return report.summary
-        run = start_run(token, workdir, config, device, base_model_config)
+        run = start_run(layout, config, device, base_model_config)
         epochs = train_run(run)
         if report.add_training(epochs, publish_run(run, epochs)):
             return report.summary
@@ -152,7 +152,7 @@ def train_run(run: TrainRequest) -> list[EpochResult]:
 def select_and_resume(run: TrainRequest, epochs: list[EpochResult], report: Report) -> None:
     """Samples and select; undertrained: train on from the last epoch's LoRA, as the seed does by hand
     (`lora_core.evaluation.selection.resume_config`), and select again; then publish and render the choice."""
-    layout = SubjectLayout(run.workdir, run.token)
+    layout = run.layout
     request = SelectRequest(
         folder=layout.result_current,
         token=run.token,
@@ -169,7 +169,7 @@ def select_and_resume(run: TrainRequest, epochs: list[EpochResult], report: Repo
                 finish(request.with_epochs(epochs), choice, report, layout.txt2img_images, resuming=True)
                 return
             release_renderers(request.folder)  # one copy of the base model in memory: the trainer's
-            run = start_run(run.token, run.workdir, more, run.device, run.base_model_config, last + 1, run.run_key)
+            run = start_run(layout, more, run.device, run.base_model_config, last + 1, run.run_key)
             epochs += train_run(run)
             report.add_training(epochs, layout.final_lora)
     finally:

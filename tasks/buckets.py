@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import get_run_logger
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
@@ -18,14 +16,14 @@ from tasks.stage import stage
 BUCKETS_CACHE = TASK_SOURCE + INPUTS + CodeVersion.of_task(__name__)
 
 
-def _outputs_intact(dataset: QualityResult, workdir: Path, plan: BucketPlan, batch_size: int) -> bool:
-    return buckets_intact(SubjectLayout(workdir, dataset.token), plan)
+def _outputs_intact(dataset: QualityResult, layout: SubjectLayout, plan: BucketPlan, batch_size: int) -> bool:
+    return buckets_intact(layout, plan)
 
 
 @stage("buckets", BUCKETS_CACHE, outputs_intact=_outputs_intact)
-def bucket_images(dataset: QualityResult, workdir: Path, plan: BucketPlan, batch_size: int) -> BucketResult:
+def bucket_images(dataset: QualityResult, layout: SubjectLayout, plan: BucketPlan, batch_size: int) -> BucketResult:
     """Assign each training image to an aspect-ratio bucket; write buckets.csv."""
-    result = bucket_subject(SubjectLayout(workdir, dataset.token), plan, batch_size)
+    result = bucket_subject(layout, plan, batch_size)
     logger = get_run_logger()
     logger.info("buckets: %s", ", ".join(f"{b}: {n}" for b, n in result.counts.items()))
     if result.short:

@@ -13,6 +13,7 @@ from typing import Any
 
 from prefect.cache_policies import CachePolicy
 
+from lora_core.foundation.layout import SubjectLayout
 from lora_core.foundation.sources import fingerprint_input
 
 # The folder that holds `lora_core/` and `tasks/`: the code version is read from the sources here.
@@ -25,15 +26,17 @@ class InputContent(CachePolicy):
 
     An unchanged folder gives the same key wherever it was copied from; any
     added, removed or edited file gives a new one. `exclude_parameter` names a
-    folder (the work folder) that is not part of the input even when it lies
-    inside it.
+    folder (the work folder, or a subject layout's) that is not part of the
+    input even when it lies inside it.
     """
 
     parameter: str = "photos"
-    exclude_parameter: str | None = "workdir"
+    exclude_parameter: str | None = "layout"
 
     def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: Any, **kwargs: Any) -> str:
         exclude = inputs.get(self.exclude_parameter) if self.exclude_parameter else None
+        if isinstance(exclude, SubjectLayout):
+            exclude = exclude.workdir
         return fingerprint_input(Path(inputs[self.parameter]), Path(exclude) if exclude else None)
 
 

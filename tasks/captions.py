@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import get_run_logger
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
@@ -23,16 +21,20 @@ CAPTIONS_CACHE = (
 
 
 def _outputs_intact(
-    dataset: QualityResult, workdir: Path, settings: CaptionSettings, caption_extension: str, model_identity: str
+    dataset: QualityResult,
+    layout: SubjectLayout,
+    settings: CaptionSettings,
+    caption_extension: str,
+    model_identity: str,
 ) -> bool:
     """Every accepted image has its caption, as written, for these settings (an edit re-runs, and is kept)."""
-    return captions_intact(SubjectLayout(workdir, dataset.token), caption_extension, settings)
+    return captions_intact(layout, caption_extension, settings)
 
 
 @stage("captions", CAPTIONS_CACHE, outputs_intact=_outputs_intact, gpu=True)
 def caption_images(
     dataset: QualityResult,
-    workdir: Path,
+    layout: SubjectLayout,
     settings: CaptionSettings,
     caption_extension: str,
     model_identity: str,
@@ -42,7 +44,6 @@ def caption_images(
     `model_identity` is part of the cache key: a changed local model folder
     re-runs the stage even when its path is the same.
     """
-    layout = SubjectLayout(workdir, dataset.token)
     result = caption_subject(layout, settings, caption_extension=caption_extension)
     logger = get_run_logger()
     logger.info(

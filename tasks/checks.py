@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import get_run_logger
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
@@ -23,17 +21,16 @@ CHECKS_CACHE = TASK_SOURCE + INPUTS + CodeVersion.of_task(__name__)
 
 
 def _checks_intact(
-    ingested: IngestResult, workdir: Path, settings: CheckSettings, subject_type: SubjectType, min_images: int
+    ingested: IngestResult, layout: SubjectLayout, settings: CheckSettings, subject_type: SubjectType, min_images: int
 ) -> bool:
-    return orientation_intact(SubjectLayout(workdir, ingested.token), ingested.rows, settings, subject_type, min_images)
+    return orientation_intact(layout, ingested.rows, settings, subject_type, min_images)
 
 
 @stage("checks", CHECKS_CACHE, outputs_intact=_checks_intact)
 def check_images(
-    ingested: IngestResult, workdir: Path, settings: CheckSettings, subject_type: SubjectType, min_images: int
+    ingested: IngestResult, layout: SubjectLayout, settings: CheckSettings, subject_type: SubjectType, min_images: int
 ) -> OrientationResult:
     """Turn sideways photos upright and find mirrored ones (flag, fix or reject, by policy)."""
-    layout = SubjectLayout(workdir, ingested.token)
     progress = PhotoProgress(ingested.token, "checks")
     result = check_orientation(layout, ingested.rows, settings, subject_type, min_images=min_images, on_photo=progress)
     logger = get_run_logger()
@@ -45,21 +42,24 @@ def check_images(
 
 
 def _crop_intact(
-    checked: OrientationResult, workdir: Path, settings: CheckSettings, subject_type: SubjectType, min_images: int
+    checked: OrientationResult,
+    layout: SubjectLayout,
+    settings: CheckSettings,
+    subject_type: SubjectType,
+    min_images: int,
 ) -> bool:
-    return quality_intact(SubjectLayout(workdir, checked.token), checked.rows, settings, subject_type, min_images)
+    return quality_intact(layout, checked.rows, settings, subject_type, min_images)
 
 
 @stage("crop", CHECKS_CACHE, outputs_intact=_crop_intact)
 def crop_images(
     checked: OrientationResult,
-    workdir: Path,
+    layout: SubjectLayout,
     settings: CheckSettings,
     subject_type: SubjectType,
     min_images: int,
 ) -> QualityResult:
     """Check framing and image quality of every photo: faces, blur, pixelation, upscaling, identity."""
-    layout = SubjectLayout(workdir, checked.token)
     progress = PhotoProgress(checked.token, "crop")
     result = check_quality(layout, checked.rows, settings, subject_type, min_images=min_images, on_photo=progress)
     logger = get_run_logger()

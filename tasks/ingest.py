@@ -19,7 +19,7 @@ from tasks.stage import stage
 INGEST_CACHE = (
     TASK_SOURCE
     + INPUTS
-    + InputContent(parameter="photos", exclude_parameter="workdir")
+    + InputContent(parameter="photos", exclude_parameter="layout")
     + CodeVersion.of_task(__name__)
 )
 
@@ -47,22 +47,21 @@ class PhotoProgress:
 
 
 def _outputs_intact(
-    photos: Path, token: str, workdir: Path, settings: IngestSettings, num_repeats: int | None = None
+    photos: Path, layout: SubjectLayout, settings: IngestSettings, num_repeats: int | None = None
 ) -> bool:
     """The layout on disk was made from these photos and settings, and every accepted image is there."""
-    layout = SubjectLayout(workdir, token)
     return layout_intact(layout, ingest_stamp(Path(photos), layout, settings, num_repeats))
 
 
 @stage("ingest", INGEST_CACHE, outputs_intact=_outputs_intact)
 def ingest_photos(
-    photos: Path, token: str, workdir: Path, settings: IngestSettings, num_repeats: int | None = None
+    photos: Path, layout: SubjectLayout, settings: IngestSettings, num_repeats: int | None = None
 ) -> IngestResult:
-    """Decode, check and copy the photos into the seed's layout; write manifest.csv."""
-    logger = get_run_logger()
+    """Decode, check and copy the photos into the recipe's layout; write manifest.csv."""
+    logger, token = get_run_logger(), layout.token
     try:
         progress = PhotoProgress(token, "ingest")
-        result = ingest(photos, SubjectLayout(workdir, token), settings, num_repeats=num_repeats, on_photo=progress)
+        result = ingest(photos, layout, settings, num_repeats=num_repeats, on_photo=progress)
     except TooFewImagesError as err:
         publish_ingest(token, err.rows, ingest_summary(token, err.rows, None, [], error=str(err)))
         raise

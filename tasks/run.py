@@ -18,15 +18,14 @@ from tasks.train import EpochResult, TrainRequest
 
 
 @step("export-settings")
-def export_settings(token: str, workdir: Path, config: LoraConfig) -> Path | None:
+def export_settings(layout: SubjectLayout, config: LoraConfig) -> Path | None:
     """The settings as kohya_ss GUI JSON in `result_current/`, before training (never over a trained run's)."""
-    return export_run_config(SubjectLayout(workdir, token), config)
+    return export_run_config(layout, config)
 
 
 @step("start-run")
 def start_run(
-    token: str,
-    workdir: Path,
+    layout: SubjectLayout,
     config: LoraConfig,
     device: str | None = None,
     base_model_config: str | None = None,
@@ -35,14 +34,13 @@ def start_run(
 ) -> TrainRequest:
     """Name the run and make `result_current/` its own: earlier results archived, never overwritten;
     a resume round (`continues`) adds its epochs beside the run it extends."""
-    layout = SubjectLayout(workdir, token)
     config, key = open_run(layout, config, device, first_epoch=first_epoch, continues=continues)
     get_run_logger().info(
         "train: run %s, epochs %d-%d", key[:12], first_epoch, first_epoch + config.max_train_epochs - 1
     )
     return TrainRequest(
-        token=token,
-        workdir=workdir,
+        token=layout.token,
+        workdir=layout.workdir,
         config=config,
         run_key=key,
         base_model_config=base_model_config,
@@ -55,7 +53,6 @@ def start_run(
 def publish_run(request: TrainRequest, epochs: list[EpochResult]) -> Path:
     """The last epoch as `<token>.safetensors` (until selection chooses), and the kohya_ss JSON of what
     the run really used (out-of-memory steps included)."""
-    layout = SubjectLayout(request.workdir, request.token)
-    final = publish_final(layout, epochs[-1].epoch)
-    export_run_config(layout, request.config, request.run_key)
+    final = publish_final(request.layout, epochs[-1].epoch)
+    export_run_config(request.layout, request.config, request.run_key)
     return final

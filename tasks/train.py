@@ -61,6 +61,10 @@ class TrainRequest(BaseModel):
     first_epoch: int = 1  # a resume round numbers its epochs on from the run it continues
 
     @property
+    def layout(self) -> SubjectLayout:
+        return SubjectLayout(self.workdir, self.token)
+
+    @property
     def last_epoch(self) -> int:
         return self.first_epoch - 1 + self.config.max_train_epochs
 
@@ -112,7 +116,7 @@ def _trainer(request: TrainRequest, config: LoraConfig, epoch: int) -> Trainer:
     if trainer is not None and trainer.epoch == epoch - 1 and trainer.config == config:
         return trainer
     release_trainers(request.run_key)  # a stale copy of this run's models: never two in memory
-    layout = SubjectLayout(request.workdir, request.token)
+    layout = request.layout
     base = load_base_model(
         config.pretrained_model_name_or_path, family=config.model_family, config_folder=request.base_model_config
     )
@@ -151,7 +155,7 @@ def _on_step(trainer: Trainer, token: str, every: int) -> Callable[[int, float, 
 
 
 def _epoch_intact(request: TrainRequest, epoch: int) -> bool:
-    return epoch_done(SubjectLayout(request.workdir, request.token), request.run_key, epoch)
+    return epoch_done(request.layout, request.run_key, epoch)
 
 
 @stage("train-epoch", TRAIN_CACHE, outputs_intact=_epoch_intact, gpu=True)
@@ -164,7 +168,7 @@ def train_epoch(request: TrainRequest, epoch: int) -> EpochResult:
     failure drops the loaded trainer, so a retry starts from the last saved
     epoch, never from a half-trained network.
     """
-    layout = SubjectLayout(request.workdir, request.token)
+    layout = request.layout
     if (done := finished_epoch(layout, request.run_key, epoch)) is not None:
         get_run_logger().info("train: epoch %d was finished before the last run stopped; kept", epoch)
         return EpochResult.kept(layout, epoch, done)

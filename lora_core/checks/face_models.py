@@ -1,6 +1,6 @@
 """Faces, offline: dlib's detector, 5-point landmarks and 128-d identity descriptor.
 
-Why these models (the README has the longer version):
+Why these models (docs/dataset-checks.md has the longer version):
 
 - they install from PyPI with their weights (`dlib-bin` has the HOG detector
   built in; `face_recognition_models` carries the landmark and descriptor
