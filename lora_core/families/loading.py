@@ -111,8 +111,8 @@ def load_base_model(spec: str | None, family: str | None = None, config_folder: 
     """Load the denoiser, VAE, text encoder(s), tokenizer(s) and the training noise schedule.
 
     `family` None means recognise it; a named family must be the model's (a
-    hub id's or a `.ckpt`'s family cannot be told before loading: the named one
-    is used). A single-file checkpoint needs its diffusers config, which comes
+    hub id is judged by its name; a `.ckpt`'s family cannot be told before
+    loading: the named one is used). A single-file checkpoint needs its diffusers config, which comes
     from `config_folder` (a local diffusers folder of the same architecture) or
     the hub's cache.
     """
@@ -121,7 +121,7 @@ def load_base_model(spec: str | None, family: str | None = None, config_folder: 
     source: str = str(materialize(spec)) if is_builtin(spec) else spec
     path = Path(source).expanduser()
     found, loader = _recognise(spec, path, source, named)
-    if named is not None and found is not None and found is not named and (path.is_dir() or path.is_file()):
+    if named is not None and found is not None and found is not named:
         raise BaseModelError(_mismatch(spec, found, named.name))
     chosen = named or found or next(iter(FAMILIES.values()))
     options: dict[str, Any] = {}

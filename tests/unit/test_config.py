@@ -208,3 +208,27 @@ _arg_values = st.one_of(
 @given(st.dictionaries(st.from_regex(r"[a-z][a-z_]{0,10}", fullmatch=True), _arg_values, max_size=5))
 def test_optimizer_args_string_round_trips(args):
     assert parse_optimizer_args(format_optimizer_args(args)) == args
+
+
+@pytest.mark.parametrize(
+    ("keys", "family", "resolution"),
+    [
+        ({"sdxl": True}, "sdxl", 1024),  # kohya_ss's SDXL checkbox: the sdxl preset under it
+        ({"sdxl": "true", "max_resolution": "768,768"}, "sdxl", 768),
+        ({"sdxl": False, "v2": True}, "sd15", 512),  # SD 2.x is the sd15 family's
+        ({"model_family": "sdxl"}, "sdxl", 1024),  # our own export's key
+        ({}, "sd15", 512),
+    ],
+)
+def test_kohyas_model_flags_become_a_family(tmp_path, keys, family, resolution):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"LoRA_type": "Standard", **keys}))
+    config = load_config(path)
+    assert (config.model_family, config.resolution) == (family, resolution)
+
+
+def test_an_unknown_family_in_a_file_is_named_with_the_file(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"model_family": "sd3"}))
+    with pytest.raises(ConfigError, match=r"c\.json: field 'model_family': unknown model_family 'sd3'"):
+        load_config(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import time
 
 import pytest
@@ -81,8 +82,9 @@ def test_a_single_file_checkpoint_loads_with_its_config(builtin_models_home, tmp
 
     checkpoint = tmp_path / "tiny-sd15.safetensors"
     write_single_file(materialize("builtin:tiny-sd15"), checkpoint)
-    single = load_base_model(str(checkpoint), family="sd15", config_folder="builtin:tiny-sd15")
+    single = load_base_model(str(checkpoint), config_folder="builtin:tiny-sd15")  # its family from its tensors
     folder = load_base_model("builtin:tiny-sd15")
+    assert single.family.name == folder.family.name == "sd15"
     for name in ("unet", "text_encoder"):
         a, b = folder.components[name].state_dict(), single.components[name].state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
@@ -98,3 +100,45 @@ def test_a_single_file_without_its_config_says_what_to_pass(builtin_models_home,
     write_single_file(materialize("builtin:tiny-sd15"), checkpoint)
     with pytest.raises(BaseModelError, match="--base-model-config"):
         load_base_model(str(checkpoint))
+
+
+@pytest.mark.parametrize(
+    ("keys", "found"),
+    [
+        (["model.diffusion_model.input_blocks.0.0.weight", "cond_stage_model.transformer.x.weight"], "SD1.x/2.x"),
+        (["model.diffusion_model.input_blocks.0.0.weight", "conditioner.embedders.1.model.x.weight"], "SDXL"),
+    ],
+)
+def test_a_single_file_is_recognised_from_its_tensor_names_before_loading(tmp_path, keys, found):
+    """A checkpoint whose tensors say one family, given to a run of the other, is refused from its header."""
+    import torch
+    from safetensors.torch import save_file
+
+    checkpoint = tmp_path / "model.safetensors"
+    save_file({key: torch.zeros(1) for key in keys}, checkpoint)
+    other = "sdxl" if found == "SD1.x/2.x" else "sd15"
+    with pytest.raises(BaseModelError, match=rf"is {re.escape(found)}, but the config says model_family={other}"):
+        load_base_model(str(checkpoint), family=other)
+
+
+def test_a_hub_id_of_another_family_is_refused_at_once(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(BaseModelError, match="is SDXL, but the config says model_family=sd15"):
+        load_base_model("stabilityai/stable-diffusion-xl-base-1.0", family="sd15")
+
+
+def test_an_unknown_family_lists_the_registered_ones():
+    from lora_core.config.lora_config import ConfigError
+    from lora_core.families import FAMILIES
+
+    with pytest.raises(ConfigError, match=", ".join(FAMILIES)):
+        load_base_model("builtin:tiny-sd15", family="sd3")
+
+
+def test_a_lora_names_its_family_in_its_metadata():
+    from lora_core.families import family_of_lora
+
+    assert family_of_lora({"ss_base_model_version": "sdxl_base_v1-0"}).name == "sdxl"
+    assert family_of_lora({"ss_base_model_version": "sd_v1"}).name == "sd15"
+    assert family_of_lora({"ss_base_model_version": "sd_v2_v"}).name == "sd15"
+    assert family_of_lora({}) is None
