@@ -142,6 +142,7 @@ def test_a_user_error_inside_a_stage_fails_at_once(prefect_harness, good_folder,
 
     import tasks.ingest
     from lora_core.config.settings import IngestSettings
+    from lora_core.foundation.layout import SubjectLayout
     from lora_core.foundation.lora_file import LoraFileError
 
     calls = []
@@ -155,7 +156,7 @@ def test_a_user_error_inside_a_stage_fails_at_once(prefect_harness, good_folder,
     @flow
     def once():
         task = tasks.ingest.ingest_photos.with_options(retry_delay_seconds=0, cache_policy=None, persist_result=False)
-        return task(good_folder, "t0k3n", tmp_path / "work", IngestSettings())
+        return task(good_folder, SubjectLayout(tmp_path / "work", "t0k3n"), IngestSettings())
 
     with pytest.raises(LoraFileError):
         once()

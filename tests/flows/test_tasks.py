@@ -15,6 +15,7 @@ from lora_core.config.lora_config import ConfigError
 from lora_core.config.settings import IngestSettings
 from lora_core.dataset.blip import CaptionModelError
 from lora_core.dataset.ingest import TooFewImagesError
+from lora_core.foundation.layout import SubjectLayout
 from tasks.artifacts import artifact_key
 from tasks.retries import retry_transient
 
@@ -55,7 +56,7 @@ def test_ingest_task_retries_a_transient_error(prefect_harness, good_folder, tmp
     @flow
     def once():
         task = tasks.ingest.ingest_photos.with_options(retry_delay_seconds=0, cache_policy=None, persist_result=False)
-        return task(good_folder, "t0k3n", tmp_path / "work", IngestSettings())
+        return task(good_folder, SubjectLayout(tmp_path / "work", "t0k3n"), IngestSettings())
 
     assert once().accepted == 6
     assert len(calls) == 2
