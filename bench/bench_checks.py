@@ -22,9 +22,9 @@ from PIL import Image
 
 from lora_core.checks.face_models import face_models
 from lora_core.config.settings import CheckSettings, IngestSettings
-from lora_core.dataset.crop import check_quality
+from lora_core.dataset.crop import crop_subject
 from lora_core.dataset.ingest import ingest
-from lora_core.dataset.orient import check_orientation, turn
+from lora_core.dataset.orient import orient_subject, turn
 from lora_core.foundation.layout import SubjectLayout
 
 DEMO = Path(__file__).resolve().parent.parent / "demo" / "photos"
@@ -91,13 +91,13 @@ def main() -> None:
         face_models()  # loading (0.5 s) is not part of either side
 
         start = time.perf_counter()
-        checked = check_orientation(layout, ingested.rows, CheckSettings(), show_progress=False)
-        cropped = check_quality(layout, checked.rows, CheckSettings(), show_progress=False)
+        checked = orient_subject(layout, ingested.rows, CheckSettings(), show_progress=False)
+        cropped = crop_subject(layout, checked.rows, CheckSettings(), show_progress=False)
         ours = time.perf_counter() - start
 
         start = time.perf_counter()
-        check_orientation(layout, ingested.rows, CheckSettings(), show_progress=False)
-        check_quality(layout, checked.rows, CheckSettings(), show_progress=False)
+        orient_subject(layout, ingested.rows, CheckSettings(), show_progress=False)
+        crop_subject(layout, checked.rows, CheckSettings(), show_progress=False)
         cached = time.perf_counter() - start
 
         start = time.perf_counter()

@@ -55,7 +55,8 @@ from lora_core.training.state import preflight
 from tasks.artifacts import TrainingProgress
 from tasks.buckets import bucket_images
 from tasks.captions import caption_images
-from tasks.checks import check_images, crop_images
+from tasks.checks import check_images
+from tasks.crop import crop_images
 from tasks.gpu import share_cpu
 from tasks.ingest import ingest_photos
 from tasks.run import export_settings, publish_run, start_run

@@ -6,7 +6,7 @@ from prefect import get_run_logger
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from lora_core.dataset.buckets import BucketPlan, BucketResult, bucket_subject, buckets_intact
-from lora_core.dataset.crop import QualityResult
+from lora_core.dataset.crop import CropResult
 from lora_core.foundation.layout import SubjectLayout
 from tasks.artifacts import publish_buckets
 from tasks.caching import CodeVersion
@@ -16,12 +16,12 @@ from tasks.stage import stage
 BUCKETS_CACHE = TASK_SOURCE + INPUTS + CodeVersion.of_task(__name__)
 
 
-def _outputs_intact(dataset: QualityResult, layout: SubjectLayout, plan: BucketPlan, batch_size: int) -> bool:
+def _outputs_intact(dataset: CropResult, layout: SubjectLayout, plan: BucketPlan, batch_size: int) -> bool:
     return buckets_intact(layout, plan)
 
 
 @stage("buckets", BUCKETS_CACHE, outputs_intact=_outputs_intact)
-def bucket_images(dataset: QualityResult, layout: SubjectLayout, plan: BucketPlan, batch_size: int) -> BucketResult:
+def bucket_images(dataset: CropResult, layout: SubjectLayout, plan: BucketPlan, batch_size: int) -> BucketResult:
     """Assign each training image to an aspect-ratio bucket; write buckets.csv."""
     result = bucket_subject(layout, plan, batch_size)
     logger = get_run_logger()

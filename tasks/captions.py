@@ -7,7 +7,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from lora_core.config.settings import CaptionSettings
 from lora_core.dataset.captioning import CaptionResult, caption_subject, captions_intact
-from lora_core.dataset.crop import QualityResult
+from lora_core.dataset.crop import CropResult
 from lora_core.foundation.layout import SubjectLayout
 from tasks.artifacts import publish_captions
 from tasks.caching import CodeVersion
@@ -21,7 +21,7 @@ CAPTIONS_CACHE = (
 
 
 def _outputs_intact(
-    dataset: QualityResult,
+    dataset: CropResult,
     layout: SubjectLayout,
     settings: CaptionSettings,
     caption_extension: str,
@@ -33,7 +33,7 @@ def _outputs_intact(
 
 @stage("captions", CAPTIONS_CACHE, outputs_intact=_outputs_intact, gpu=True)
 def caption_images(
-    dataset: QualityResult,
+    dataset: CropResult,
     layout: SubjectLayout,
     settings: CaptionSettings,
     caption_extension: str,

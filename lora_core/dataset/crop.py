@@ -36,15 +36,15 @@ from lora_core.foundation.layout import SubjectLayout
 
 __all__ = [
     "QUALITY_FLAGS",
-    "QualityResult",
+    "CropResult",
     "blockiness",
-    "check_quality",
     "count_guidance",
+    "crop_intact",
+    "crop_subject",
     "framing",
     "high_frequency_share",
     "identity_distances",
     "pixelation",
-    "quality_intact",
     "quality_stamp",
     "sharpness",
     "upscale_signature",
@@ -72,7 +72,7 @@ def count_guidance(count: int) -> str:
     return f"{count} images: more than 100 is a waste of work, in the seed's words; keep the best 20-50"
 
 
-class QualityResult(BaseModel):
+class CropResult(BaseModel):
     """What the `crop` stage found; buckets and captions start from `rows`."""
 
     token: str
@@ -85,7 +85,7 @@ class QualityResult(BaseModel):
     rows: list[dict]
 
 
-def check_quality(
+def crop_subject(
     layout: SubjectLayout,
     rows: list[dict],
     settings: CheckSettings,
@@ -96,7 +96,7 @@ def check_quality(
     show_progress: bool = True,
     on_photo: OnPhoto | None = None,
     workers: int | None = None,
-) -> QualityResult:
+) -> CropResult:
     """Measure every training image, flag what the seed warns against, apply the policy, update the manifest.
 
     Starts from the `checks` stage's `rows`. Per-image measures are cached by
@@ -147,7 +147,7 @@ def check_quality(
     kept = [row for row in rows if row["status"] == "accepted"]
     counts = {name: sum(row["framing"] == name for row in kept) for name in ("portrait", "half body", "full body")}
     advice = [note for check in checks if check.advise for note in check.advise(kept, settings)]
-    return QualityResult(
+    return CropResult(
         token=layout.token,
         kept=len(kept),
         flagged=len(flagged),
@@ -171,7 +171,7 @@ def quality_stamp(rows: list[dict], settings: CheckSettings, subject_type: Subje
     return content_stamp([images, settings.model_dump(mode="json"), subject_type.value, min_images, _CODE_VERSION])
 
 
-def quality_intact(
+def crop_intact(
     layout: SubjectLayout, rows: list[dict], settings: CheckSettings, subject_type: SubjectType, min_images: int = 5
 ) -> bool:
     """True when the crop stage ran on these `rows` with these settings and its measures are in the manifest."""

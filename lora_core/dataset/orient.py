@@ -51,12 +51,12 @@ from lora_core.foundation.layout import SubjectLayout
 __all__ = [
     "ROTATIONS",
     "MirrorVerdict",
-    "OrientationResult",
-    "check_orientation",
+    "OrientResult",
     "face_antisymmetry",
     "find_rotation",
     "mirror_consensus",
-    "orientation_intact",
+    "orient_intact",
+    "orient_subject",
     "orientation_stamp",
     "turn",
 ]
@@ -101,7 +101,7 @@ def face_antisymmetry(models: FaceModels, rgb: np.ndarray, face: Face) -> np.nda
     return models.descriptor(chip) - models.descriptor(chip[:, ::-1])
 
 
-class OrientationResult(BaseModel):
+class OrientResult(BaseModel):
     """What the `checks` stage found and did; later stages start from `rows`."""
 
     token: str
@@ -114,7 +114,7 @@ class OrientationResult(BaseModel):
     rows: list[dict]
 
 
-def check_orientation(
+def orient_subject(
     layout: SubjectLayout,
     rows: list[dict],
     settings: CheckSettings,
@@ -125,7 +125,7 @@ def check_orientation(
     show_progress: bool = True,
     on_photo: OnPhoto | None = None,
     workers: int | None = None,
-) -> OrientationResult:
+) -> OrientResult:
     """Find each photo's rotation and mirroring, apply the policy, and record it in the manifest.
 
     Starts from ingest's `rows` and its images as decoded (kept in the image
@@ -149,7 +149,7 @@ def check_orientation(
                 on_photo(row["source"], done, len(accepted))
         write_manifest(layout.manifest, rows)
         atomic_write_text(layout.check_cache / "checks.stamp", stamp)
-        return OrientationResult(
+        return OrientResult(
             token=layout.token,
             rotated=0,
             mirrored=0,
@@ -202,7 +202,7 @@ def check_orientation(
     atomic_write_text(layout.check_cache / "checks.stamp", stamp)
 
     action = {"flag": "kept as they are", "fix": "flipped back", "reject": "left out"}[policy.value]
-    return OrientationResult(
+    return OrientResult(
         token=layout.token,
         rotated=sum(bool(row["rotation"]) for row in accepted),
         mirrored=sum(_mirrored(row) for row in accepted),
@@ -271,7 +271,7 @@ def _analyse(path: Path, models: FaceModels) -> dict:
     }
 
 
-def orientation_intact(
+def orient_intact(
     layout: SubjectLayout, rows: list[dict], settings: CheckSettings, subject_type: SubjectType, min_images: int = 5
 ) -> bool:
     """True when the checks ran on these `rows` with these settings, and the training images are

@@ -264,7 +264,7 @@ def test_going_back_to_an_earlier_check_policy_puts_its_files_back(prefect_harne
     from PIL import Image
 
     from lora_core.config.settings import CheckSettings
-    from tests.unit.test_orientation import crops, same_pixels
+    from tests.unit.test_orient import crops, same_pixels
 
     photos = tmp_path / "photos"
     photos.mkdir()

@@ -17,10 +17,10 @@ import torch
 import tests.flows.test_evaluation
 import tests.flows.test_flow
 import tests.unit.test_captioning
+import tests.unit.test_crop
 import tests.unit.test_ingest
 import tests.unit.test_models
-import tests.unit.test_orientation
-import tests.unit.test_quality
+import tests.unit.test_orient
 import tests.unit.test_training
 from lora_core.config.lora_config import LoraConfig
 from lora_core.dataset.buckets import BucketPlan
@@ -156,9 +156,9 @@ ELSEWHERE = {
     "network_weights": tests.unit.test_training.test_a_kohya_lora_continues_through_the_flow_and_sdxl_runs_end_to_end,
     "sample_every_n_steps": tests.unit.test_training.test_the_train_stage_caches_each_epoch_and_publishes_it,
     "sample_every_n_epochs": tests.unit.test_training.test_the_train_stage_caches_each_epoch_and_publishes_it,
-    "subject_type": tests.unit.test_quality.test_an_object_gets_image_checks_only,
+    "subject_type": tests.unit.test_crop.test_an_object_gets_image_checks_only,
     "ingest": tests.unit.test_ingest.test_too_few_images_fails_with_every_reason,
-    "checks": tests.unit.test_orientation.test_mirrored_crops_are_flagged_fixed_or_rejected_by_policy,
+    "checks": tests.unit.test_orient.test_mirrored_crops_are_flagged_fixed_or_rejected_by_policy,
     "captioning": tests.unit.test_captioning.test_captions_made_with_other_settings_are_not_intact,
     "selection": tests.flows.test_evaluation.test_an_undertrained_run_resumes_from_its_last_epoch_and_selects_again,
     # Held-out images need more than the probes' two photos: a split of two would be refused.

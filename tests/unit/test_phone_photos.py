@@ -20,13 +20,13 @@ import lora_core.dataset.orient
 import lora_core.foundation.sources
 from lora_core.checks.workers import photo_workers, run_per_photo, usable_cores
 from lora_core.config.settings import CheckSettings, IngestSettings
-from lora_core.dataset.crop import check_quality
+from lora_core.dataset.crop import crop_subject
 from lora_core.dataset.decoding import decode_image
 from lora_core.dataset.ingest import ingest
-from lora_core.dataset.orient import check_orientation
+from lora_core.dataset.orient import orient_subject
 from lora_core.foundation.layout import SubjectLayout
 from tests.conftest import encode, photo
-from tests.unit.test_orientation import crops
+from tests.unit.test_orient import crops
 
 FAST = {"HEIF": {"enc_params": {"preset": "ultrafast"}}, "AVIF": {"speed": 10}}  # x265 and aom, quickest
 
@@ -268,9 +268,9 @@ def test_the_checks_on_worker_processes_find_what_one_process_does(portrait_set,
     monkeypatch.setattr(lora_core.dataset.orient, "_analyse", analyse_and_note)
     settings = CheckSettings()
     reports: list[str] = []
-    alone = check_orientation(one, rows_one, settings, show_progress=False, workers=1)
+    alone = orient_subject(one, rows_one, settings, show_progress=False, workers=1)
     pids.unlink()
-    shared = check_orientation(
+    shared = orient_subject(
         two, rows_two, settings, show_progress=False, workers=2, on_photo=lambda name, *_: reports.append(name)
     )
     if workers._can_fork():
@@ -280,8 +280,8 @@ def test_the_checks_on_worker_processes_find_what_one_process_does(portrait_set,
     assert alone.rows == shared.rows and alone.notes == shared.notes
     assert shared.rotated >= 1
 
-    crop_alone = check_quality(one, alone.rows, settings, show_progress=False, workers=1)
-    crop_shared = check_quality(two, shared.rows, settings, show_progress=False, workers=2)
+    crop_alone = crop_subject(one, alone.rows, settings, show_progress=False, workers=1)
+    crop_shared = crop_subject(two, shared.rows, settings, show_progress=False, workers=2)
     assert crop_alone.rows == crop_shared.rows and crop_alone.notes == crop_shared.notes
 
 
@@ -291,11 +291,12 @@ def test_the_ingest_task_shows_its_progress_photo_by_photo(prefect_harness, mess
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     import tasks.ingest
+    from lora_core.foundation.layout import SubjectLayout
 
     @flow
     def once():
         task = tasks.ingest.ingest_photos.with_options(cache_policy=None, persist_result=False)
-        return task(messy_folder, "Pr0gress", tmp_path / "work", IngestSettings())
+        return task(messy_folder, SubjectLayout(tmp_path / "work", "Pr0gress"), IngestSettings())
 
     photos = len(once().rows) - 1  # the caption file is not a photo
     with get_client(sync_client=True) as client:

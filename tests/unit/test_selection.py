@@ -12,7 +12,7 @@ from lora_core.config.lora_config import LoraConfig
 from lora_core.config.settings import SelectionSettings
 from lora_core.evaluation.metrics import burn_score, copy_distance, diversity, fidelity, leave_one_out_ceiling
 from lora_core.evaluation.selection import NO_SIGNAL, EpochMetrics, guards, resume_config, select, verdict_note
-from tests.unit.test_quality import jpeg
+from tests.unit.test_crop import jpeg
 
 
 def test_identical_samples_have_no_diversity_and_different_ones_do(portraits):

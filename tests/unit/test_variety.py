@@ -14,12 +14,12 @@ import tasks.artifacts
 from lora_core.checks.face_models import face_models
 from lora_core.checks.variety import COLOUR_NAMES, background_colour, colour_name, yaw
 from lora_core.config.settings import CheckSettings, IngestSettings, SubjectType
-from lora_core.dataset.crop import check_quality
+from lora_core.dataset.crop import crop_subject
 from lora_core.dataset.ingest import ingest
 from lora_core.dataset.manifest import read_manifest
-from lora_core.dataset.orient import check_orientation
+from lora_core.dataset.orient import orient_subject
 from lora_core.foundation.layout import SubjectLayout
-from tests.unit.test_orientation import crops
+from tests.unit.test_orient import crops
 
 RGB = st.tuples(*[st.integers(0, 255)] * 3)
 
@@ -130,7 +130,7 @@ def _ingested(root, name: str, photos: dict[str, Image.Image]) -> tuple[SubjectL
         image.save(folder / source)
     layout = SubjectLayout(root / name, "obama")
     rows = ingest(folder, layout, IngestSettings(near_duplicate_distance=0), show_progress=False).rows
-    return layout, check_orientation(layout, rows, CheckSettings(), show_progress=False).rows
+    return layout, orient_subject(layout, rows, CheckSettings(), show_progress=False).rows
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ def _advice(notes: list[str]) -> dict[str, str]:
 
 def test_a_uniform_set_is_told_what_to_shoot(uniform_set):
     layout, rows = uniform_set
-    result = check_quality(layout, rows, CheckSettings(), show_progress=False)
+    result = crop_subject(layout, rows, CheckSettings(), show_progress=False)
     advice = _advice(result.notes)
     assert advice["background"] == (
         "6 of 6 photos have a blue background: the seed asks for different backgrounds; "
@@ -179,7 +179,7 @@ def test_a_uniform_set_is_told_what_to_shoot(uniform_set):
 
 def test_a_varied_set_gets_no_advice_and_its_numbers_are_in_the_manifest(varied_set):
     layout, rows = varied_set
-    result = check_quality(layout, rows, CheckSettings(), show_progress=False)
+    result = crop_subject(layout, rows, CheckSettings(), show_progress=False)
     assert _advice(result.notes) == {}, result.notes
     frame = read_manifest(layout.manifest).set_index("source")
     for i, (_, _, background, clothing, _) in enumerate(VARIED):
@@ -197,7 +197,7 @@ def test_the_thresholds_are_settings(uniform_set):
     layout, rows = uniform_set
 
     def advice(**settings) -> set[str]:
-        return set(_advice(check_quality(layout, rows, CheckSettings(**settings), show_progress=False).notes))
+        return set(_advice(crop_subject(layout, rows, CheckSettings(**settings), show_progress=False).notes))
 
     assert advice() == {"background", "clothing", "turn"}
     assert advice(variety_share=1.0) == {"turn"}  # "more than all of them" never happens
@@ -206,14 +206,14 @@ def test_the_thresholds_are_settings(uniform_set):
 
 def test_the_reject_policy_leaves_no_photo_out_for_variety(uniform_set):
     layout, rows = uniform_set
-    result = check_quality(layout, rows, CheckSettings(quality_policy="reject"), min_images=1, show_progress=False)
+    result = crop_subject(layout, rows, CheckSettings(quality_policy="reject"), min_images=1, show_progress=False)
     assert all(row["flags"] == "" for row in result.rows), "clean photos, however alike"
     assert result.rejected == 0 and result.kept == 6 and len(_advice(result.notes)) == 3
 
 
 def test_an_object_is_advised_on_its_backgrounds_only(uniform_set):
     layout, rows = uniform_set
-    result = check_quality(layout, rows, CheckSettings(), SubjectType.object, show_progress=False)
+    result = crop_subject(layout, rows, CheckSettings(), SubjectType.object, show_progress=False)
     assert set(_advice(result.notes)) == {"background"}
     frame = read_manifest(layout.manifest)
     assert frame["yaw"].isna().all() and (frame["clothing_color"] == "").all()
@@ -222,7 +222,7 @@ def test_an_object_is_advised_on_its_backgrounds_only(uniform_set):
 
 def test_the_crop_artifact_shows_the_numbers_and_the_advice(uniform_set, monkeypatch):
     layout, rows = uniform_set
-    result = check_quality(layout, rows, CheckSettings(), show_progress=False)
+    result = crop_subject(layout, rows, CheckSettings(), show_progress=False)
     published = {}
     monkeypatch.setattr(tasks.artifacts, "create_table_artifact", lambda **kw: published.update(table=kw["table"]))
     monkeypatch.setattr(tasks.artifacts, "create_markdown_artifact", lambda **kw: published.update(page=kw["markdown"]))

@@ -15,19 +15,19 @@ from lora_core.config.settings import CheckSettings, IngestSettings, SubjectType
 from lora_core.dataset.crop import (
     _grey,
     blockiness,
-    check_quality,
     count_guidance,
+    crop_intact,
+    crop_subject,
     framing,
     high_frequency_share,
     identity_distances,
     pixelation,
-    quality_intact,
     sharpness,
     upscale_signature,
 )
 from lora_core.dataset.ingest import ingest
 from lora_core.dataset.manifest import read_manifest
-from lora_core.dataset.orient import check_orientation
+from lora_core.dataset.orient import orient_subject
 from lora_core.foundation.layout import SubjectLayout
 from tests.conftest import DEMO_PHOTOS
 
@@ -151,7 +151,7 @@ def problem_set(tmp_path_factory, portraits):
     layout = SubjectLayout(root / "work", "obama")
     ingested = ingest(photos, layout, IngestSettings(near_duplicate_distance=0), show_progress=False)
     assert all(row["status"] == "accepted" for row in ingested.rows)
-    checked = check_orientation(layout, ingested.rows, CheckSettings(), show_progress=False)
+    checked = orient_subject(layout, ingested.rows, CheckSettings(), show_progress=False)
     return layout, checked.rows
 
 
@@ -162,7 +162,7 @@ def flags_by_source(layout: SubjectLayout) -> dict[str, set[str]]:
 
 def test_each_problem_is_flagged_with_its_reason_and_clean_photos_are_not(problem_set):
     layout, rows = problem_set
-    result = check_quality(layout, rows, CheckSettings(), show_progress=False)
+    result = crop_subject(layout, rows, CheckSettings(), show_progress=False)
     flags = flags_by_source(layout)
     assert flags["clean-1.png"] == flags["clean-2.png"] == flags["clean-3.png"] == set()
     assert "other_faces" in flags["two-faces.png"]
@@ -179,13 +179,13 @@ def test_each_problem_is_flagged_with_its_reason_and_clean_photos_are_not(proble
     assert result.flagged == 6 and result.kept == 9
     assert "1 image(s) look pixelated: pixelated.png" in result.notes
     assert result.guidance.startswith("9 images: enough")
-    assert quality_intact(layout, rows, CheckSettings(), SubjectType.person)
-    assert not quality_intact(layout, rows, CheckSettings(quality_policy="reject"), SubjectType.person)
+    assert crop_intact(layout, rows, CheckSettings(), SubjectType.person)
+    assert not crop_intact(layout, rows, CheckSettings(quality_policy="reject"), SubjectType.person)
 
 
 def test_reject_policy_leaves_flagged_photos_out_and_flag_brings_them_back(problem_set):
     layout, rows = problem_set
-    result = check_quality(layout, rows, CheckSettings(quality_policy="reject"), min_images=3, show_progress=False)
+    result = crop_subject(layout, rows, CheckSettings(quality_policy="reject"), min_images=3, show_progress=False)
     frame = read_manifest(layout.manifest).set_index("source")
     assert result.rejected == 6 and result.kept == 3
     assert frame.loc["blurred.png", "status"] == "rejected" and frame.loc["blurred.png", "image"] == ""
@@ -193,22 +193,22 @@ def test_reject_policy_leaves_flagged_photos_out_and_flag_brings_them_back(probl
     training = sorted(p.name for p in next(layout.training_images.glob("*_obama")).glob("*.png"))
     assert len(training) == 3
 
-    strict = check_quality(layout, rows, CheckSettings(quality_policy="reject"), show_progress=False)  # min 5
+    strict = crop_subject(layout, rows, CheckSettings(quality_policy="reject"), show_progress=False)  # min 5
     assert strict.rejected == 0 and "under the minimum of 5" in strict.notes[0]
 
-    check_quality(layout, rows, CheckSettings(), show_progress=False)
+    crop_subject(layout, rows, CheckSettings(), show_progress=False)
     assert len(list(next(layout.training_images.glob("*_obama")).glob("*.png"))) == 9
 
 
 def test_measures_are_cached_per_image(problem_set, counting_faces):
     layout, rows = problem_set
-    check_quality(layout, rows, CheckSettings(), models=counting_faces, show_progress=False)
+    crop_subject(layout, rows, CheckSettings(), models=counting_faces, show_progress=False)
     assert counting_faces.detections == 0
 
 
 def test_an_object_gets_image_checks_only(problem_set):
     layout, rows = problem_set
-    check_quality(layout, rows, CheckSettings(), SubjectType.object, show_progress=False)
+    crop_subject(layout, rows, CheckSettings(), SubjectType.object, show_progress=False)
     flags = flags_by_source(layout)
     assert flags["pixelated.png"] == {"pixelated"} and flags["two-faces.png"] == set()  # no face checks
     assert read_manifest(layout.manifest)["faces"].isna().all()

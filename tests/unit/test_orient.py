@@ -14,7 +14,7 @@ from lora_core.checks.face_models import face_models
 from lora_core.config.settings import CheckSettings, IngestSettings, SubjectType
 from lora_core.dataset.ingest import ingest
 from lora_core.dataset.manifest import read_manifest
-from lora_core.dataset.orient import check_orientation, find_rotation, mirror_consensus, orientation_intact, turn
+from lora_core.dataset.orient import find_rotation, mirror_consensus, orient_intact, orient_subject, turn
 from lora_core.foundation.layout import SubjectLayout
 
 
@@ -101,7 +101,7 @@ def test_mirrored_crops_are_flagged_fixed_or_rejected_by_policy(mirrored_set):
     layout, rows, originals = mirrored_set
     mirrored = {"crop-2.png", "crop-5.png"}
 
-    flagged = check_orientation(layout, rows, CheckSettings(), show_progress=False)
+    flagged = orient_subject(layout, rows, CheckSettings(), show_progress=False)
     frame = read_manifest(layout.manifest).set_index("source")
     assert set(frame.index[frame["flags"].str.contains("mirrored")]) == mirrored
     assert (frame.loc[sorted(mirrored), "mirror_score"] < 0).all()
@@ -110,28 +110,28 @@ def test_mirrored_crops_are_flagged_fixed_or_rejected_by_policy(mirrored_set):
     assert same_pixels(
         training_image(layout, "crop-2.png"), originals["crop-2.png"].transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     )
-    assert orientation_intact(layout, rows, CheckSettings(), SubjectType.person)
-    assert not orientation_intact(layout, rows, CheckSettings(mirror_policy="fix"), SubjectType.person)
+    assert orient_intact(layout, rows, CheckSettings(), SubjectType.person)
+    assert not orient_intact(layout, rows, CheckSettings(mirror_policy="fix"), SubjectType.person)
 
-    fixed = check_orientation(layout, rows, CheckSettings(mirror_policy="fix"), show_progress=False)
+    fixed = orient_subject(layout, rows, CheckSettings(mirror_policy="fix"), show_progress=False)
     assert fixed.fixed == 2
     for source, original in originals.items():
         assert same_pixels(training_image(layout, source), original), f"{source} is as shot after the fix"
-    assert orientation_intact(layout, rows, CheckSettings(mirror_policy="fix"), SubjectType.person)
+    assert orient_intact(layout, rows, CheckSettings(mirror_policy="fix"), SubjectType.person)
     edited = layout.root / read_manifest(layout.manifest).set_index("source").loc["crop-0.png", "image"]
     written = edited.read_bytes()
     training_image(layout, "crop-0.png").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(edited)
-    assert not orientation_intact(layout, rows, CheckSettings(mirror_policy="fix"), SubjectType.person), "edited"
+    assert not orient_intact(layout, rows, CheckSettings(mirror_policy="fix"), SubjectType.person), "edited"
     edited.write_bytes(written)
 
-    rejected = check_orientation(layout, rows, CheckSettings(mirror_policy="reject"), show_progress=False)
+    rejected = orient_subject(layout, rows, CheckSettings(mirror_policy="reject"), show_progress=False)
     frame = read_manifest(layout.manifest).set_index("source")
     assert rejected.rejected == 2
     assert set(frame.index[frame["status"] == "rejected"]) == mirrored
     assert frame.loc["crop-2.png", "reason"].startswith("dataset checks: looks mirrored")
     assert len(list(layout.class_dir(ingested_repeats(layout)).glob("*.png"))) == 6
 
-    check_orientation(layout, rows, CheckSettings(), show_progress=False)  # back to flag: the photos return
+    orient_subject(layout, rows, CheckSettings(), show_progress=False)  # back to flag: the photos return
     assert same_pixels(
         training_image(layout, "crop-5.png"), originals["crop-5.png"].transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     )
@@ -152,7 +152,7 @@ def test_a_set_rotated_by_90_degrees_is_turned_upright(tmp_path, portraits):
         turn(turn(image, 0, mirror=i in (1, 4)), 90).save(photos / f"side-{i}.png")
     layout = SubjectLayout(tmp_path / "work", "obama")
     ingested = ingest(photos, layout, IngestSettings(near_duplicate_distance=2), show_progress=False)
-    result = check_orientation(layout, ingested.rows, CheckSettings(mirror_policy="fix"), show_progress=False)
+    result = orient_subject(layout, ingested.rows, CheckSettings(mirror_policy="fix"), show_progress=False)
     assert result.rotated == 6 and result.mirrored == 2
     frame = read_manifest(layout.manifest).set_index("source")
     assert set(frame["rotation"]) == {270} and (frame["decision"] == "fixed").all()
@@ -161,17 +161,17 @@ def test_a_set_rotated_by_90_degrees_is_turned_upright(tmp_path, portraits):
         assert (frame.loc[f"side-{i}.png", "width"], frame.loc[f"side-{i}.png", "height"]) == image.size
 
     # Left sideways, the mirror fix still flips the face left-right as seen upright.
-    check_orientation(
+    orient_subject(
         layout, ingested.rows, CheckSettings(fix_rotation=False, mirror_policy="fix"), show_progress=False
     )
     for i, image in enumerate(upright):
         assert same_pixels(training_image(layout, f"side-{i}.png"), turn(image, 90))
     assert read_manifest(layout.manifest)["flags"].str.startswith("sideways").all()
 
-    check_orientation(layout, ingested.rows, CheckSettings(fix_rotation=False), show_progress=False)
+    orient_subject(layout, ingested.rows, CheckSettings(fix_rotation=False), show_progress=False)
     assert same_pixels(training_image(layout, "side-1.png"), turn(turn(upright[1], 0, mirror=True), 90)), "undone"
 
-    flagged = check_orientation(layout, ingested.rows, CheckSettings(), show_progress=False)  # turned, not flipped
+    flagged = orient_subject(layout, ingested.rows, CheckSettings(), show_progress=False)  # turned, not flipped
     assert flagged.rotated == 6 and flagged.mirrored == 2 and "(kept as they are)" in " ".join(flagged.notes)
     assert same_pixels(training_image(layout, "side-1.png"), turn(upright[1], 0, mirror=True))
     assert same_pixels(training_image(layout, "side-0.png"), upright[0])
@@ -179,7 +179,7 @@ def test_a_set_rotated_by_90_degrees_is_turned_upright(tmp_path, portraits):
 
 def test_one_new_photo_is_the_only_one_analysed_again(mirrored_set, counting_faces, tmp_path, portraits):
     layout, rows, _ = mirrored_set
-    check_orientation(layout, rows, CheckSettings(), models=counting_faces, show_progress=False)
+    orient_subject(layout, rows, CheckSettings(), models=counting_faces, show_progress=False)
     assert counting_faces.detections == 0, "every photo's analysis comes from the cache"
 
     # The same eight photos plus one new one, ingested again (ingest renumbers them).
@@ -188,7 +188,7 @@ def test_one_new_photo_is_the_only_one_analysed_again(mirrored_set, counting_fac
     portraits["astronaut"].resize((700, 700)).save(photos / "new.png")  # the whole frame: not a near-duplicate
     again = ingest(photos, layout, show_progress=False)
     assert {row["source"]: row["status"] for row in again.rows}["new.png"] == "accepted"
-    result = check_orientation(layout, again.rows, CheckSettings(), models=counting_faces, show_progress=False)
+    result = orient_subject(layout, again.rows, CheckSettings(), models=counting_faces, show_progress=False)
     assert 1 <= counting_faces.detections <= 4, "only the new photo is analysed (up to four rotations)"
     assert result.mirrored == 2
 
@@ -201,14 +201,14 @@ def test_a_photo_rejected_on_the_first_run_comes_back(tmp_path, portraits):
         (image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if i == 3 else image).save(photos / f"p-{i}.png")
     layout = SubjectLayout(tmp_path / "work", "back")
     rows = ingest(photos, layout, IngestSettings(near_duplicate_distance=2), show_progress=False).rows
-    rejected = check_orientation(layout, rows, CheckSettings(mirror_policy="reject"), show_progress=False)
+    rejected = orient_subject(layout, rows, CheckSettings(mirror_policy="reject"), show_progress=False)
     assert rejected.rejected == 1 and training_image(layout, "p-3.png") is None
-    kept = check_orientation(layout, rows, CheckSettings(), SubjectType.object, show_progress=False)
+    kept = orient_subject(layout, rows, CheckSettings(), SubjectType.object, show_progress=False)
     assert kept.rejected == 0
     assert same_pixels(training_image(layout, "p-3.png"), originals[3].transpose(Image.Transpose.FLIP_LEFT_RIGHT))
 
     # Leaving the mirrored photos out must not go under the minimum: then they are kept, and it says so.
-    floor = check_orientation(layout, rows, CheckSettings(mirror_policy="reject"), min_images=7, show_progress=False)
+    floor = orient_subject(layout, rows, CheckSettings(mirror_policy="reject"), min_images=7, show_progress=False)
     assert floor.rejected == 0 and floor.mirrored == 1
     assert "1 mirrored image(s) kept: leaving them out would leave 6, under the minimum of 7" in floor.notes
 
@@ -219,7 +219,7 @@ def test_no_face_checks_for_an_object(tmp_path, make_photo):
         make_photo(photos / f"mug-{i}.jpg", seed=i)
     layout = SubjectLayout(tmp_path / "work", "mug")
     ingested = ingest(photos, layout, show_progress=False)
-    result = check_orientation(layout, ingested.rows, CheckSettings(), SubjectType.object, show_progress=False)
+    result = orient_subject(layout, ingested.rows, CheckSettings(), SubjectType.object, show_progress=False)
     assert result.rotated == result.mirrored == 0 and not result.mirror_consensus
     assert "subject type is object" in result.notes[0]
     assert (read_manifest(layout.manifest)["decision"] == "keep").all()
@@ -234,7 +234,7 @@ def test_too_few_faces_for_a_consensus_is_said(tmp_path, portraits, make_photo):
         make_photo(photos / f"noface-{i}.jpg", seed=50 + i)
     layout = SubjectLayout(tmp_path / "work", "few")
     ingested = ingest(photos, layout, show_progress=False)
-    result = check_orientation(layout, ingested.rows, CheckSettings(), show_progress=False)
+    result = orient_subject(layout, ingested.rows, CheckSettings(), show_progress=False)
     assert not result.mirror_consensus
     assert any("mirroring not checked: 2 photo(s) with a face" in note for note in result.notes)
     assert read_manifest(layout.manifest)["mirror_score"].isna().all()
