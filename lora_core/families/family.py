@@ -108,7 +108,8 @@ class Objective(Protocol):
 
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor: ...
 
-    def weight(self, timesteps: torch.Tensor, min_snr_gamma: float) -> torch.Tensor | None: ...
+    def weigh(self, loss: torch.Tensor, timesteps: torch.Tensor, min_snr_gamma: float) -> torch.Tensor:
+        """Each image's loss weighted by its timestep (min-SNR, where the objective has it)."""
 
 
 class ModelFamily(ABC):

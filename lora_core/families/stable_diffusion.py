@@ -109,13 +109,13 @@ class NoiseObjective:
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return self.schedule.get_velocity(latents, noise, timesteps) if self.v_prediction else noise
 
-    def weight(self, timesteps: torch.Tensor, min_snr_gamma: float) -> torch.Tensor | None:
+    def weigh(self, loss: torch.Tensor, timesteps: torch.Tensor, min_snr_gamma: float) -> torch.Tensor:
         """Min-SNR weighting, https://arxiv.org/abs/2303.09556 (eq. 4; v-prediction divides by snr + 1)."""
         if not min_snr_gamma:
-            return None
+            return loss
         alphas = self.schedule.alphas_cumprod.to(timesteps.device)[timesteps]
         snr = alphas / (1 - alphas)
-        return snr.clamp(max=min_snr_gamma) / (snr + 1 if self.v_prediction else snr)
+        return loss * snr.clamp(max=min_snr_gamma) / (snr + 1 if self.v_prediction else snr)
 
 
 class StableDiffusionFamily(ModelFamily):

@@ -208,8 +208,7 @@ class Trainer:
             kwargs = self.conditioning.unet_kwargs(text, [self.items[i] for i in batch], self.device)
             prediction = self.base.unet(noisy, steps, **kwargs).sample
         loss = torch.nn.functional.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        weight = objective.weight(steps, config.min_snr_gamma)  # min-SNR, where the objective has one
-        return (loss if weight is None else loss * weight).mean()
+        return objective.weigh(loss, steps, config.min_snr_gamma).mean()
 
     # -- an epoch --
 
