@@ -15,6 +15,7 @@ from lora_core.families.loading import load_base_model
 from lora_core.foundation.layout import SubjectLayout
 from lora_core.foundation.lora_file import read_lora
 from lora_core.training.memory import apply_steps, free_memory, oom_step
+from lora_core.training.precision import bf16_supported, resolve_device
 from lora_core.training.sampling import SampleSpec, contact_sheet, render, sample_files, save_samples
 from lora_core.training.state import (
     epoch_done,
@@ -230,8 +231,8 @@ def _train_with_ladder(request: TrainRequest, layout: SubjectLayout, epoch: int)
         if out_of_memory:
             trainer = None  # the last reference to the failed attempt's models
             release_trainers(request.run_key)
-            bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-            step = oom_step(config, bf16_ok)
+            device = resolve_device(request.device)
+            step = oom_step(config, device.type == "cuda" and bf16_supported(device))
             if step is None:
                 raise torch.OutOfMemoryError(
                     f"epoch {epoch}: out of GPU memory with every rung of the ladder taken "

@@ -29,7 +29,7 @@ import torch
 
 from lora_core.foundation.errors import UserError
 
-__all__ = ["DeviceError", "Precision", "resolve_device", "resolve_precision", "share_cores"]
+__all__ = ["DeviceError", "Precision", "bf16_supported", "resolve_device", "resolve_precision", "share_cores"]
 
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -52,6 +52,18 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         if index >= torch.cuda.device_count():
             raise DeviceError(f"device {text}: only {torch.cuda.device_count()} CUDA device(s) here")
     return torch.device(text)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether `device` computes in bf16 natively: the CPU, or a GPU of compute capability 8.0 (Ampere) or later.
+
+    Not `torch.cuda.is_bf16_supported()`: it answers True on Turing and Volta too (it only checks that a bf16
+    tensor can be made there), where cuDNN has no bf16 convolutions and a UNet runs slowly or fails; and it
+    asks about the current device, not the one a run was given.
+    """
+    if device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def share_cores(subjects: int, cores: int | None = None) -> int:
@@ -104,7 +116,8 @@ def resolve_precision(mixed_precision: str, device: str | torch.device | None) -
     on recent Xeons; fp16 and bf16 there are how the tests run the GPU's code).
     With no device given and no GPU, the CPU falls back to fp32 with a note,
     since half precision there is rarely what a user asking for "fp16" wants.
-    A GPU without bf16 (the seed's RTX 2060) trains in fp16 instead, with a note.
+    A GPU without bf16 (compute capability under 8.0: the recipe's RTX 2060 Super, any Turing or Volta
+    card) trains in fp16 with loss scaling instead, with a note.
     """
     explicit = device is not None
     where = resolve_device(device)
@@ -115,7 +128,11 @@ def resolve_precision(mixed_precision: str, device: str | torch.device | None) -
     if where.type == "cpu" and name != "no" and not explicit:
         notes.append(f"mixed_precision {name} on the CPU only with an explicit --device cpu: training in fp32")
         name = "no"
-    if where.type == "cuda" and name == "bf16" and not torch.cuda.is_bf16_supported():
-        notes.append(f"{torch.cuda.get_device_name(where)} has no bf16: training in fp16")
+    if where.type == "cuda" and name == "bf16" and not bf16_supported(where):
+        major, minor = torch.cuda.get_device_capability(where)
+        notes.append(
+            f"{torch.cuda.get_device_name(where)} ({where}, compute capability {major}.{minor}) has no bf16 "
+            "(8.0 and later do): training in fp16 with loss scaling"
+        )
         name = "fp16"
     return Precision(where, name, tuple(notes))

@@ -323,3 +323,36 @@ def test_an_8bit_adamw_state_saves_and_resumes(builtin_models_home, tmp_path, mo
         assert loaded[index]["step"] == slots["step"]
     assert fresh.global_step == trainer.global_step
     assert fresh.scaler.get_scale() == trainer.scaler.get_scale()
+
+
+@pytest.mark.parametrize(
+    ("capability", "chosen"), [((7, 5), "fp16"), ((7, 0), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")]
+)
+def test_bf16_only_where_the_card_computes_it(monkeypatch, capability, chosen):
+    """The sdxl preset asks for bf16; a Turing card (7.5, the recipe's RTX 2060 Super) gets fp16 with loss
+    scaling and a note naming the card, Ampere (8.0) and later get bf16. The card asked about is the one the
+    run was given (cuda:1 here), not the current device; torch's `is_bf16_supported` is not consulted (it
+    says True on Turing)."""
+    from lora_core.families import preset_config
+    from lora_core.training.precision import resolve_precision
+
+    asked: list[object] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 2060 SUPER")
+
+    def capability_of(device=None):
+        asked.append(device)
+        return capability
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability_of)
+    precision = resolve_precision(preset_config("sdxl").mixed_precision, "cuda:1")
+    assert precision.name == chosen and precision.device == torch.device("cuda:1")
+    assert asked and all(torch.device(device) == torch.device("cuda:1") for device in asked)
+    if chosen == "fp16":
+        assert precision.grad_scaler().is_enabled()
+        (note,) = precision.notes
+        assert "RTX 2060 SUPER" in note and f"{capability[0]}.{capability[1]}" in note and "fp16" in note
+    else:
+        assert not precision.notes
