@@ -16,7 +16,14 @@ from lora_core.foundation.layout import SubjectLayout
 from lora_core.foundation.lora_file import read_lora
 from lora_core.training.memory import apply_steps, free_memory, oom_step
 from lora_core.training.precision import bf16_supported, resolve_device
-from lora_core.training.sampling import SampleSpec, contact_sheet, render, sample_files, save_samples
+from lora_core.training.sampling import (
+    SampleSpec,
+    contact_sheet,
+    render,
+    sample_files,
+    sample_step_interval,
+    save_samples,
+)
 from lora_core.training.state import (
     epoch_done,
     finished_epoch,
@@ -145,7 +152,7 @@ def _trainer(request: TrainRequest, config: LoraConfig, epoch: int) -> Trainer:
 
 
 def _on_step(trainer: Trainer, token: str, every: int) -> Callable[[int, float, float], None]:
-    """Log every step; render samples every `every` steps (sd-scripts' sample_every_n_steps)."""
+    """Log every step; render samples every `every` steps (`sample_step_interval`; 0: never)."""
 
     def on_step(step: int, loss: float, lr: float) -> None:
         get_run_logger().info("train: step %d loss %.5f lr %.3e", step, loss, lr)
@@ -223,7 +230,7 @@ def _train_with_ladder(request: TrainRequest, layout: SubjectLayout, epoch: int)
         out_of_memory = False
         try:
             trainer = _trainer(request, config, epoch)
-            stats = trainer.run_epoch(epoch, on_step=_on_step(trainer, request.token, config.sample_every_n_steps))
+            stats = trainer.run_epoch(epoch, on_step=_on_step(trainer, request.token, sample_step_interval(config)))
             return trainer, stats
         except torch.OutOfMemoryError:
             out_of_memory = True

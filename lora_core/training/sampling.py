@@ -36,6 +36,7 @@ __all__ = [
     "render",
     "sample_filename",
     "sample_files",
+    "sample_step_interval",
     "save_samples",
 ]
 
@@ -139,6 +140,13 @@ SCHEDULERS: dict[Sampler, tuple[str, dict[str, Any]]] = {
     Sampler.dpmsolver_pp: ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
     Sampler.dpmsingle: ("DPMSolverSinglestepScheduler", {}),
 }
+
+
+def sample_step_interval(config: Any) -> int:
+    """Render samples every this many optimizer steps (0: never): sd-scripts' rule, under which
+    `sample_every_n_steps` counts only when `sample_every_n_epochs` is not set. Both at once would render
+    two or three rounds an epoch, one of them the epoch's own again."""
+    return 0 if config.sample_every_n_epochs else config.sample_every_n_steps
 
 
 def _scheduler(base: LoadedModel, sampler: Sampler):

@@ -393,8 +393,9 @@ def test_the_train_stage_caches_each_epoch_and_publishes_it(prefect_harness, bui
 
     photos = captioned_photos(tmp_path, seed=40)
     prompts = "{token}, portrait photo --w 64 --h 64 --s 2\n{token} at the beach --w 64 --h 64 --s 2 --d 5"
+    # Steps set too, as in a kohya_ss JSON: with the epochs set they are ignored, as sd-scripts ignores them.
     config = flow_config(
-        num_repeats=2, max_train_epochs=2, sample_every_n_epochs=1, sample_every_n_steps=4, sample_prompts=prompts
+        num_repeats=2, max_train_epochs=2, sample_every_n_epochs=1, sample_every_n_steps=2, sample_prompts=prompts
     )
     work = tmp_path / "work"
     first = train_subject(photos=photos, token="Ep", workdir=work, config=config, stop_after="train")
@@ -403,9 +404,7 @@ def test_the_train_stage_caches_each_epoch_and_publishes_it(prefect_harness, bui
     # Samples after each epoch, named as sd-scripts names them: 2 seeds for the first prompt, seed 5 for the second.
     names = sorted(p.name for p in (result / "sample").glob("Ep_e*.png"))
     assert len(names) == 6 and all(re.fullmatch(r"Ep_e00000[12]_0[01]_\d{14}_[125]\.png", n) for n in names)
-    # And every 4 optimizer steps (5 a epoch: 5 photos, 2 repeats, batches of 2): at steps 4 and 8.
-    steps = sorted(p.name for p in (result / "sample").glob("Ep_0*.png"))
-    assert len(steps) == 6 and {n.split("_")[1] for n in steps} == {"000004", "000008"}
+    assert not list((result / "sample").glob("Ep_0*.png"))  # one round an epoch, none at steps
     assert sum("_01_" in n and n.endswith("_5.png") for n in names) == 2
     assert (result / "Ep.safetensors").read_bytes() == (result / "Ep-000002.safetensors").read_bytes()
     exported = json.loads((result / "kohya_ss_config.json").read_text())
@@ -637,3 +636,28 @@ def test_save_every_n_epochs_writes_every_nth_epoch_and_the_last(prefect_harness
     assert (result / "sv.safetensors").read_bytes() == (result / "sv-000003.safetensors").read_bytes()
     again = train_subject(photos=photos, token="sv", workdir=work, config=config, stop_after="train")
     assert again["cached"].count("train-epoch") == 3  # epoch 1, with no LoRA file, counts as done too
+
+
+def test_samples_at_steps_only_when_no_epoch_cadence_is_set(prefect_harness, builtin_models_home, tmp_path):
+    """sd-scripts' rule: `sample_every_n_steps` renders when `sample_every_n_epochs` is 0, at those steps."""
+    from flows.train_subject import train_subject
+    from lora_core.training.sampling import sample_step_interval
+
+    assert sample_step_interval(small_config(sample_every_n_epochs=1, sample_every_n_steps=2)) == 0
+    assert sample_step_interval(small_config(sample_every_n_epochs=0, sample_every_n_steps=2)) == 2
+    prompts = "{token}, portrait photo --w 64 --h 64 --s 2"
+    config = flow_config(
+        num_repeats=2, max_train_epochs=1, sample_every_n_epochs=0, sample_every_n_steps=2, sample_prompts=prompts
+    )
+    train_subject(
+        photos=captioned_photos(tmp_path, seed=41),
+        token="St",
+        workdir=tmp_path / "w",
+        config=config,
+        stop_after="train",
+    )
+    samples = tmp_path / "w" / "St" / "result_current" / "sample"
+    # 5 optimizer steps (5 photos, 2 repeats, batches of 2): rounds at steps 2 and 4, 2 seeds each; no epoch round.
+    steps = sorted(p.name for p in samples.glob("St_0*.png"))
+    assert len(steps) == 4 and {n.split("_")[1] for n in steps} == {"000002", "000004"}
+    assert not list(samples.glob("St_e*.png"))
