@@ -130,9 +130,7 @@ class Trainer:
             self.base.unet.enable_gradient_checkpointing()
             for encoder in self.network.components.values():
                 if encoder is not self.base.unet:
-                    # transformers 5 renamed it; older releases only have the second name.
-                    enable = getattr(encoder, "activation_checkpointing_enable", None)
-                    (enable or encoder.gradient_checkpointing_enable)()
+                    _checkpoint_text_encoder(encoder)
 
     def _idle_models(self) -> list[torch.nn.Module]:
         """Models training does not touch once its inputs are cached: they can leave the GPU."""
@@ -321,3 +319,20 @@ class Trainer:
                     total += float(torch.nn.functional.mse_loss(prediction.float(), target.float()))
                     count += 1
         return total / count
+
+
+def _checkpoint_text_encoder(encoder: torch.nn.Module) -> None:
+    """Gradient checkpointing that still trains a LoRA inside a frozen text encoder, on every transformers.
+
+    transformers 4 checkpoints re-entrantly by default, and enables input gradients only for models it knows
+    carry a peft adapter (`inject_adapter_in_model` does not mark them): the frozen embeddings' output then
+    needs no gradient, and a re-entrant checkpoint passes none to the LoRA inside, so the text encoder's
+    LoRA silently stops training. Non-re-entrant checkpointing and input gradients, asked for explicitly.
+    """
+    options = {"use_reentrant": False}
+    enable = getattr(encoder, "activation_checkpointing_enable", None)  # transformers 5's name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=options)
+    else:
+        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    encoder.enable_input_require_grads()

@@ -126,6 +126,20 @@ def test_frozen_text_encoders_get_no_gradient(builtin_models_home, tmp_path):
     assert any(p.grad is not None or torch.count_nonzero(p) for p in trainer.network.parameters("unet"))
 
 
+def test_a_text_encoder_lora_trains_under_gradient_checkpointing(builtin_models_home, tmp_path):
+    """The ladder's checkpointing rung must not stop the text encoder's LoRA from learning (transformers 4
+    checkpoints re-entrantly and enables no input gradients for an injected adapter: no gradient reached it)."""
+    config = small_config(num_repeats=2, gradient_checkpointing=True, train_text_encoder=True, text_encoder_lr=1e-3)
+    trainer = Trainer(config, load_base_model(TINY_SD15), make_subject(tmp_path, config), device="cpu")
+    encoder = trainer.base.text_encoders[0]
+    assert trainer.base.unet.is_gradient_checkpointing and encoder.is_gradient_checkpointing
+    trainer.run_epoch(1)
+    ups = {t.name: up for t in trainer.network.targets for _, up in [trainer.network._pair(t)]}
+    text = [name for name in ups if name.startswith("lora_te_")]
+    assert text and all(torch.count_nonzero(ups[name]) for name in text), "a text-encoder LoRA did not train"
+    assert any(torch.count_nonzero(up) for name, up in ups.items() if name.startswith("lora_unet_"))
+
+
 def test_without_an_explicit_device_the_cpu_trains_in_fp32_with_a_note(builtin_models_home, tmp_path):
     config = small_config(num_repeats=1, mixed_precision="fp16")
     trainer = Trainer(config, load_base_model(TINY_SD15), make_subject(tmp_path, config))
