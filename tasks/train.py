@@ -105,11 +105,30 @@ class EpochResult(BaseModel):
         )
 
 
-def _render_samples(trainer: Trainer, token: str, *, epoch: int | None = None, step: int | None = None) -> list[Path]:
-    """The config's sample prompts on the trainer's loaded models, saved in `result_current/sample/`."""
+def _render_samples(
+    trainer: Trainer, token: str, skipped: list[str], *, epoch: int | None = None, step: int | None = None
+) -> list[Path]:
+    """The config's sample prompts on the trainer's loaded models, saved in `result_current/sample/`.
+
+    Out of memory is handled here, where it happens, never by the training ladder or a retry of the epoch
+    (a render failing must not change what is trained): freed, tried again lighter (the VAE tiled), and
+    then skipped, the round named in `skipped` (the epoch's notes, in the run's summary).
+    """
     spec = SampleSpec.from_config(trainer.config, token)
-    with trainer.models_on_device():
-        grid = render(trainer.base, spec, trainer.precision)
+    grid = None
+    for light in (False, True):
+        try:
+            with trainer.models_on_device():
+                grid = render(trainer.base, spec, trainer.precision, light=light)
+            break
+        except torch.OutOfMemoryError:
+            pass
+        free_memory()  # outside the except block: its traceback no longer holds the render's tensors
+    if grid is None:
+        where = f"epoch {epoch}" if epoch is not None else f"step {step}"
+        skipped.append(f"samples at {where} skipped: out of GPU memory, the VAE tiled too")
+        get_run_logger().warning("train: %s", skipped[-1])
+        return []
     paths = save_samples(trainer.layout.samples, token, spec, grid, epoch=epoch, step=step)
     if epoch is not None:
         publish_samples(token, epoch, contact_sheet(grid, spec, title=f"{token} epoch {epoch}"))
@@ -151,13 +170,13 @@ def _trainer(request: TrainRequest, config: LoraConfig, epoch: int) -> Trainer:
     return trainer
 
 
-def _on_step(trainer: Trainer, token: str, every: int) -> Callable[[int, float, float], None]:
+def _on_step(trainer: Trainer, token: str, every: int, skipped: list[str]) -> Callable[[int, float, float], None]:
     """Log every step; render samples every `every` steps (`sample_step_interval`; 0: never)."""
 
     def on_step(step: int, loss: float, lr: float) -> None:
         get_run_logger().info("train: step %d loss %.5f lr %.3e", step, loss, lr)
         if every and step % every == 0:
-            _render_samples(trainer, token, step=step)
+            _render_samples(trainer, token, skipped, step=step)
 
     return on_step
 
@@ -180,14 +199,15 @@ def train_epoch(request: TrainRequest, epoch: int) -> EpochResult:
     if (done := finished_epoch(layout, request.run_key, epoch)) is not None:
         get_run_logger().info("train: epoch %d was finished before the last run stopped; kept", epoch)
         return EpochResult.kept(layout, epoch, done)
+    skipped: list[str] = []  # sample rounds out of memory skipped
     try:
-        trainer, stats = _train_with_ladder(request, layout, epoch)
+        trainer, stats = _train_with_ladder(request, layout, epoch, skipped)
         info = run_info(trainer.layout, request.run_key, request.config.network_weights)
         write_lora = saves_lora(trainer.config, epoch, request.last_epoch)
         every = request.config.sample_every_n_epochs
         # Samples before the epoch is saved: once saved it counts as finished and is never trained (or
         # sampled) again, so a run killed in between would keep an epoch without its samples.
-        samples = _render_samples(trainer, request.token, epoch=epoch) if every and epoch % every == 0 else []
+        samples = _render_samples(trainer, request.token, skipped, epoch=epoch) if every and epoch % every == 0 else []
         path = save_epoch(trainer, request.run_key, info, stats, write_lora=write_lora)
     except BaseException:
         release_trainers(request.run_key)  # a retry reloads the last saved epoch
@@ -200,7 +220,7 @@ def train_epoch(request: TrainRequest, epoch: int) -> EpochResult:
         mean_loss=stats.mean_loss,
         losses=stats.losses,
         lrs=stats.lrs,
-        notes=trainer.notes,
+        notes=[*trainer.notes, *skipped],
         samples=samples,
     )
     publish_epoch(request.token, result.epoch, result.losses, result.lrs, path)
@@ -222,7 +242,9 @@ def _log_epoch(request: TrainRequest, stats: EpochStats, path: Path | None) -> N
         logger.warning("train: fp16 overflow: step(s) %s skipped, the loss scale lowered", stats.skipped_steps)
 
 
-def _train_with_ladder(request: TrainRequest, layout: SubjectLayout, epoch: int) -> tuple[Trainer, EpochStats]:
+def _train_with_ladder(
+    request: TrainRequest, layout: SubjectLayout, epoch: int, skipped: list[str]
+) -> tuple[Trainer, EpochStats]:
     """Train `epoch`, stepping down the out-of-memory ladder until it fits (or the ladder is spent)."""
     steps = read_steps(layout, request.run_key)
     while True:
@@ -230,7 +252,9 @@ def _train_with_ladder(request: TrainRequest, layout: SubjectLayout, epoch: int)
         out_of_memory = False
         try:
             trainer = _trainer(request, config, epoch)
-            stats = trainer.run_epoch(epoch, on_step=_on_step(trainer, request.token, sample_step_interval(config)))
+            skipped.clear()  # this attempt's rounds only
+            on_step = _on_step(trainer, request.token, sample_step_interval(config), skipped)
+            stats = trainer.run_epoch(epoch, on_step=on_step)
             return trainer, stats
         except torch.OutOfMemoryError:
             out_of_memory = True

@@ -180,17 +180,34 @@ def _eval_mode(base: LoadedModel) -> Iterator[None]:
             module.train(mode)
 
 
-def render(base: LoadedModel, spec: SampleSpec, precision: Precision) -> list[list[Image.Image]]:
-    """One image per prompt and seed, `[prompt][seed]`: the same inputs give the same pictures.
+@contextmanager
+def _tiled_vae(vae: Any, on: bool) -> Iterator[None]:
+    """The VAE decoding in tiles and slices while `on` (less memory, the same picture but for tile seams);
+    back as it was after, since training encodes with the same VAE."""
+    if not on or not hasattr(vae, "enable_tiling"):
+        yield
+        return
+    vae.enable_tiling()
+    vae.enable_slicing()
+    try:
+        yield
+    finally:
+        vae.disable_tiling()
+        vae.disable_slicing()
+
+
+def render(base: LoadedModel, spec: SampleSpec, precision: Precision, light: bool = False) -> list[list[Image.Image]]:
+    """One image per prompt and seed, `[prompt][seed]`, one at a time: the same inputs give the same pictures.
 
     The text encoders and UNet run in the training precision (`precision.autocast()`),
     and the VAE decodes outside that autocast, in its own fp32 weights (bf16 when
     training in bf16): SDXL's VAE overflows in fp16 to black or NaN pictures.
+    `light`: the VAE decodes tiled and sliced (a retry after running out of memory).
     """
     pipeline = _pipeline(base, spec.sampler)
     pipeline.set_progress_bar_config(disable=True)
     grid = []
-    with _eval_mode(base):
+    with _eval_mode(base), _tiled_vae(base.vae, light):
         for prompt in spec.prompts:
             row = []
             for seed in prompt.seeds:

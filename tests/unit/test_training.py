@@ -485,6 +485,39 @@ def test_out_of_memory_climbs_the_ladder_and_is_recorded(prefect_harness, builti
         assert handle.metadata()["ss_batch_size_per_device"] == "1"
 
 
+def test_a_render_out_of_memory_never_changes_training(prefect_harness, builtin_models_home, tmp_path, monkeypatch):
+    """Samples that run out of memory (injected, every try) are retried lighter, then skipped and named in the
+    epoch's notes: the settings, the epochs and each epoch's LoRA are those of a run without samples."""
+    import tasks.train
+    from flows.train_subject import train_subject
+
+    tries: list[bool] = []
+
+    def render(base, spec, precision, light=False):
+        tries.append(light)
+        raise torch.OutOfMemoryError("CUDA out of memory (injected in a render)")
+
+    prompts = "{token}, portrait photo --w 64 --h 64 --s 2"
+    photos = captioned_photos(tmp_path, seed=61)
+    plain = flow_config(num_repeats=2, max_train_epochs=2)
+    train_subject(photos=photos, token="rq", workdir=tmp_path / "plain", config=plain, stop_after="train")
+    monkeypatch.setattr(tasks.train, "render", render)
+    sampled = plain.model_copy(update={"sample_every_n_epochs": 1, "sample_prompts": prompts})
+    summary = train_subject(photos=photos, token="rq", workdir=tmp_path / "work", config=sampled, stop_after="train")
+    assert tries == [False, True, False, True]  # each epoch's round: once as is, once lighter; never again
+    epochs = summary["train"]["epochs"]
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    for number, epoch in enumerate(epochs, 1):
+        assert f"samples at epoch {number} skipped: out of GPU memory" in " ".join(epoch["notes"])
+    result, reference = tmp_path / "work" / "rq" / "result_current", tmp_path / "plain" / "rq" / "result_current"
+    exported = json.loads((result / "kohya_ss_config.json").read_text())
+    assert exported["training_comment"] == "" and exported["train_batch_size"] == plain.train_batch_size
+    for name in ("rq-000001.safetensors", "rq-000002.safetensors"):
+        ours, theirs = read_lora(result / name).modules, read_lora(reference / name).modules
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k][i], theirs[k][i]) for k in ours for i in (0, 1)), name
+
+
 def test_gradient_checkpointing_trains_the_same_network(builtin_models_home, tmp_path):
     config = small_config(num_repeats=2, gradient_checkpointing=True)
     trainer = Trainer(config, load_base_model(TINY_SD15), make_subject(tmp_path, config), show_progress=False)
