@@ -70,7 +70,7 @@ from tasks.select import (
     select_epoch,
 )
 from tasks.stage import stage_results
-from tasks.train import EpochResult, TrainRequest, release_trainers, train_epoch
+from tasks.train import EpochResult, TrainRequest, release_subject, release_trainers, train_epoch
 
 __all__ = ["STAGES", "select_only", "train_subject"]
 
@@ -129,25 +129,35 @@ def train_subject(
         captioned = caption_images(cropped, layout, config.captioning, config.caption_extension, blip)
         if report.add("captions", captioned):
             return report.summary
-        run = start_run(layout, config, device, base_model_config)
-        epochs = train_run(run)
-        if report.add_training(epochs, publish_run(run, epochs)):
-            return report.summary
-        select_and_resume(run, epochs, report)
+        train_and_select(start_run(layout, config, device, base_model_config), report)
     return report.summary
 
 
+def train_and_select(run: TrainRequest, report: Report) -> None:
+    """Train the run, then samples and select on the same loaded models (`tasks.train.lend_trainer`: no second
+    copy of the base model); whatever is still loaded is freed at the end (a worker process lives on)."""
+    try:
+        epochs = train_run(run)
+        if report.add_training(epochs, publish_run(run, epochs)):
+            return
+        select_and_resume(run, epochs, report)
+    finally:
+        release_subject(run.layout)
+
+
 def train_run(run: TrainRequest) -> list[EpochResult]:
-    """Every epoch of `run`, one task each (a killed run continues at its first unfinished epoch)."""
+    """Every epoch of `run`, one task each (a killed run continues at its first unfinished epoch); the models
+    stay loaded for the samples and select stages, unless an epoch failed."""
     progress, epochs = TrainingProgress(run.token, run.first_epoch, run.last_epoch), []
     try:
         for epoch in run.epochs():
             epochs.append(train_epoch(run, epoch))
             progress.epoch_done(epoch, epochs[-1].losses, epochs[-1].lrs)
-        progress.round_done()
-        return epochs
-    finally:
-        release_trainers(run.run_key)  # a worker process lives on: free the models
+    except BaseException:
+        release_trainers(run.run_key)
+        raise
+    progress.round_done()
+    return epochs
 
 
 def select_and_resume(run: TrainRequest, epochs: list[EpochResult], report: Report) -> None:

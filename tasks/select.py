@@ -33,6 +33,7 @@ from lora_core.training.sampling import SampleSpec, contact_sheet
 from tasks.artifacts import publish_selection, publish_strengths
 from tasks.caching import CodeVersion
 from tasks.stage import stage, step
+from tasks.train import lend_trainer
 
 SELECT_CACHE = (
     TASK_SOURCE
@@ -96,11 +97,17 @@ def _renderer(request: SelectRequest, lora: LoraFile) -> GridRenderer:
     key = f"{request.folder.resolve()}:{request.base_identity()}:{lora.rank}"
     if key not in _RENDERERS:
         release_renderers(request.folder)  # this run's other renderer (another rank): one base model at a time
-        config = request.config
-        base = load_base_model(
-            config.pretrained_model_name_or_path, family=config.model_family, config_folder=request.base_model_config
-        )
-        _RENDERERS[key] = GridRenderer(base, config, lora, request.run().layout, request.device)
+        config, layout = request.config, request.run().layout
+        trainer = lend_trainer(layout, lora.rank) if layout is not None else None
+        if trainer is not None:  # the run just trained in this process: its models, not a second copy
+            _RENDERERS[key] = GridRenderer.on_trainer(trainer)
+        else:
+            base = load_base_model(
+                config.pretrained_model_name_or_path,
+                family=config.model_family,
+                config_folder=request.base_model_config,
+            )
+            _RENDERERS[key] = GridRenderer(base, config, lora, layout, request.device)
     return _RENDERERS[key]
 
 

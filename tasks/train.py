@@ -57,6 +57,25 @@ def release_trainers(run_key: str) -> None:
     free_memory()
 
 
+def release_subject(layout: SubjectLayout) -> None:
+    """Free every trainer of one subject (its flow is done; other subjects in the process keep theirs)."""
+    for key in [key for key, trainer in _TRAINERS.items() if trainer.layout == layout]:
+        del _TRAINERS[key]
+    free_memory()
+
+
+def lend_trainer(layout: SubjectLayout, rank: int) -> Trainer | None:
+    """A loaded trainer of this subject whose network has `rank`, handed over with its models: the samples and
+    select stages render on them instead of loading a second copy. It trains no more (its optimizer's state,
+    saved with the epoch, is dropped); a later round loads its own from disk."""
+    for key, trainer in list(_TRAINERS.items()):
+        if trainer.layout == layout and trainer.network.rank == rank:
+            del _TRAINERS[key]
+            trainer.optimizer.state.clear()
+            return trainer
+    return None
+
+
 class TrainRequest(BaseModel):
     """Everything an epoch task needs; `run_key` names the run (settings, model, data)."""
 

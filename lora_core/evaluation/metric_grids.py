@@ -18,6 +18,7 @@ import json
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
@@ -30,6 +31,9 @@ from lora_core.foundation.layout import SubjectLayout
 from lora_core.foundation.lora_file import LoraFile, read_lora
 from lora_core.training.precision import Precision, resolve_precision
 from lora_core.training.sampling import SamplePrompt, SampleSpec, contact_sheet, render
+
+if TYPE_CHECKING:
+    from lora_core.training.trainer import Trainer
 
 __all__ = [
     "LOSSES",
@@ -144,6 +148,15 @@ class GridRenderer:
             base.place(self.precision.device, self.precision.dtype)
             for param in self.network.parameters():  # cast with their layers above; the update stays fp32
                 param.data = param.data.float()
+
+    @classmethod
+    def on_trainer(cls, trainer: Trainer) -> GridRenderer:
+        """A renderer on a loaded run's trainer (its models, network, precision and captioned images), so the
+        samples and select stages hold no second copy of the base model."""
+        renderer = cls.__new__(cls)
+        renderer.base, renderer.trainer = trainer.base, trainer
+        renderer.network, renderer.precision = trainer.network, trainer.precision
+        return renderer
 
     def grid(self, spec: SampleSpec, lora: LoraFile | None, strength: float = 1.0) -> list[list[Image.Image]]:
         """`spec` rendered with `lora` at `strength` (None: the base model alone)."""

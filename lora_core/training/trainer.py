@@ -27,6 +27,7 @@ from lora_core.families.family import LoadedModel, TextCondition
 from lora_core.families.loading import check_config_matches
 from lora_core.foundation.errors import RunFailure
 from lora_core.foundation.layout import SubjectLayout
+from lora_core.training.memory import free_memory
 from lora_core.training.network import LoraNetwork
 from lora_core.training.optim import make_optimizer, make_scheduler, param_groups
 from lora_core.training.precision import resolve_precision
@@ -84,7 +85,7 @@ class Trainer:
         self.notes += self.conditioning.notes
         torch.manual_seed(config.seed)  # the LoRA's initial weights
         self.network = LoraNetwork(base, config.network_dim, config.network_alpha, config.train_text_encoder)
-        self._place_models()
+        self._enable_checkpointing()
         if config.v_parameterization:
             base.noise_scheduler.register_to_config(prediction_type="v_prediction")
         self.objective = base.family.objective(base)
@@ -92,6 +93,9 @@ class Trainer:
         self.items, self.heldout = split_items(
             training_items(layout, config.caption_extension), config.validation_split, config.split_seed
         )
+        # One model on the device at a time while the inputs are cached, then the denoiser (sd-scripts'
+        # order): the set-up never holds more than training will.
+        self._place(base.vae, True, torch.float32)  # fp32: a VAE overflows in fp16
         self.latents = Latents(
             self.items + self.heldout,
             layout,
@@ -102,8 +106,15 @@ class Trainer:
             to_disk=config.cache_latents_to_disk,
             flip=config.flip_aug,
         )
+        if self.latents.cache:
+            self._place(base.vae, False)
+        for encoder in base.text_encoders:
+            self._place(encoder, True, self.precision.dtype)
         self.text = self._cache_text()
-        self._offload_idle_models()
+        if self.text is not None:
+            for encoder in base.text_encoders:
+                self._place(encoder, False)
+        self._place(base.unet, True, self.precision.dtype)
         self.batches_per_epoch = len(epoch_batches(self.items, config.train_batch_size, 0))
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / config.gradient_accumulation_steps)
         self.total_steps = self.steps_per_epoch * config.max_train_epochs
@@ -121,11 +132,23 @@ class Trainer:
 
     # -- set-up --
 
-    def _place_models(self) -> None:
-        """Frozen weights in the training dtype on the device; the LoRA weights in fp32; the VAE in fp32."""
-        self.base.place(self.device, self.precision.dtype)
-        for param in self.network.parameters():
-            param.data = param.data.float()
+    def _place(self, module: torch.nn.Module, on_device: bool, dtype: torch.dtype | None = None) -> None:
+        """`module` onto the training device (in `dtype`), or off it to the host: the one place models move.
+
+        A component's frozen weights take the training dtype; its LoRA weights stay fp32. What leaves the
+        device is freed at once, so the next model has its room.
+        """
+        if on_device:
+            module.to(self.device, dtype=dtype) if dtype is not None else module.to(self.device)
+            for component, root in self.base.components.items():
+                if root is module:
+                    for param in self.network.parameters(component):
+                        param.data = param.data.float()
+        else:
+            module.to("cpu")
+            free_memory()
+
+    def _enable_checkpointing(self) -> None:
         if self.config.gradient_checkpointing:
             self.base.unet.enable_gradient_checkpointing()
             for encoder in self.network.components.values():
@@ -139,22 +162,17 @@ class Trainer:
             idle += self.base.text_encoders
         return idle
 
-    def _offload_idle_models(self) -> None:
-        if self.device.type == "cuda":
-            for module in self._idle_models():
-                module.to("cpu")
-
     @contextmanager
     def models_on_device(self) -> Iterator[None]:
         """Every model on the device while rendering samples (they need the VAE and text encoders)."""
         idle = self._idle_models() if self.device.type == "cuda" else []
         for module in idle:
-            module.to(self.device)
+            self._place(module, True)
         try:
             yield
         finally:
             for module in idle:
-                module.to("cpu")
+                self._place(module, False)
 
     def _cache_text(self) -> list[TextCondition] | None:
         """Text-encoder outputs per image, once, when nothing about them changes while training."""

@@ -318,3 +318,30 @@ def test_renders_without_a_face_report_face_metrics_unavailable(builtin_models_h
 def test_a_missing_run_folder_is_named(tmp_path):
     with pytest.raises(SelectionError, match="no such run folder"):
         find_run(tmp_path / "missing", "x")
+
+
+def test_samples_and_select_render_on_the_models_training_loaded(
+    prefect_harness, builtin_models_home, tmp_path, monkeypatch
+):
+    """The base model is loaded once in a run: the metric grids, the losses and the strengths render on the
+    trainer's own models (no second copy in memory), and every model is freed when the flow ends."""
+    import tasks.select
+    import tasks.train
+    from flows.train_subject import train_subject
+
+    loads: list[str] = []
+    for module in (tasks.train, tasks.select):
+        real = module.load_base_model
+
+        def counted(spec, *args, _real=real, **kwargs):
+            loads.append(spec)
+            return _real(spec, *args, **kwargs)
+
+        monkeypatch.setattr(module, "load_base_model", counted)
+    selection = CHEAP_GRID_SETTINGS.model_copy(update={"max_resumes": 0})
+    config = flow_config(num_repeats=2, max_train_epochs=2, selection=selection)
+    photos = captioned_photos(tmp_path, seed=70)
+    summary = train_subject(photos=photos, token="one", workdir=tmp_path / "w", config=config)
+    assert summary["select"]["chosen_epoch"] in (1, 2) and summary["select"]["txt2img"]
+    assert loads == [TINY_SD15]
+    assert not tasks.train._TRAINERS and not tasks.select._RENDERERS

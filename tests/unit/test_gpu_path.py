@@ -370,3 +370,42 @@ def test_bf16_only_where_the_card_computes_it(monkeypatch, capability, chosen):
         assert "RTX 2060 SUPER" in note and f"{capability[0]}.{capability[1]}" in note and "fp16" in note
     else:
         assert not precision.notes
+
+
+@pytest.mark.parametrize("train_text_encoder", [False, True])
+def test_set_up_holds_one_model_on_the_device_at_a_time(builtin_models_home, tmp_path, monkeypatch, train_text_encoder):
+    """sd-scripts' order, which keeps SDXL's set-up under its steps' peak: the VAE alone on the training device
+    while latents are cached, then the text encoders alone while their outputs are cached, then the UNet (a
+    trained text encoder stays with it). The spy keeps a ledger of what the trainer put on the device."""
+    config = small_config(num_repeats=1, train_text_encoder=train_text_encoder)
+    base = load_base_model(TINY_SD15)
+    names = {id(base.vae): "vae", id(base.unet): "unet", id(base.text_encoders[0]): "text_encoder"}
+    on_device: set[str] = set()
+    seen: list[tuple[str, frozenset[str]]] = []
+    real_place = Trainer._place
+
+    def place(self, module, on, dtype=None):
+        (on_device.add if on else on_device.discard)(names[id(module)])
+        return real_place(self, module, on, dtype)
+
+    def spied(name, call):
+        def run(*args, **kwargs):
+            seen.append((name, frozenset(on_device)))
+            return call(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(Trainer, "_place", place)
+    monkeypatch.setattr(base.vae, "encode", spied("encode", base.vae.encode))
+    encoder = base.text_encoders[0]
+    monkeypatch.setattr(encoder, "forward", spied("text", encoder.forward))
+    trainer = Trainer(config, base, make_subject(tmp_path, config), device="cpu")
+    encodes = [held for what, held in seen if what == "encode"]
+    assert encodes and all(held == {"vae"} for held in encodes), encodes
+    if train_text_encoder:  # encoded at every step, with the UNet
+        assert trainer.text is None and on_device == {"unet", "text_encoder"}
+    else:
+        texts = [held for what, held in seen if what == "text"]
+        assert texts and all(held == {"text_encoder"} for held in texts), texts
+        assert on_device == {"unet"}
+    assert [what for what, _ in seen][: len(encodes)] == ["encode"] * len(encodes)  # latents first
