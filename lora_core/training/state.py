@@ -241,6 +241,7 @@ def write_state(trainer: Trainer, path: Path) -> None:
     meta = {
         "epoch": str(trainer.epoch),
         "global_step": str(trainer.global_step),
+        "lr_steps": str(trainer.lr_steps),
         "optimizer_scalars": json.dumps(scalars),
         "param_groups": json.dumps([{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]]),
         "grad_scaler": json.dumps(trainer.scaler.state_dict()),
@@ -300,7 +301,7 @@ def read_state(trainer: Trainer, path: Path) -> None:
     if scaler and trainer.scaler.is_enabled():
         trainer.scaler.load_state_dict(scaler)
     trainer.noise.set_state(tensors["rng.noise"])
-    trainer.resume_at(int(meta["epoch"]), int(meta["global_step"]))
+    trainer.resume_at(int(meta["epoch"]), int(meta["global_step"]), int(meta.get("lr_steps", meta["global_step"])))
 
 
 # Settings that never change the trained weights (samples render without touching training's state).

@@ -129,6 +129,10 @@ class Trainer:
         self.scaler = self.precision.grad_scaler()
         self.noise = torch.Generator().manual_seed(config.seed)
         self.epoch, self.global_step = 0, 0
+        self.lr_steps = 0  # optimizer steps applied: where the LR schedule is
+        if self.device.type == "cuda":  # TF32 for what runs in fp32 (the LoRA's own matmuls, an fp32 run)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
 
     # -- set-up --
 
@@ -181,10 +185,12 @@ class Trainer:
         with torch.no_grad(), self.precision.autocast():
             return [self.conditioning.encode([item.caption], self.device) for item in self.items + self.heldout]
 
-    def resume_at(self, epoch: int, global_step: int) -> None:
-        """Continue after `epoch` at `global_step`, the LR schedule replayed to that step."""
+    def resume_at(self, epoch: int, global_step: int, lr_steps: int | None = None) -> None:
+        """Continue after `epoch` at `global_step`, the LR schedule replayed to the `lr_steps` applied
+        (default: every step was)."""
         self.epoch, self.global_step = epoch, global_step
-        self.lr_scheduler = make_scheduler(self.config, self.optimizer, self.total_steps, start=global_step)
+        self.lr_steps = global_step if lr_steps is None else lr_steps
+        self.lr_scheduler = make_scheduler(self.config, self.optimizer, self.total_steps, start=self.lr_steps)
 
     # -- one micro-batch --
 
@@ -251,8 +257,10 @@ class Trainer:
         with Progress(disable=not self.show_progress, transient=True) as progress:
             bar = progress.add_task(f"train: epoch {epoch}", total=len(batches))
             for group in groups:
-                loss = self._step(group, rng, epoch, stats)
-                self.lr_scheduler.step()
+                loss, applied = self._step(group, rng, epoch, stats)
+                if applied:  # the schedule follows the steps taken, not those fp16 overflow skipped
+                    self.lr_scheduler.step()
+                    self.lr_steps += 1
                 self.global_step += 1
                 stats.losses.append(loss)
                 stats.lrs.append(float(self.lr_scheduler.get_last_lr()[0]))
@@ -262,36 +270,43 @@ class Trainer:
         self.epoch, stats.global_step = epoch, self.global_step
         return stats
 
-    def _step(self, group: list[list[int]], rng: random.Random, epoch: int, stats: EpochStats) -> float:
-        """One optimizer step over a group of micro-batches (gradient accumulation); returns the mean loss."""
+    def _step(
+        self, group: list[list[int]], rng: random.Random, epoch: int, stats: EpochStats
+    ) -> tuple[float, bool]:
+        """One optimizer step over a group of micro-batches (gradient accumulation): (mean loss, applied).
+
+        The losses stay on the device; the host waits once a step, for the mean loss and the gradient norm
+        together, before the optimizer may change anything.
+        """
         params = self.network.parameters()
         where = f"epoch {epoch}, step {self.global_step + 1} (step {len(stats.losses) + 1} of the epoch)"
-        total = 0.0
+        total = torch.zeros((), device=self.device)
         for batch in group:
             loss = self._loss(batch, rng)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"{where}: the loss is {float(loss.detach())} (mixed_precision {self.precision.name}); "
-                    "nothing from this epoch is saved, the last epoch's files stay. Try bf16 or fp32, or a lower "
-                    "learning rate"
-                )
             # Each micro-batch's share of the group's mean; the scaler multiplies the fp16 loss up.
             self.scaler.scale(loss / len(group)).backward()
-            total += float(loss.detach())
+            total = total + loss.detach().float()
         self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         norm = torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-        if not self.scaler.is_enabled() and not torch.isfinite(norm):
+        mean, norm_value = torch.stack([total / len(group), norm.float().to(total.device)]).tolist()
+        if not math.isfinite(mean):
             raise NonFiniteLossError(
-                f"{where}: the gradient norm is {float(norm)} (mixed_precision {self.precision.name}); "
+                f"{where}: the loss is {mean} (mixed_precision {self.precision.name}); "
+                "nothing from this epoch is saved, the last epoch's files stay. Try bf16 or fp32, or a lower "
+                "learning rate"
+            )
+        if not self.scaler.is_enabled() and not math.isfinite(norm_value):
+            raise NonFiniteLossError(
+                f"{where}: the gradient norm is {norm_value} (mixed_precision {self.precision.name}); "
                 "nothing from this epoch is saved, the last epoch's files stay"
             )
-        scale = self.scaler.get_scale()
-        self.scaler.step(self.optimizer)  # skipped when fp16 gradients overflowed
+        self.scaler.step(self.optimizer)  # skipped when fp16 gradients overflowed (their norm is not finite)
         self.scaler.update()  # ... and the scale shrinks; it grows back after 2000 good steps
-        if self.scaler.is_enabled() and self.scaler.get_scale() < scale:
+        applied = math.isfinite(norm_value)
+        if not applied:
             stats.skipped_steps.append(self.global_step + 1)
         self.optimizer.zero_grad(set_to_none=True)
-        return total / len(group)
+        return mean, applied
 
     # -- measuring --
 
