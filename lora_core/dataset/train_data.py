@@ -155,7 +155,10 @@ class Latents:
     def batch(self, indices: list[int], flips: list[bool], generator: torch.Generator) -> torch.Tensor:
         """The latents of a batch on the device, each image mirrored where `flips` says."""
         if self.cache:
-            return torch.stack([self.cached[i][f] for i, f in zip(indices, flips, strict=True)]).to(self.device)
+            stacked = torch.stack([self.cached[i][f] for i, f in zip(indices, flips, strict=True)])
+            if self.device.type == "cuda":  # page-locked, so the copy overlaps the step instead of waiting
+                stacked = stacked.pin_memory()
+            return stacked.to(self.device, non_blocking=True)
         pixels = torch.stack([self._pixels(i, f) for i, f in zip(indices, flips, strict=True)])
         return self._encode(pixels, sample=generator)
 
