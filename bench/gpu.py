@@ -10,6 +10,7 @@ fresh trainer resumes from it, and the epoch boundary's cost. Results go to
 stdout, and to `$OUT/bench-gpu.json` and `$OUT/bench-gpu.md` when `$OUT` is set.
 
     python -m bench.gpu                 # on a CUDA machine: sd15-fp16, sdxl-bf16, sdxl-fp16
+    python -m bench.gpu --vram-cap 12   # as on a 12 GB card: the process may use 12 GB of the GPU at most
     python -m bench.gpu --smoke         # the same code path on the CPU, tiny models, 2 steps (what the tests run)
 """
 
@@ -34,7 +35,7 @@ from typing import Any
 import torch
 
 from bench.bare_loop import BareLoop, bare_inputs
-from bench.measure import StepClock, all_finite, epoch_boundary, precision_name, sample_decodes
+from bench.measure import StepClock, all_finite, cap_vram, epoch_boundary, precision_name, sample_decodes
 from bench.models import ARCHITECTURES, build_base, fingerprint, make_subject
 from lora_core.config.lora_config import LoraConfig
 from lora_core.families import preset_config
@@ -282,7 +283,8 @@ def report(result: dict[str, Any]) -> str:
         f"# bench.gpu ({'smoke, ' if result['smoke'] else ''}{result['date']})",
         "",
         f"device: {result['device']}; torch {result['torch']}, Python {result['python']}; "
-        f"{result['steps']} steps each way, the first {result['warmup']} untimed",
+        f"{result['steps']} steps each way, the first {result['warmup']} untimed"
+        + (f"; memory capped at {result['vram_cap_gb']} GB" if result.get("vram_cap_gb") else ""),
         "",
         "| case | px | batch | precision | ours steps/s | bare steps/s | ours/bare (goal >= 1) "
         "| peak VRAM GB ours: set-up / steps (goal) | bare peak GB | losses finite | sample decodes "
@@ -336,7 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resolution", type=int, help="photo side in px (default: the preset's; smoke 64)")
     parser.add_argument("--device", help="default cuda (smoke: cpu); an explicit cpu runs full sizes, slowly")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="change a config field")
+    parser.add_argument("--vram-cap", type=float, metavar="GB", help="play a 10, 12, 16 or 24 GB card: cap GPU memory")
     args = parser.parse_args(argv)
+    if args.vram_cap is not None and args.vram_cap <= 0:
+        parser.error("--vram-cap must be a positive number of GB")
     cases = SMOKE_CASES if args.smoke else CASES
     args.steps = args.steps or (2 if args.smoke else 50)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 5)
@@ -360,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "warmup": args.warmup,
         "cases": [],
+        "vram_cap_gb": cap_vram(device, args.vram_cap),
     }
     work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     try:

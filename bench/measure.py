@@ -15,7 +15,7 @@ import torch
 from bench.bare_loop import BareInputs, autocast
 from lora_core.families.family import LoadedModel
 
-__all__ = ["StepClock", "all_finite", "epoch_boundary", "precision_name", "sample_decodes", "timed"]
+__all__ = ["StepClock", "all_finite", "cap_vram", "epoch_boundary", "precision_name", "sample_decodes", "timed"]
 
 
 def _sync(device: torch.device) -> None:
@@ -178,3 +178,12 @@ def sample_decodes(
         image = vae.decode(latents.float() / vae.config.scaling_factor).sample
     vae.to(home)
     return bool(torch.isfinite(image).all())
+
+
+def cap_vram(device: torch.device, gb: float | None) -> float | None:
+    """Cap the process's memory on `device` at `gb` (torch's allocator refuses past it, as a smaller card would)."""
+    if gb is None or device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gb * 2**30 / total), device)
+    return gb

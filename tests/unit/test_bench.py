@@ -70,3 +70,21 @@ def test_ingest_speed_bench_reports_a_ratio(tmp_path, monkeypatch, capsys):
         assert result[way]["images_per_s"] > 0
     assert math.isfinite(result["ratio"]) and result["ratio"] > 0
     assert "ratio ours/plain loop" in capsys.readouterr().out
+
+
+def test_vram_cap_plays_a_smaller_card(monkeypatch, capsys):
+    """`--vram-cap GB` caps the process's share of the card (torch refuses past it, as a 12 GB card would)."""
+    import types
+
+    from bench.gpu import main
+    from bench.measure import cap_vram
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "--vram-cap GB" in capsys.readouterr().out
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: asked.append((f, d)))
+    assert cap_vram(torch.device("cuda:0"), 12) == 12 and asked == [(12 / 80, torch.device("cuda:0"))]
+    assert cap_vram(torch.device("cuda:0"), 200) == 200 and asked[-1][0] == 1.0  # never above the card
+    assert cap_vram(torch.device("cpu"), 12) is None and len(asked) == 2
