@@ -25,6 +25,16 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 TINY_BLIP = "builtin:tiny-blip"
 
 
+def _train_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# Where the GPU-path tests (`-m gpu`) train: the GPU where there is one, else the CPU in the same precisions.
+TRAIN_DEVICE = _train_device()
+
+
 @pytest.fixture(autouse=True)
 def library_logs_to_live_stderr():
     """diffusers and transformers bind `sys.stderr` once, at their first log line. When that was a test's

@@ -1,8 +1,11 @@
-"""The code a GPU runs, run on the CPU: fp16 loss scaling, bf16, accumulation, NaN stops, retry-safe epochs.
+"""The code a GPU runs: fp16 loss scaling, bf16, accumulation, NaN stops, retry-safe epochs, placement.
 
 torch runs fp16 and bf16 autocast and `GradScaler("cpu")` on the CPU, so an
 explicit `device="cpu"` with a `mixed_precision` takes exactly the step a
-user's NVIDIA card takes; nothing here is an fp32 shortcut.
+user's NVIDIA card takes; nothing here is an fp32 shortcut. Where there is a
+GPU these tests train on it instead (`TRAIN_DEVICE`; `pytest -m gpu` runs
+them alone), with the real AdamW8bit, a real out-of-memory from a memory cap
+and the CUDA-only offload branches.
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ from lora_core.foundation.lora_file import read_lora
 from lora_core.training.memory import apply_steps, oom_step
 from lora_core.training.state import read_state, write_state
 from lora_core.training.trainer import NonFiniteLossError, Trainer
+from tests.conftest import TRAIN_DEVICE
 from tests.unit.test_training import TINY_SD15, captioned_photos, flow_config, make_subject, small_config
+
+pytestmark = pytest.mark.gpu
 
 # Four small images in one bucket: half precision on a CPU is several times slower than fp32, keep steps few.
 FOUR = ((128, 160),) * 4
@@ -45,7 +51,8 @@ def _record_gradients(trainer: Trainer) -> list[list[torch.Tensor]]:
 
 def test_fp16_on_the_cpu_skips_an_overflowing_step_and_lowers_the_scale(builtin_models_home, tmp_path):
     config = small_config(num_repeats=1, train_batch_size=1, mixed_precision="fp16", lr_scheduler="linear")
-    trainer = Trainer(config, load_base_model(TINY_SD15), make_subject(tmp_path, config, FOUR), device="cpu")
+    layout = make_subject(tmp_path, config, FOUR)
+    trainer = Trainer(config, load_base_model(TINY_SD15), layout, device=TRAIN_DEVICE)
     assert trainer.precision.name == "fp16" and trainer.scaler.is_enabled()
     assert next(trainer.base.unet.parameters()).dtype == torch.float16  # frozen weights in fp16
     assert all(p.dtype == torch.float32 for p in trainer.network.parameters())  # the LoRA in fp32
@@ -108,20 +115,21 @@ def test_one_process_trains_fp16_then_bf16_then_takes_the_precision_rung(builtin
     for index, precision in enumerate(("fp16", "bf16")):
         config = small_config(num_repeats=2, mixed_precision=precision)
         layout = make_subject(tmp_path / precision, config, FOUR[:1])
-        trainer = Trainer(config, load_base_model(TINY_SD15), layout, device="cpu")
+        trainer = Trainer(config, load_base_model(TINY_SD15), layout, device=TRAIN_DEVICE)
         assert trainer.precision.name == precision and trainer.scaler.is_enabled() == (index == 0)
         assert all(math.isfinite(loss) for loss in trainer.run_epoch(1).losses)
     fp32 = small_config(num_repeats=1, mixed_precision="no")
     rung = apply_steps(fp32, [dict(zip(("updates", "note"), oom_step(fp32, bf16_ok=True), strict=True))])
     assert rung.mixed_precision.value == "bf16"
-    trainer = Trainer(rung, load_base_model(TINY_SD15), make_subject(tmp_path / "rung", rung, FOUR[:1]), device="cpu")
+    layout = make_subject(tmp_path / "rung", rung, FOUR[:1])
+    trainer = Trainer(rung, load_base_model(TINY_SD15), layout, device=TRAIN_DEVICE)
     assert trainer.precision.name == "bf16" and trainer.run_epoch(1).losses
 
 
 def test_frozen_text_encoders_get_no_gradient(builtin_models_home, tmp_path):
     # Shuffled tags are encoded at every step: the frozen encoders must not build a graph for them.
     config = small_config(num_repeats=2, train_text_encoder=False, shuffle_caption=True, keep_tokens=1)
-    trainer = Trainer(config, load_base_model(TINY_SD15), make_subject(tmp_path, config), device="cpu")
+    trainer = Trainer(config, load_base_model(TINY_SD15), make_subject(tmp_path, config), device=TRAIN_DEVICE)
     assert trainer.text is None  # encoded per step, not cached
     trainer.run_epoch(1)
     encoders = trainer.base.text_encoders
@@ -133,7 +141,7 @@ def test_a_text_encoder_lora_trains_under_gradient_checkpointing(builtin_models_
     """The ladder's checkpointing rung must not stop the text encoder's LoRA from learning (transformers 4
     checkpoints re-entrantly and enables no input gradients for an injected adapter: no gradient reached it)."""
     config = small_config(num_repeats=2, gradient_checkpointing=True, train_text_encoder=True, text_encoder_lr=1e-3)
-    trainer = Trainer(config, load_base_model(TINY_SD15), make_subject(tmp_path, config), device="cpu")
+    trainer = Trainer(config, load_base_model(TINY_SD15), make_subject(tmp_path, config), device=TRAIN_DEVICE)
     encoder = trainer.base.text_encoders[0]
     name = "is_activation_checkpointing" if hasattr(type(encoder), "is_activation_checkpointing") else None
     assert trainer.base.unet.is_gradient_checkpointing and getattr(encoder, name or "is_gradient_checkpointing")
@@ -144,6 +152,7 @@ def test_a_text_encoder_lora_trains_under_gradient_checkpointing(builtin_models_
     assert any(torch.count_nonzero(up) for name, up in ups.items() if name.startswith("lora_unet_"))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="without a device a CUDA machine trains on its GPU")
 def test_without_an_explicit_device_the_cpu_trains_in_fp32_with_a_note(builtin_models_home, tmp_path):
     config = small_config(num_repeats=1, mixed_precision="fp16")
     trainer = Trainer(config, load_base_model(TINY_SD15), make_subject(tmp_path, config))
@@ -185,7 +194,7 @@ def test_the_cli_trains_in_half_precision_with_accumulation_on_the_cpu(
         "epoch": 2,
         "unet_lr": 1e-3,
     }
-    code, work = _cli(tmp_path, photos, config, "--device", "cpu", "--stop-after", "train")
+    code, work = _cli(tmp_path, photos, config, "--device", TRAIN_DEVICE, "--stop-after", "train")
     assert code == 0, capsys.readouterr().err
     final = work / "t0k3n" / "result_current" / "t0k3n.safetensors"
     with safe_open(final, framework="pt") as handle:
@@ -217,7 +226,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_epoch(
 
     monkeypatch.setattr(Trainer, "_loss", loss)
     config = SMALL_RUN | {"num_repeats": 1, "epoch": 2, "mixed_precision": "bf16"}
-    code, work = _cli(tmp_path, photos, config, "--device", "cpu", "--stop-after", "train")
+    code, work = _cli(tmp_path, photos, config, "--device", TRAIN_DEVICE, "--stop-after", "train")
     err = capsys.readouterr().err
     # Five photos, one repeat, batches of 2: epoch 1 took steps 1-3, so the third step of epoch 2 is step 6.
     assert code == 1 and "epoch 2, step 6 (step 3 of the epoch): the loss is nan" in err, err[-2000:]
@@ -283,7 +292,8 @@ def test_a_device_that_is_not_here_is_refused_before_any_work(tmp_path, capsys):
     photos.mkdir()
     for i in range(5):
         (photos / f"p{i}.jpg").write_bytes(b"a photo, as far as the path check knows")
-    for device, why in (("cuda", "no CUDA device"), ("tpu", "want cpu, cuda or cuda:N")):
+    absent = ("cuda:99", "CUDA device(s) here") if torch.cuda.is_available() else ("cuda", "no CUDA device")
+    for device, why in (absent, ("tpu", "want cpu, cuda or cuda:N")):
         assert main([str(photos), "--token", "t0k3n", "--workdir", str(tmp_path / "work"), "--device", device]) == 2
         assert why in capsys.readouterr().err
     assert not (tmp_path / "work").exists()
@@ -323,7 +333,7 @@ def test_an_8bit_adamw_state_saves_and_resumes(builtin_models_home, tmp_path, mo
         optimizer_args={"min_8bit_size": 1},
     )
     layout = make_subject(tmp_path, config, FOUR)
-    trainer = Trainer(config, load_base_model(TINY_SD15), layout, device="cpu")
+    trainer = Trainer(config, load_base_model(TINY_SD15), layout, device=TRAIN_DEVICE)
     assert isinstance(trainer.optimizer, bitsandbytes.optim.AdamW8bit) and trainer.scaler.is_enabled()
     trainer.run_epoch(1)
     saved = trainer.optimizer.state_dict()["state"]
@@ -331,7 +341,7 @@ def test_an_8bit_adamw_state_saves_and_resumes(builtin_models_home, tmp_path, mo
     assert nested["state1"].dtype == torch.uint8  # 8-bit moments: the state this test is about
     path = tmp_path / "state.safetensors"
     write_state(trainer, path)
-    fresh = Trainer(config, load_base_model(TINY_SD15), layout, device="cpu")
+    fresh = Trainer(config, load_base_model(TINY_SD15), layout, device=TRAIN_DEVICE)
     read_state(fresh, path)
     loaded = fresh.optimizer.state_dict()["state"]
     assert loaded.keys() == saved.keys()
@@ -403,7 +413,7 @@ def test_set_up_holds_one_model_on_the_device_at_a_time(builtin_models_home, tmp
     monkeypatch.setattr(base.vae, "encode", spied("encode", base.vae.encode))
     encoder = base.text_encoders[0]
     monkeypatch.setattr(encoder, "forward", spied("text", encoder.forward))
-    trainer = Trainer(config, base, make_subject(tmp_path, config), device="cpu")
+    trainer = Trainer(config, base, make_subject(tmp_path, config), device=TRAIN_DEVICE)
     encodes = [held for what, held in seen if what == "encode"]
     assert encodes and all(held == {"vae"} for held in encodes), encodes
     if train_text_encoder:  # encoded at every step, with the UNet
@@ -413,3 +423,30 @@ def test_set_up_holds_one_model_on_the_device_at_a_time(builtin_models_home, tmp
         assert texts and all(held == {"text_encoder"} for held in texts), texts
         assert on_device == {"unet"}
     assert [what for what, _ in seen][: len(encodes)] == ["encode"] * len(encodes)  # latents first
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a real out-of-memory needs a CUDA card")
+def test_a_real_out_of_memory_from_a_memory_cap_climbs_the_ladder(prefect_harness, builtin_models_home, tmp_path):
+    """On a GPU: the process capped far below what an epoch needs runs out of memory for real; the train stage
+    steps down the ladder and records each rung, or says every rung was taken, never a raw CUDA error."""
+    from flows.train_subject import train_subject
+
+    config = flow_config(num_repeats=2, max_train_epochs=1, mixed_precision="no", cache_latents=False)
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(64 * 2**20 / torch.cuda.get_device_properties(0).total_memory)
+    try:
+        summary = train_subject(
+            photos=captioned_photos(tmp_path, seed=80),
+            token="cap",
+            workdir=tmp_path / "w",
+            config=config,
+            stop_after="train",
+            device="cuda",
+        )
+        exported = (tmp_path / "w" / "cap" / "result_current" / "kohya_ss_config.json").read_text()
+        assert summary["train"]["epochs"] and '"training_comment": "out of memory; took: ' in exported
+    except torch.OutOfMemoryError as error:
+        assert "every rung of the ladder taken" in str(error)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
