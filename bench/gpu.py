@@ -3,10 +3,12 @@
 Random weights from configs written out in `bench.models` (nothing is
 downloaded), the presets' settings (SD1.5: 512 px, fp16; SDXL: 1024 px, bf16
 and fp16; batch, rank, text-encoder LoRA and AdamW8bit as the presets have
-them), `--steps` steps each way. Per case: steps/s of ours and of the plain
-loop, their ratio, peak VRAM, that every loss is finite, that a sample from
-the trained UNet decodes without NaN, that the optimizer state saves and a
-fresh trainer resumes from it, and the epoch boundary's cost. Results go to
+them; both sides checkpoint when the preset does), `--rounds` rounds each way
+of `--steps` steps, alternated. Per case: the median round's steps/s of ours
+and of the plain loop, their ratio, peak VRAM (set-up, steps, and the epoch
+with one render round), that every loss is finite, that a sample from the
+trained UNet decodes without NaN, that a fresh trainer resumes the saved
+optimizer state value for value, and the epoch boundary's cost. Results go to
 stdout, and to `$OUT/bench-gpu.json` and `$OUT/bench-gpu.md` when `$OUT` is set.
 
     python -m bench.gpu                 # on a CUDA machine: sd15-fp16, sdxl-bf16, sdxl-fp16
@@ -17,13 +19,11 @@ stdout, and to `$OUT/bench-gpu.json` and `$OUT/bench-gpu.md` when `$OUT` is set.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
-import inspect
 import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -34,7 +34,18 @@ from typing import Any
 
 import torch
 
-from bench.bare_loop import BareLoop, bare_inputs
+from bench.bare_loop import bare_inputs
+from bench.gpu_rounds import (
+    bare_round,
+    cast_frozen,
+    free,
+    one_more_step,
+    optimizer_values,
+    ours_round,
+    peak_gb,
+    reset_peak,
+    same_values,
+)
 from bench.measure import StepClock, all_finite, cap_vram, epoch_boundary, precision_name, sample_decodes
 from bench.models import ARCHITECTURES, build_base, fingerprint, make_subject
 from lora_core.config.lora_config import LoraConfig
@@ -44,7 +55,6 @@ from lora_core.foundation.layout import SEED_REPEAT_BUDGET
 GOAL_VRAM_GB = {"sd15": 6.0, "sdxl": 8.0}
 GOAL_RATIO = 1.0  # ours at least as fast as the plain loop
 NO_CUDA = "no CUDA device: bench.gpu measures a GPU; run it where one is, or --smoke"
-_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -96,68 +106,9 @@ def case_config(case: Case, args: argparse.Namespace) -> LoraConfig:
     return LoraConfig.model_validate(config.model_dump() | updates)
 
 
-def _free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak_gb(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) / 2**30
-
-
-def _cast_frozen(base: Any, precision: str) -> None:
-    """Frozen UNet and text encoders in the training dtype, as the trainer keeps them (the VAE stays fp32).
-
-    Our models are built on the device in fp32 (fast, seeded); a real run loads
-    them in host memory and the trainer casts while moving, so the GPU never
-    holds an fp32 copy. Casting first keeps that copy out of the measured peak.
-    """
-    for module in (base.unet, *base.text_encoders):
-        module.to(dtype=_DTYPES[precision])
-
-
-def _optimizer_state(trainer: Any) -> dict[str, str]:
-    """The first parameter's optimizer slots and their dtypes (8-bit AdamW keeps uint8 moments)."""
-    optimizer = getattr(trainer, "optimizer", None)
-    if optimizer is None:
-        return {}
-    states = list(optimizer.state.values())  # the live slots: bitsandbytes nests them in its state_dict
-    if not states:
-        return {}
-    return {key: str(value.dtype).removeprefix("torch.") for key, value in states[0].items() if torch.is_tensor(value)}
-
-
-class _Stop(Exception):
-    pass
-
-
-def one_more_step(trainer: Any) -> list[float]:
-    """Run the next epoch's first step only (stopped from `on_step`), or the whole epoch without `on_step`."""
-    losses: list[float] = []
-    if "on_step" not in inspect.signature(trainer.run_epoch).parameters:
-        return list(trainer.run_epoch(trainer.epoch + 1).losses)
-
-    def stop(step: int, loss: float, lr: float) -> None:
-        losses.append(loss)
-        raise _Stop
-
-    with contextlib.suppress(_Stop):
-        trainer.run_epoch(trainer.epoch + 1, on_step=stop)
-    return losses
-
-
 def run_case(case: Case, args: argparse.Namespace, device: torch.device, work: Path) -> dict[str, Any]:
-    """Ours (with the sample, boundary and save), a fresh trainer resumed, then the plain loop; one model at a time."""
+    """Ours in full (set-up, an epoch and one render round, the sample, boundary and save), a fresh trainer
+    resumed, then the rounds: the plain loop and ours alternated, `--rounds` each; one model at a time."""
     from lora_core.training.state import read_state, write_state
     from lora_core.training.trainer import Trainer
 
@@ -175,34 +126,37 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, work: P
         "train_text_encoder": config.train_text_encoder,
         "gradient_checkpointing": config.gradient_checkpointing,
         "precision_asked": case.precision,
+        "rounds": args.rounds,
     }
 
-    # -- ours --
+    # -- ours, in full: the first round --
     base = build_base(arch, seed=0, device=device)
     weights = fingerprint(base.unet)
     inputs = bare_inputs(base, layout, device)
-    _cast_frozen(base, case.precision)
-    _free()
-    _reset_peak(device)
+    cast_frozen(base, case.precision)
+    free()
+    reset_peak(device)
     start = time.perf_counter()
     trainer = Trainer(config, base, layout, device=str(device), show_progress=False)
-    setup_s = time.perf_counter() - start
-    setup_peak = _peak_gb(device)
+    setup_s, setup_peak = time.perf_counter() - start, peak_gb(device)
     precision = precision_name(trainer)
-    _reset_peak(device)
+    reset_peak(device)
     clock = StepClock(base.unet, warmup=args.warmup, device=device)
     stats = trainer.run_epoch(1)
     clock.stop()
-    steps_peak = _peak_gb(device)
+    steps_peak = peak_gb(device)
+    render_round(trainer, side)  # the epoch's sample round counts in its peak
+    epoch_peak = peak_gb(device)
     out |= {
         "precision_used": precision,
         "notes": list(getattr(trainer, "notes", [])),
         "ours": {
             "steps_timed": clock.steps,
-            "steps_per_s": clock.steps_per_s,
+            "rounds_steps_per_s": [clock.steps_per_s],
             "setup_s": setup_s,
             "peak_setup_gb": setup_peak,
             "peak_steps_gb": steps_peak,
+            "peak_epoch_gb": epoch_peak,
             "losses_finite": all_finite(stats.losses),
             "mean_loss": stats.mean_loss,
             "skipped_steps": list(getattr(stats, "skipped_steps", [])),
@@ -212,65 +166,72 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, work: P
     out["boundary"] = epoch_boundary(trainer, stats, repeats=1)
     state = work / case.name / "resume.safetensors"
     write_state(trainer, state)
-    saved_slots = _optimizer_state(trainer)
+    saved = optimizer_values(trainer)
     del trainer, base, clock
-    _free()
+    free()
 
-    # -- a fresh trainer continues from the saved state --
+    # -- a fresh trainer continues from the saved state: the same optimizer values, then one more finite step --
     base = build_base(arch, seed=0, device=device)
-    _cast_frozen(base, case.precision)
+    cast_frozen(base, case.precision)
     resumed = Trainer(config, base, layout, device=str(device), show_progress=False)
     read_state(resumed, state)
-    loaded_step = resumed.global_step
-    loaded_slots = _optimizer_state(resumed)
+    loaded_step, loaded = resumed.global_step, optimizer_values(resumed)
     more = one_more_step(resumed)
     out["resume"] = {
         "loaded_global_step": loaded_step,
-        "optimizer_slots": saved_slots,
-        "slots_match": saved_slots == loaded_slots,
+        "optimizer_slots": sorted({key.split(".", 1)[1] for key in saved}),
+        "values_match": same_values(saved, loaded),
         "losses": more,
-        "finite": all_finite(more) and loaded_step == args.steps and saved_slots == loaded_slots,
+        "finite": all_finite(more) and loaded_step == args.steps and same_values(saved, loaded),
     }
     del resumed, base
-    _free()
+    free()
 
-    # -- the plain loop, on a fresh copy of the same weights --
-    base = build_base(arch, seed=0, device=device)
-    same = fingerprint(base.unet) == weights
-    base.vae.to("cpu")  # the plain loop never uses it
-    if not config.train_text_encoder:
-        for encoder in base.text_encoders:
-            encoder.to("cpu")
-    _free()
-    _reset_peak(device)
-    bare = BareLoop(base, inputs, config, precision=precision, device=device)
-    clock = StepClock(base.unet, warmup=args.warmup, device=device)
-    losses = bare.train(args.steps)
-    clock.stop()
+    # -- the rounds: the plain loop and ours, alternated, on fresh copies of the same weights --
+    bare_rounds = []
+    for index in range(args.rounds):
+        if index:
+            out["ours"]["rounds_steps_per_s"].append(
+                ours_round(arch, config, layout, case.precision, device, args.warmup)
+            )
+        bare_rounds.append(bare_round(arch, inputs, config, precision, device, args.steps, args.warmup))
+    losses = [loss for r in bare_rounds for loss in r["losses"]]
     out["bare"] = {
-        "steps_timed": clock.steps,
-        "steps_per_s": clock.steps_per_s,
-        "peak_steps_gb": _peak_gb(device),
+        "steps_timed": args.steps - args.warmup,
+        "rounds_steps_per_s": [r["steps_per_s"] for r in bare_rounds],
+        "peak_steps_gb": max((r["peak"] for r in bare_rounds if r["peak"] is not None), default=None),
         "losses_finite": all_finite(losses),
         "mean_loss": sum(losses) / len(losses),
-        "same_weights": same,
+        "same_weights": all(r["weights"] == weights for r in bare_rounds),
     }
-    del bare, base, clock
-    _free()
-
     ours, plain = out["ours"], out["bare"]
+    ours["steps_per_s"] = statistics.median(ours["rounds_steps_per_s"])
+    plain["steps_per_s"] = statistics.median(plain["rounds_steps_per_s"])
     out["ratio"] = ours["steps_per_s"] / plain["steps_per_s"]
     boundary_s = out["boundary"]["save_epoch_s"] + out["boundary"]["artifact_s"]
     seed_steps = SEED_REPEAT_BUDGET // config.train_batch_size
     out["boundary_share_seed_epoch"] = boundary_s / (seed_steps / ours["steps_per_s"])
-    peaks = [p for p in (setup_peak, steps_peak) if p is not None]
+    peaks = [p for p in (setup_peak, steps_peak, epoch_peak) if p is not None]
     out["peak_gb"] = max(peaks) if peaks else None
     out["goal_vram_gb"] = GOAL_VRAM_GB[case.preset]
     return out
 
 
+def render_round(trainer: Any, side: int) -> None:
+    """One sample round as an epoch ends (a prompt, 4 steps, at the training side), on the trainer's models."""
+    from lora_core.training.sampling import SampleSpec, render
+
+    config = trainer.config.model_copy(update={"sample_prompts": f"bench, portrait photo --w {side} --h {side} --s 4"})
+    with trainer.models_on_device():
+        render(trainer.base, SampleSpec.from_config(config, "bench"), trainer.precision)
+
+
 def _gb(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
+
+
+def _rounds(side: dict[str, Any]) -> str:
+    return ", ".join(f"{value:.3f}" for value in side["rounds_steps_per_s"])
 
 
 def _yes(ok: bool) -> str:
@@ -283,11 +244,13 @@ def report(result: dict[str, Any]) -> str:
         f"# bench.gpu ({'smoke, ' if result['smoke'] else ''}{result['date']})",
         "",
         f"device: {result['device']}; torch {result['torch']}, Python {result['python']}; "
-        f"{result['steps']} steps each way, the first {result['warmup']} untimed"
+        f"{result['rounds']} rounds each way, alternated, of {result['steps']} steps, the first {result['warmup']} "
+        "untimed; steps/s: the median round"
         + (f"; memory capped at {result['vram_cap_gb']} GB" if result.get("vram_cap_gb") else ""),
         "",
         "| case | px | batch | precision | ours steps/s | bare steps/s | ours/bare (goal >= 1) "
-        "| peak VRAM GB ours: set-up / steps (goal) | bare peak GB | losses finite | sample decodes "
+        "| peak VRAM GB ours: set-up / steps / epoch with a render round (goal) | bare peak GB | losses finite "
+        "| sample decodes "
         "| optimizer state resumes | epoch boundary |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -298,8 +261,8 @@ def report(result: dict[str, Any]) -> str:
         ours, bare, resume = case["ours"], case["bare"], case["resume"]
         goal = case["goal_vram_gb"]
         vram_ok = case["peak_gb"] is not None and case["peak_gb"] <= goal
-        vram = f"{_gb(ours['peak_setup_gb'])} / {_gb(ours['peak_steps_gb'])} (<= {goal:.0f}: " + (
-            f"{_yes(vram_ok)})" if case["peak_gb"] is not None else "n/a)"
+        vram = f"{_gb(ours['peak_setup_gb'])} / {_gb(ours['peak_steps_gb'])} / {_gb(ours['peak_epoch_gb'])} " + (
+            f"(<= {goal:.0f}: {_yes(vram_ok)})" if case["peak_gb"] is not None else f"(<= {goal:.0f}: n/a)"
         )
         boundary = case["boundary"]["save_epoch_s"] + case["boundary"]["artifact_s"]
         lines.append(
@@ -318,7 +281,9 @@ def report(result: dict[str, Any]) -> str:
             f"text-encoder LoRA {case['train_text_encoder']}",
             f"gradient checkpointing {case['gradient_checkpointing']}",
             f"same weights both ways {case['bare']['same_weights']}",
-            f"optimizer slots {case['resume']['optimizer_slots']}",
+            f"optimizer slots {case['resume']['optimizer_slots']} (values equal after a resume: "
+            f"{case['resume']['values_match']})",
+            f"steps/s a round: ours {_rounds(case['ours'])}, bare {_rounds(case['bare'])}",
         ]
         if not case["boundary"].get("artifact_timed", True):
             details.append("epoch boundary: save_epoch alone (no Prefect on this machine: the artifact not timed)")
@@ -333,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU, 2 steps, 64 px (the tests)")
     parser.add_argument("--cases", nargs="+", help=f"default: all of {', '.join(CASES)}")
-    parser.add_argument("--steps", type=int, help="steps each way (default 50; smoke 2)")
+    parser.add_argument("--steps", type=int, help="steps a round (default 30; smoke 2)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds each way, alternated (default 3)")
     parser.add_argument("--warmup", type=int, help="untimed first steps (default 5; smoke 1)")
     parser.add_argument("--resolution", type=int, help="photo side in px (default: the preset's; smoke 64)")
     parser.add_argument("--device", help="default cuda (smoke: cpu); an explicit cpu runs full sizes, slowly")
@@ -343,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.vram_cap is not None and args.vram_cap <= 0:
         parser.error("--vram-cap must be a positive number of GB")
     cases = SMOKE_CASES if args.smoke else CASES
-    args.steps = args.steps or (2 if args.smoke else 50)
+    args.steps = args.steps or (2 if args.smoke else 30)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 5)
     args.resolution = args.resolution or (64 if args.smoke else None)
     if args.steps <= args.warmup:
@@ -364,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "steps": args.steps,
         "warmup": args.warmup,
+        "rounds": args.rounds,
         "cases": [],
         "vram_cap_gb": cap_vram(device, args.vram_cap),
     }
@@ -376,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                 failure = {"case": key, "error": f"{type(error).__name__}: {error}"}
                 result["cases"].append(failure | {"traceback": traceback.format_exc()})
                 print(traceback.format_exc(), file=sys.stderr)
-            _free()
+            free()
             print(f"{key}: {result['cases'][-1].get('error', 'done')}", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

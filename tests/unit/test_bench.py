@@ -31,6 +31,9 @@ def test_gpu_bench_smoke_runs_every_check(one_thread, tmp_path, monkeypatch, cap
         assert math.isfinite(case["ratio"]) and case["ratio"] > 0
         assert case["sample_finite"]
         assert case["resume"]["finite"] and case["resume"]["loaded_global_step"] == 2
+        assert case["resume"]["values_match"] and case["resume"]["optimizer_slots"]
+        assert len(case["ours"]["rounds_steps_per_s"]) == len(case["bare"]["rounds_steps_per_s"]) == 3
+        assert case["ours"]["peak_epoch_gb"] is None  # a CPU has no VRAM figure; the render round still ran
         assert case["boundary"]["lora_bytes"] > 0 and case["boundary"]["markdown_chars"] > 0
     assert "ours/bare" in capsys.readouterr().out
     assert (tmp_path / "bench-gpu.md").read_text().startswith("# bench.gpu (smoke")
