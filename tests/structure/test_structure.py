@@ -171,3 +171,12 @@ def test_the_family_check_sees_each_way_of_asking(tmp_path, source):
     path = tmp_path / "module.py"
     path.write_text(source)
     assert family_questions(path)
+
+
+def test_the_registry_names_each_family_by_its_own_name_and_presets_do_not_collide():
+    from lora_core.families import FAMILIES, PRESETS
+
+    assert all(key == family.name for key, family in FAMILIES.items())
+    presets = [name for family in FAMILIES.values() for name in family.presets]
+    assert len(presets) == len(set(presets)) == len(PRESETS)
+    assert all(values.get("model_family") == f.name for f in FAMILIES.values() for values in f.presets.values())
