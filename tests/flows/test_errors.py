@@ -32,7 +32,7 @@ def photos_here(tmp_path, monkeypatch) -> Path:
 CLI_ARGS = ["photos", "--token", "t0k3n", "--stop-after", "ingest"]
 
 INTERNAL = {
-    "bench.gpu._Stop": "ends one timed step early inside bench.gpu.one_more_step",
+    "bench.gpu_rounds._Stop": "ends one timed step early inside bench.gpu_rounds.one_more_step",
     "flows.console.Stopped": "Ctrl-C: raised by flows.console.guard, printed by flows.cli.main (exit 130)",
     "flows.console.ServerStartError": "raised by flows.console.guard, printed by flows.cli.main in one line (exit 1)",
 }
