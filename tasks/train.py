@@ -272,8 +272,9 @@ def _train_with_ladder(
         try:
             trainer = _trainer(request, config, epoch)
             skipped.clear()  # this attempt's rounds only
-            on_step = _on_step(trainer, request.token, sample_step_interval(config), skipped)
-            stats = trainer.run_epoch(epoch, on_step=on_step)
+            every = sample_step_interval(config)
+            # The callback is not kept in a local: after an out-of-memory it would keep the failed trainer alive.
+            stats = trainer.run_epoch(epoch, on_step=_on_step(trainer, request.token, every, skipped))
             return trainer, stats
         except torch.OutOfMemoryError:
             out_of_memory = True
