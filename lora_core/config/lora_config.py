@@ -10,8 +10,9 @@ a CivitAI training JSON and exports the kohya_ss JSON of a run.
 from __future__ import annotations
 
 import ast
+import re
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -78,19 +79,30 @@ class Sampler(StrEnum):
     k_dpm_2_a = "k_dpm_2_a"
 
 
+# Where the next key=value pair starts: after spaces (kohya) or ", " (CivitAI's Flux args, whose tuples have
+# spaces inside parentheses: "weight_decay=0.01, betas=(0.9, 0.999)").
+_NEXT_ARG = re.compile(r"[\s,]+(?=[A-Za-z_]\w*=)")
+
+
 def parse_optimizer_args(text: str) -> dict[str, Any]:
     """Parse kohya's `optimizer_args` string, e.g. ``"weight_decay=0.1 betas=0.9,0.99"``.
 
-    Values are Python literals (numbers, booleans, tuples); anything else stays a string.
+    Pairs are separated by spaces or commas; values are Python literals (numbers, booleans,
+    tuples); anything else without spaces stays a string.
     """
     args: dict[str, Any] = {}
-    for item in text.replace("\n", " ").split():
+    for item in _NEXT_ARG.split(text.strip().strip(",")):
+        if not item:
+            continue
         key, sep, raw = item.partition("=")
+        raw = raw.strip().rstrip(",").strip()
         if not sep or not key.isidentifier():
             raise ValueError(f"expected key=value pairs separated by spaces, got {item!r}")
         try:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
+            if raw.split() != [raw]:  # "0.1 betas" is a missing '=', not a string value
+                raise ValueError(f"expected key=value pairs separated by spaces, got {item!r}") from None
             value = raw
         args[key] = value
     return args
@@ -118,8 +130,8 @@ class LoraConfig(BaseModel):
     )
     model_family: str = Field(
         "sd15",
-        description="The base model's family (a name in lora_core.families.FAMILIES: sd15 for SD1.x/2.x, sdxl); "
-        "kohya_ss's sdxl and v2 flags map to it on import.",
+        description="The base model's family (a name in lora_core.families.FAMILIES: sd15 for SD1.x/2.x, sdxl, "
+        "flux for FLUX.1); kohya_ss's sdxl, v2 and flux1_checkbox flags map to it on import.",
     )
     v_parameterization: bool = Field(False, description="The base model predicts v rather than noise.")
 
@@ -214,6 +226,62 @@ class LoraConfig(BaseModel):
         Sampler.euler_a, description="Sampler of the sample images and metric grids (sd-scripts' names)."
     )
 
+    # FLUX.1: sd-scripts' flux_train_network.py names (kohya_ss's GUI JSON uses them too); the SD families
+    # ignore them. Defaults: sd-scripts' recommended FLUX.1-dev LoRA settings (docs/flux_train_network.md),
+    # else its defaults.
+    timestep_sampling: Literal["sigma", "uniform", "sigmoid", "shift", "flux_shift"] = Field(
+        "shift",
+        description="FLUX.1: how timesteps are drawn; shift (a shifted sigmoid) as sd-scripts recommends and "
+        "fluxgym uses (sd-scripts' default: sigma).",
+    )
+    sigmoid_scale: float = Field(
+        1.0, gt=0, description="FLUX.1: scale of the normal draw under sigmoid, shift and flux_shift sampling."
+    )
+    discrete_flow_shift: float = Field(
+        3.1582,
+        gt=0,
+        description="FLUX.1: the shift of shift sampling; 3.1582 = e^1.15, FLUX.1-dev's own shift at 1024 px "
+        "(sd-scripts' recommendation, fluxgym's value; sd-scripts' default: 3.0).",
+    )
+    model_prediction_type: Literal["raw", "additive", "sigma_scaled"] = Field(
+        "raw",
+        description="FLUX.1: how the prediction becomes the loss target; raw as sd-scripts recommends "
+        "(its default: sigma_scaled).",
+    )
+    guidance_scale: float = Field(
+        1.0,
+        ge=0,
+        description="FLUX.1: the guidance embedding's value while training; 1.0 for the guidance-distilled dev "
+        "(sd-scripts' default: 3.5).",
+    )
+    t5xxl_max_token_length: int | None = Field(
+        None, ge=1, le=512, description="FLUX.1: T5-XXL caption token limit; unset: 512 for dev, 256 for schnell."
+    )
+    apply_t5_attn_mask: bool = Field(
+        False, description="FLUX.1: mask T5-XXL padding in the encoder and double blocks; off, as few tools infer so."
+    )
+    fp8_base: bool = Field(
+        False, description="FLUX.1: store the frozen base weights as float8, computed in the mixed precision."
+    )
+    nf4_base: bool = Field(
+        False,
+        description="FLUX.1: store the frozen base weights as 4-bit NF4 (bitsandbytes); ours, sd-scripts has none.",
+    )
+    clip_l: str | None = Field(
+        None, description="FLUX.1: the CLIP-L text encoder's single file, for a base that is the transformer alone."
+    )
+    t5xxl: str | None = Field(
+        None, description="FLUX.1: the T5-XXL text encoder's single file, for a base that is the transformer alone."
+    )
+    ae: str | None = Field(
+        None, description="FLUX.1: the autoencoder's single file (ae.safetensors), for a transformer-only base."
+    )
+
+    @property
+    def component_files(self) -> dict[str, str]:
+        """The base model's components given as files of their own (sd-scripts' `clip_l`, `t5xxl`, `ae`)."""
+        return {name: path for name in ("clip_l", "t5xxl", "ae") if (path := getattr(self, name))}
+
     training_comment: str = Field("", description="Note stored in the LoRA's ss_training_comment (kohya_ss GUI).")
 
     subject_type: SubjectType = Field(
@@ -262,6 +330,12 @@ class LoraConfig(BaseModel):
         if value not in (75, 150, 225):
             raise ValueError("must be 75, 150 or 225")
         return value
+
+    @model_validator(mode="after")
+    def _one_base_quantisation(self) -> LoraConfig:
+        if self.fp8_base and self.nf4_base:
+            raise ValueError("fp8_base and nf4_base are both set; the base weights are stored one way: choose one")
+        return self
 
     @model_validator(mode="after")
     def _buckets_contain_resolution(self) -> LoraConfig:
