@@ -106,6 +106,7 @@ def _renderer(request: SelectRequest, lora: LoraFile) -> GridRenderer:
                 config.pretrained_model_name_or_path,
                 family=config.model_family,
                 config_folder=request.base_model_config,
+                parts=config.component_files,
             )
             _RENDERERS[key] = GridRenderer(base, config, lora, layout, request.device)
     return _RENDERERS[key]

@@ -164,7 +164,10 @@ def _trainer(request: TrainRequest, config: LoraConfig, epoch: int) -> Trainer:
     release_trainers(request.run_key)  # a stale copy of this run's models: never two in memory
     layout = request.layout
     base = load_base_model(
-        config.pretrained_model_name_or_path, family=config.model_family, config_folder=request.base_model_config
+        config.pretrained_model_name_or_path,
+        family=config.model_family,
+        config_folder=request.base_model_config,
+        parts=config.component_files,
     )
     trainer = Trainer(config, base, layout, device=request.device, show_progress=False)
     if epoch > request.first_epoch:

@@ -172,7 +172,7 @@ class Latents:
         return torch.from_numpy(np.asarray(picture, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
 
     def _encode(self, pixels: torch.Tensor, sample: torch.Generator | None = None) -> torch.Tensor:
-        """Scaled latents; the mean, or a draw from the distribution with `sample`'s generator (on the CPU)."""
+        """Scaled (and shifted) latents; the mean, or a draw with `sample`'s generator (on the CPU)."""
         vae = self.vae
         dtype = next(vae.parameters()).dtype
         with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
@@ -181,7 +181,9 @@ class Latents:
             if sample is not None:
                 noise = torch.randn(dist.std.shape, generator=sample).to(dist.std)
                 latents = dist.mean + dist.std * noise
-        return (latents * vae.config.scaling_factor).float()
+        # FLUX.1's autoencoder also shifts its latents (`shift_factor`); SD's have none.
+        shift = vae.config.get("shift_factor") or 0.0
+        return ((latents - shift) * vae.config.scaling_factor).float()
 
     def _cached(self, index: int) -> dict[bool, torch.Tensor]:
         """`{flipped: latents}` of one image, from its disk cache when that is still this image's."""

@@ -25,6 +25,7 @@ from PIL import Image
 from lora_core.config.lora_config import LoraConfig, Sampler
 from lora_core.config.settings import DEFAULT_CLASS_PROMPTS, SelectionSettings, SubjectType
 from lora_core.evaluation.epoch_files import RunFiles
+from lora_core.families import network_shape
 from lora_core.families.family import LoadedModel
 from lora_core.foundation.fs import atomic_output, atomic_write_text, sha256_file
 from lora_core.foundation.layout import SubjectLayout
@@ -133,10 +134,10 @@ class GridRenderer:
         from lora_core.training.network import LoraNetwork
         from lora_core.training.trainer import Trainer
 
-        alpha = next(iter(lora.modules.values()))[2]
+        rank, alpha = network_shape(lora.modules, base.family)
         self.base = base
         if layout is not None:
-            fields = {"network_dim": lora.rank, "network_alpha": alpha, "train_text_encoder": True}
+            fields = {"network_dim": rank, "network_alpha": alpha, "train_text_encoder": True}
             config = LoraConfig.model_validate(config.model_dump() | fields)
             self.trainer: Trainer | None = Trainer(config, base, layout, device=device, show_progress=False)
             self.network = self.trainer.network
@@ -144,7 +145,7 @@ class GridRenderer:
         else:
             self.trainer = None
             self.precision = resolve_precision(config.mixed_precision, device)
-            self.network = LoraNetwork(base, lora.rank, alpha, train_text_encoder=True)
+            self.network = LoraNetwork(base, rank, alpha, train_text_encoder=True)
             base.place(self.precision.device, self.precision.dtype)
             for param in self.network.parameters():  # cast with their layers above; the update stays fp32
                 param.data = param.data.float()

@@ -10,17 +10,27 @@ from collections.abc import Mapping
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from lora_core.families import sd15, sdxl
-from lora_core.families.family import ModelFamily
+from lora_core.families import flux, sd15, sdxl
+from lora_core.families.family import LoraModule, ModelFamily
 
 if TYPE_CHECKING:  # the config model loads the checks' libraries: the command line lists presets without them
     from lora_core.config.lora_config import LoraConfig
 
-__all__ = ["FAMILIES", "PRESETS", "Preset", "family_named", "family_of_lora", "preset_config", "preset_for"]
+__all__ = [
+    "FAMILIES",
+    "PRESETS",
+    "Preset",
+    "family_named",
+    "family_of_lora",
+    "network_shape",
+    "preset_config",
+    "preset_for",
+]
 
 FAMILIES: dict[str, ModelFamily] = {
     "sd15": sd15.FAMILY,
     "sdxl": sdxl.FAMILY,
+    "flux": flux.FAMILY,
 }
 
 # Every family's presets by name; the first is the default.
@@ -42,6 +52,15 @@ def family_named(name: str) -> ModelFamily:
 def family_of_lora(metadata: Mapping[str, str]) -> ModelFamily | None:
     """The family a LoRA file says it was trained on (its `ss_*` metadata), if any says so."""
     return next((f for f in FAMILIES.values() if f.recognises_lora(metadata)), None)
+
+
+def network_shape(modules: Mapping[str, LoraModule], family: ModelFamily) -> tuple[int, float]:
+    """(rank, alpha) of the network that trains a file's modules on `family`: what `network_dim` and
+    `network_alpha` must be to continue it (a fused module of the file is several of the network's)."""
+    ours = family.from_file(modules)
+    if not ours:
+        raise ValueError(f"none of the file's {len(modules)} modules is a {family.label} LoRA module")
+    return max(down.shape[0] for down, _, _ in ours.values()), next(iter(ours.values()))[2]
 
 
 def preset_for(family: str) -> str:

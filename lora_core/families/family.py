@@ -25,11 +25,15 @@ if TYPE_CHECKING:  # torch loads when a model does: the command line checks its 
 __all__ = [
     "Conditioning",
     "LoadedModel",
+    "LoraModule",
     "LoraTarget",
     "ModelFamily",
     "Objective",
     "TextCondition",
 ]
+
+
+LoraModule = tuple["torch.Tensor", "torch.Tensor", float]  # (down, up, alpha) of one module
 
 
 @dataclass(frozen=True)
@@ -100,9 +104,14 @@ class Conditioning(Protocol):
 
 
 class Objective(Protocol):
-    """What the denoiser learns: how latents are noised at a timestep, what it predicts, how each loss weighs."""
+    """What the denoiser learns: how timesteps are drawn, how latents are noised at one, what it predicts,
+    how each loss weighs. A timestep is whatever the denoiser takes: DDPM's step index, a flow's sigma."""
 
-    num_timesteps: int
+    def draw(self, generator: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
+        """One image's timestep, shape (1,), drawn from `generator` alone (the run stays reproducible)."""
+
+    def at(self, step: int) -> torch.Tensor:
+        """The timestep `step` of 1000 as this objective writes it, shape (1,): the fixed loss's points."""
 
     def noisy(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor: ...
 
@@ -110,6 +119,10 @@ class Objective(Protocol):
 
     def weigh(self, loss: torch.Tensor, timesteps: torch.Tensor, min_snr_gamma: float) -> torch.Tensor:
         """Each image's loss weighted by its timestep (min-SNR, where the objective has it)."""
+
+    def output(self, prediction: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The denoiser's raw output as the objective compares it with `target` (sd-scripts'
+        `model_prediction_type`; the output itself for most)."""
 
 
 class ModelFamily(ABC):
@@ -142,8 +155,9 @@ class ModelFamily(ABC):
     # -- loading --
 
     @abstractmethod
-    def load(self, source: str, loader: str, options: dict[str, Any]) -> LoadedModel:
-        """The model at `source` through diffusers' `loader` ("from_pretrained" or "from_single_file")."""
+    def load(self, source: str, loader: str, options: dict[str, Any], parts: Mapping[str, str]) -> LoadedModel:
+        """The model at `source` through diffusers' `loader` ("from_pretrained" or "from_single_file");
+        `parts`: components the user keeps as files of their own (FLUX.1's `clip_l`, `t5xxl`, `ae`)."""
 
     def check_config(self, config: LoraConfig, model: LoadedModel) -> None:  # noqa: B027 (optional hook)
         """Raise when a setting cannot describe this model (the message says how to fix it)."""
@@ -151,10 +165,31 @@ class ModelFamily(ABC):
     # -- training --
 
     @abstractmethod
-    def conditioning(self, model: LoadedModel, clip_skip: int, max_token_length: int) -> Conditioning: ...
+    def conditioning(self, model: LoadedModel, config: LoraConfig) -> Conditioning: ...
 
     @abstractmethod
-    def objective(self, model: LoadedModel) -> Objective: ...
+    def objective(self, model: LoadedModel, config: LoraConfig) -> Objective: ...
+
+    @abstractmethod
+    def predict(
+        self, model: LoadedModel, noisy: torch.Tensor, timesteps: torch.Tensor, kwargs: dict[str, Any]
+    ) -> torch.Tensor:
+        """The denoiser's output for `noisy` latents [B, C, H, W], in their shape (`kwargs`: the
+        conditioning's `unet_kwargs`)."""
+
+    def prepare_denoiser(
+        self, model: LoadedModel, config: LoraConfig, dtype: torch.dtype, device: torch.device
+    ) -> bool:
+        """Store the frozen denoiser as the config's memory recipe asks (fp8, 4-bit), before the LoRA is added.
+
+        True: it is in the training `dtype` but for the weights it stores its own way (quantised on
+        `device`, layer by layer), which must not be cast again.
+        """
+        return False
+
+    def oom_step(self, config: LoraConfig) -> tuple[dict[str, Any], str] | None:
+        """This family's own next step down after running out of memory, before the shared ladder's."""
+        return None
 
     @abstractmethod
     def lora_targets(self, components: Mapping[str, torch.nn.Module]) -> list[LoraTarget]:
@@ -163,6 +198,14 @@ class ModelFamily(ABC):
     def lora_aliases(self, target: LoraTarget) -> tuple[str, ...]:
         """Other names a LoRA file may give `target` (read, never written)."""
         return ()
+
+    def to_file(self, modules: dict[str, LoraModule]) -> dict[str, LoraModule]:
+        """The trained modules `{target name: (down, up, alpha)}` as the file names them (kohya's layout)."""
+        return modules
+
+    def from_file(self, modules: Mapping[str, LoraModule]) -> dict[str, LoraModule]:
+        """A file's modules under our target names (the inverse of `to_file`; other formats too)."""
+        return dict(modules)
 
     # -- the file users load --
 
@@ -180,9 +223,22 @@ class ModelFamily(ABC):
     def pipeline(self, model: LoadedModel, scheduler: Any) -> Any:
         """A diffusers pipeline over the model's modules (shared, never copied)."""
 
+    def render_scheduler(self, model: LoadedModel) -> Any | None:
+        """The scheduler every render uses whatever `sample_sampler` says (None: the sampler's)."""
+        return None
+
+    def sample_defaults(self, model: LoadedModel) -> tuple[int, float]:
+        """(steps, guidance scale) of a sample prompt that sets neither (`--s`, `--l`)."""
+        return 20, 7.0
+
+    def render_kwargs(self, model: LoadedModel, negative: str) -> dict[str, Any]:
+        """The pipeline call's family-specific arguments (a negative prompt where the family uses one)."""
+        return {"negative_prompt": negative}
+
     @abstractmethod
-    def decode(self, model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
-        """Latents to pixels in [-1, 1], in the VAE's own weight dtype."""
+    def decode(self, model: LoadedModel, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """A pipeline's `output_type="latent"` latents of a `height` x `width` image to pixels in [-1, 1],
+        in the VAE's own weight dtype."""
 
     def __str__(self) -> str:
         return self.label

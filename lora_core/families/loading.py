@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -107,14 +108,19 @@ def _first(test: Any, named: ModelFamily | None) -> ModelFamily | None:
     return next((family for family in FAMILIES.values() if test(family)), None)
 
 
-def load_base_model(spec: str | None, family: str | None = None, config_folder: str | None = None) -> LoadedModel:
+def load_base_model(
+    spec: str | None,
+    family: str | None = None,
+    config_folder: str | None = None,
+    parts: Mapping[str, str] | None = None,
+) -> LoadedModel:
     """Load the denoiser, VAE, text encoder(s), tokenizer(s) and the training noise schedule.
 
     `family` None means recognise it; a named family must be the model's (a
     hub id is judged by its name; a `.ckpt`'s family cannot be told before
     loading: the named one is used). A single-file checkpoint needs its diffusers config, which comes
     from `config_folder` (a local diffusers folder of the same architecture) or
-    the hub's cache.
+    the hub's cache. `parts`: components kept as files of their own (`LoraConfig.component_files`).
     """
     spec = require_base_model(spec)
     named = family_named(family) if family else None
@@ -129,7 +135,7 @@ def load_base_model(spec: str | None, family: str | None = None, config_folder: 
         options["config"] = str(materialize(config_folder)) if is_builtin(config_folder) else config_folder
     try:
         try:
-            model = chosen.load(source, loader, {"local_files_only": True, **options})
+            model = chosen.load(source, loader, {"local_files_only": True, **options}, parts or {})
         except OSError:
             if path.exists():
                 raise
@@ -139,7 +145,7 @@ def load_base_model(spec: str | None, family: str | None = None, config_folder: 
                     "base model", source, "--base-model", "pretrained_model_name_or_path", "builtin:tiny-sd15"
                 )
                 raise BaseModelError(f"{message} ({why})") from None
-            model = chosen.load(source, loader, options)
+            model = chosen.load(source, loader, options, parts or {})
     except BaseModelError:
         raise
     except Exception as err:

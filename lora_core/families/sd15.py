@@ -70,8 +70,8 @@ class StableDiffusion1(StableDiffusionFamily):
     def load_options(self) -> dict[str, Any]:
         return {"safety_checker": None, "requires_safety_checker": False}
 
-    def conditioning(self, model: LoadedModel, clip_skip: int, max_token_length: int) -> SD15Conditioning:
-        return SD15Conditioning(model, clip_skip, max_token_length)
+    def conditioning(self, model: LoadedModel, config: LoraConfig) -> SD15Conditioning:
+        return SD15Conditioning(model, config.clip_skip, config.max_token_length)
 
     def base_model_version(self, model: LoadedModel) -> str:
         v_pred = model.noise_scheduler.config.prediction_type == "v_prediction"

@@ -97,7 +97,8 @@ class StableDiffusionXL(StableDiffusionFamily):
     }
 
     def recognises_folder(self, model_index: Mapping[str, Any]) -> bool:
-        return "XL" in model_index.get("_class_name", "") or "text_encoder_2" in model_index
+        # Two text encoders and a UNet (FLUX.1 has two encoders and a transformer).
+        return "XL" in model_index.get("_class_name", "") or {"text_encoder_2", "unet"} <= model_index.keys()
 
     def recognises_checkpoint(self, keys: set[str]) -> bool:
         return any(k.startswith("conditioner.embedders.1.") for k in keys)
@@ -114,8 +115,8 @@ class StableDiffusionXL(StableDiffusionFamily):
     def lora_aliases(self, target: LoraTarget) -> tuple[str, ...]:
         return (super().unet_name(target.path),) if target.component == "unet" else ()
 
-    def conditioning(self, model: LoadedModel, clip_skip: int, max_token_length: int) -> SDXLConditioning:
-        return SDXLConditioning(model, clip_skip, max_token_length)
+    def conditioning(self, model: LoadedModel, config: LoraConfig) -> SDXLConditioning:
+        return SDXLConditioning(model, config.clip_skip, config.max_token_length)
 
     def base_model_version(self, model: LoadedModel) -> str:
         return "sdxl_base_v1-0"
@@ -140,12 +141,12 @@ class StableDiffusionXL(StableDiffusionFamily):
             add_watermarker=False,
         )
 
-    def decode(self, model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, model: LoadedModel, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """SDXL VAEs that normalise their latents (`latents_mean`/`latents_std`) are undone first."""
         vae = model.vae
         mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
         if mean is None or std is None:
-            return super().decode(model, latents)
+            return super().decode(model, latents, height, width)
         import torch
 
         latents = latents.to(vae.device, vae.dtype)

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from lora_core.config.lora_config import LoraConfig
+
 __all__ = [
     "NoiseObjective",
     "StableDiffusionFamily",
@@ -103,6 +105,19 @@ class NoiseObjective:
         self.num_timesteps = int(schedule.config.num_train_timesteps)
         self.v_prediction = schedule.config.prediction_type == "v_prediction"
 
+    def draw(self, generator: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
+        import torch
+
+        return torch.randint(0, self.num_timesteps, (1,), generator=generator)
+
+    def at(self, step: int) -> torch.Tensor:
+        import torch
+
+        return torch.tensor([step])
+
+    def output(self, prediction: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return prediction
+
     def noisy(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return self.schedule.add_noise(latents, noise, timesteps)
 
@@ -135,7 +150,7 @@ class StableDiffusionFamily(ModelFamily):
     def load_options(self) -> dict[str, Any]:
         return {}
 
-    def load(self, source: str, loader: str, options: dict[str, Any]) -> LoadedModel:
+    def load(self, source: str, loader: str, options: dict[str, Any], parts: Mapping[str, str]) -> LoadedModel:
         from diffusers import DDPMScheduler
 
         pipeline = getattr(self.pipeline_class(), loader)(source, **self.load_options(), **options)
@@ -150,8 +165,15 @@ class StableDiffusionFamily(ModelFamily):
             noise_scheduler=DDPMScheduler.from_config(pipeline.scheduler.config),
         )
 
-    def objective(self, model: LoadedModel) -> NoiseObjective:
+    def objective(self, model: LoadedModel, config: LoraConfig) -> NoiseObjective:
+        if config.v_parameterization:
+            model.noise_scheduler.register_to_config(prediction_type="v_prediction")
         return NoiseObjective(model.noise_scheduler)
+
+    def predict(
+        self, model: LoadedModel, noisy: torch.Tensor, timesteps: torch.Tensor, kwargs: dict[str, Any]
+    ) -> torch.Tensor:
+        return model.unet(noisy, timesteps, **kwargs).sample
 
     def lora_targets(self, components: Mapping[str, nn.Module]) -> list[LoraTarget]:
         targets: list[LoraTarget] = []
@@ -167,7 +189,7 @@ class StableDiffusionFamily(ModelFamily):
             raise ValueError("two modules share a kohya name")
         return targets
 
-    def decode(self, model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, model: LoadedModel, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         vae = model.vae
         latents = latents.to(vae.device, vae.dtype)
         return vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]

@@ -35,6 +35,7 @@ __all__ = [
     "save_lora",
 ]
 
+
 class LoraFileError(UserError, ValueError):
     """A LoRA file that cannot be used here; the message names the file and the key."""
 
@@ -60,21 +61,22 @@ def model_hash(path: Path) -> str:
 
 def save_lora(
     path: Path,
-    weights: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] | dict[str, tuple[torch.Tensor, torch.Tensor, float]],
     alpha: float,
     metadata: dict[str, str],
     dtype: torch.dtype = torch.float16,
 ) -> dict[str, str]:
-    """Write `{kohya name: (down, up)}` as a kohya LoRA `.safetensors`, atomically; return its metadata.
+    """Write `{kohya name: (down, up)}` (or `(down, up, alpha)` where a module has its own alpha, as a fused
+    one does) as a kohya LoRA `.safetensors`, atomically; return its metadata.
 
     The `sshs_*` hashes are computed as sd-scripts computes them, so tools that
     show or check them agree.
     """
     tensors: dict[str, torch.Tensor] = {}
-    for name, (down, up) in sorted(weights.items()):
+    for name, (down, up, *own) in sorted(weights.items()):
         tensors[f"{name}.lora_down.weight"] = down.detach().to("cpu", dtype).contiguous()
         tensors[f"{name}.lora_up.weight"] = up.detach().to("cpu", dtype).contiguous()
-        tensors[f"{name}.alpha"] = torch.tensor(float(alpha)).to(dtype)
+        tensors[f"{name}.alpha"] = torch.tensor(float(own[0] if own else alpha)).to(dtype)
     metadata = {k: str(v) for k, v in metadata.items()}
     ss_only = {k: v for k, v in metadata.items() if k.startswith("ss_")}
     probe = save_bytes(tensors, ss_only)
@@ -119,19 +121,27 @@ def read_lora(path: Path) -> LoraFile:
     except DAMAGED_FILE_ERRORS as err:
         raise LoraFileError(f"{path}: not a readable safetensors file ({err})") from None
     modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
-    for key in tensors:
-        if not key.endswith(".lora_down.weight"):
-            if not key.endswith((".lora_up.weight", ".alpha")):
-                raise LoraFileError(f"{path}: key {key!r} is not kohya LoRA (want .lora_down/.lora_up/.alpha)")
-            continue
-        name = key.removesuffix(".lora_down.weight")
-        down = tensors[key]
-        up = tensors.get(f"{name}.lora_up.weight")
-        if up is None:
-            raise LoraFileError(f"{path}: {name} has lora_down but no lora_up")
-        alpha_tensor = tensors.get(f"{name}.alpha")
-        alpha = float(alpha_tensor.float().item()) if alpha_tensor is not None else float(down.shape[0])
-        modules[name] = (down, up, alpha)
+    # kohya's `.lora_down/.lora_up`, or the diffusers/PEFT format's `.lora_A/.lora_B` (what diffusers'
+    # examples and ai-toolkit write), whose module names stay as they are for the family to map.
+    for down_key, up_key in ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight")):
+        for key in tensors:
+            if not key.endswith(down_key):
+                continue
+            name = key.removesuffix(down_key)
+            down = tensors[key]
+            up = tensors.get(f"{name}{up_key}")
+            if up is None:
+                down_part, up_part = down_key.split(".")[1], up_key.split(".")[1]
+                raise LoraFileError(f"{path}: {name} has {down_part} but no {up_part}")
+            alpha_tensor = tensors.get(f"{name}.alpha")
+            alpha = float(alpha_tensor.float().item()) if alpha_tensor is not None else float(down.shape[0])
+            modules[name] = (down, up, alpha)
+    lora_suffixes = (".lora_down.weight", ".lora_up.weight", ".lora_A.weight", ".lora_B.weight", ".alpha")
+    stray = [key for key in tensors if not key.endswith(lora_suffixes)]
+    if stray:
+        raise LoraFileError(
+            f"{path}: key {stray[0]!r} is not LoRA (want kohya's .lora_down/.lora_up/.alpha or .lora_A/.lora_B)"
+        )
     if not modules:
         raise LoraFileError(f"{path}: no LoRA modules in it")
     return LoraFile(modules, dict(metadata))

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 __all__ = ["BUILTIN_PREFIX", "builtin_home", "is_builtin", "materialize"]
 
@@ -171,10 +172,10 @@ def _clip_text_config(layers: int, vocab_size: int, **extra: int):
     )
 
 
-def _vae():
+def _vae(latent_channels: int = 4, **extra: Any):
     from diffusers import AutoencoderKL
 
-    # Four blocks as in SD's VAE, so latents are 1/8 of the image and 4 channels deep.
+    # Four blocks as in SD's and FLUX's VAEs, so latents are 1/8 of the image (SD: 4 channels deep).
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -182,9 +183,10 @@ def _vae():
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(8, 16, 16, 16),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=8,
         sample_size=64,
+        **extra,
     )
 
 
@@ -276,8 +278,89 @@ def _build_tiny_sdxl(folder: Path) -> None:
     pipeline.save_pretrained(folder, safe_serialization=True)
 
 
+def _t5_tokenizer():
+    """A T5 Unigram tokenizer over the caption words and single characters; unknown characters are `<unk>`.
+
+    Real T5 vocabularies come from the hub; this one is made here with T5's
+    special ids (pad 0, eos 1, unk 2), `▁` word starts and 512-token limit, so
+    the real tokenizer class pads, truncates and appends `</s>` unchanged. No
+    sentinel `<extra_id_N>` tokens: only span-corruption pretraining uses them.
+    """
+    import string
+
+    from transformers import T5TokenizerFast
+
+    # Unigram log-probabilities: a whole word beats spelling it, so captions are a few tokens each.
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
+    vocab += [("▁" + word, -5.0) for word in dict.fromkeys(_CAPTION_WORDS.split())]
+    vocab += [(char, -10.0) for char in string.ascii_letters + string.digits + string.punctuation]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def _build_tiny_flux(folder: Path) -> None:
+    """FLUX.1-dev's module tree (double and single blocks, guidance embedding; CLIP-L 12 layers, T5, 16-channel VAE).
+
+    Narrow: 2 heads of 8 (inner width 16), 2 double and 2 single blocks, a
+    2-layer T5 32 wide. The VAE and scheduler configs are FLUX.1-dev's, so
+    latent scaling, 2x2 packing and the resolution-dependent shift run as real.
+    """
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    tokenizer, tokenizer_2 = _clip_tokenizer(), _t5_tokenizer()
+    # T5 v1.1 (FLUX's T5-XXL): gated-GELU feed-forward, untied embeddings.
+    t5 = T5Config(
+        vocab_size=len(tokenizer_2),
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=2,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    text_encoder = CLIPTextModel(_clip_text_config(12, len(tokenizer)))  # FLUX uses its pooled output only
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,  # 16 latent channels packed 2x2
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=t5.d_model,
+        pooled_projection_dim=text_encoder.config.hidden_size,
+        guidance_embeds=True,
+        axes_dims_rope=(2, 2, 4),  # sums to attention_head_dim, as (16, 56, 56) does to 128
+    )
+    pipeline = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000,
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        ),
+        # FLUX's ae: 16 channels, shifted and scaled, no quant convs.
+        vae=_vae(16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=T5EncoderModel(t5),
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+    pipeline.save_pretrained(folder, safe_serialization=True)
+
+
 _BUILDERS: dict[str, Callable[[Path], None]] = {
     "tiny-blip": _build_tiny_blip,
     "tiny-sd15": _build_tiny_sd15,
     "tiny-sdxl": _build_tiny_sdxl,
+    "tiny-flux": _build_tiny_flux,
 }

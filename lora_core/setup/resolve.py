@@ -15,7 +15,11 @@ from pydantic import ValidationError
 
 from lora_core.config.kohya import describe_validation_error, read_config_file
 from lora_core.config.lora_config import ConfigError, LoraConfig
+from lora_core.config.settings import DEFAULT_CAPTION_MODEL
 from lora_core.families import Preset, family_named, preset_config, preset_for
+from lora_core.foundation.tiny_models import is_builtin
+
+TINY_CAPTION_MODEL = "builtin:tiny-blip"
 
 __all__ = ["load_config", "merge_settings", "resolve_config", "subject_config"]
 
@@ -98,4 +102,11 @@ def subject_config(
         "checks": {"mirror_policy": mirror_policy, "quality_policy": quality_policy},
         "captioning": {"model": caption_model, "recaption": recaption},
     }
-    return resolve_config(preset, config_file, merge_settings(dict(overrides or {}), named), origin)
+    config = resolve_config(preset, config_file, merge_settings(dict(overrides or {}), named), origin)
+    if is_builtin(config.pretrained_model_name_or_path or "") and config.captioning.model == DEFAULT_CAPTION_MODEL:
+        # A run on a builtin tiny model is a run with no model at all: its captions come from tiny-BLIP too,
+        # unless a caption model was named.
+        config = config.model_copy(
+            update={"captioning": config.captioning.model_copy(update={"model": TINY_CAPTION_MODEL})}
+        )
+    return config

@@ -43,6 +43,8 @@ class LoraNetwork:
             module.requires_grad_(False)
         for component, root in self.components.items():
             paths = [t.path for t in self.targets if t.component == component]
+            if not paths:  # a component the family trains no LoRA in (FLUX.1's T5)
+                continue
             config = LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=paths, init_lora_weights=True)
             inject_adapter_in_model(config, root)
             root.requires_grad_(False)
@@ -85,7 +87,7 @@ class LoraNetwork:
         ours |= {alias: t for t in self.targets for alias in self.family.lora_aliases(t)}
         loaded, unexpected = set(), []
         with torch.no_grad():
-            for name, (down, up, alpha) in lora.modules.items():
+            for name, (down, up, alpha) in self.family.from_file(lora.modules).items():
                 target = ours.get(name)
                 if target is None:
                     unexpected.append(name)

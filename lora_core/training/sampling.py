@@ -56,8 +56,8 @@ class SamplePrompt:
     negative: str = "lowres, blurry, deformed"
     width: int = 512
     height: int = 512
-    steps: int = 20
-    scale: float = 7.0
+    steps: int | None = None  # None: the family's default (`ModelFamily.sample_defaults`)
+    scale: float | None = None
     seeds: tuple[int, ...] = (1, 2)
 
     @classmethod
@@ -158,8 +158,10 @@ def _scheduler(base: LoadedModel, sampler: Sampler):
 
 
 def _pipeline(base: LoadedModel, sampler: Sampler):
-    """The family's diffusers pipeline over the trainer's modules (shared, not copied)."""
-    return base.family.pipeline(base, _scheduler(base, sampler))
+    """The family's diffusers pipeline over the trainer's modules (shared, not copied), on the family's
+    own scheduler where it has one (a flow model samples with its flow's), else the sampler's."""
+    scheduler = base.family.render_scheduler(base)
+    return base.family.pipeline(base, scheduler if scheduler is not None else _scheduler(base, sampler))
 
 
 @contextmanager
@@ -206,6 +208,7 @@ def render(base: LoadedModel, spec: SampleSpec, precision: Precision, light: boo
     """
     pipeline = _pipeline(base, spec.sampler)
     pipeline.set_progress_bar_config(disable=True)
+    default_steps, default_scale = base.family.sample_defaults(base)
     grid = []
     with _eval_mode(base), _tiled_vae(base.vae, light):
         for prompt in spec.prompts:
@@ -215,16 +218,16 @@ def render(base: LoadedModel, spec: SampleSpec, precision: Precision, light: boo
                 with precision.autocast():
                     latents = pipeline(
                         prompt.text,
-                        negative_prompt=prompt.negative,
                         width=prompt.width,
                         height=prompt.height,
-                        num_inference_steps=prompt.steps,
-                        guidance_scale=prompt.scale,
+                        num_inference_steps=prompt.steps or default_steps,
+                        guidance_scale=default_scale if prompt.scale is None else prompt.scale,
                         generator=generator,
                         output_type="latent",
+                        **base.family.render_kwargs(base, prompt.negative),
                     ).images
                 with precision.vae_autocast():
-                    image = base.family.decode(base, latents)
+                    image = base.family.decode(base, latents, prompt.height, prompt.width)
                 row.append(pipeline.image_processor.postprocess(image.float(), output_type="pil")[0])
             grid.append(row)
     return grid

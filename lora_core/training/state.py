@@ -20,11 +20,12 @@ from safetensors.torch import save as save_bytes
 
 from lora_core.config.kohya import write_kohya_gui
 from lora_core.config.lora_config import LoraConfig
+from lora_core.families import family_named, family_of_lora, network_shape
 from lora_core.families.loading import model_identity, require_base_model
 from lora_core.foundation.errors import RunFailure
 from lora_core.foundation.fs import atomic_write_bytes
 from lora_core.foundation.layout import SubjectLayout
-from lora_core.foundation.lora_file import read_lora, save_lora
+from lora_core.foundation.lora_file import LoraFileError, read_lora, save_lora
 from lora_core.training.memory import apply_steps
 from lora_core.training.metadata import kohya_metadata
 from lora_core.training.precision import resolve_device, resolve_precision
@@ -65,7 +66,24 @@ def preflight(config: LoraConfig, device: str | None) -> None:
     require_base_model(config.pretrained_model_name_or_path)
     resolve_device(device)
     if config.network_weights:
-        read_lora(Path(config.network_weights))
+        check_starting_lora(Path(config.network_weights), config.model_family)
+
+
+def check_starting_lora(path: Path, model_family: str) -> None:
+    """A LoRA to continue must be one (safetensors, LoRA keys) of the run's model family: a FLUX.1 LoRA on
+    an SD1.5 run (or the reverse) would load nothing, or garbage."""
+    lora = read_lora(path)
+    ours, theirs = family_named(model_family), family_of_lora(lora.metadata)
+    if theirs is not None and theirs is not ours:
+        raise LoraFileError(
+            f"{path}: network_weights is a {theirs.label} LoRA (ss_base_model_version "
+            f"{lora.metadata.get('ss_base_model_version')!r}), but this run trains {ours.label} "
+            f"(model_family {ours.name}); give a {ours.label} LoRA or a {theirs.label} base model"
+        )
+    try:
+        network_shape(lora.modules, ours)
+    except ValueError as err:
+        raise LoraFileError(f"{path}: network_weights: {err}") from None
 
 
 def open_run(
@@ -84,7 +102,7 @@ def open_run(
     """
     if config.network_weights:
         source = read_lora(Path(config.network_weights))
-        shape = (source.rank, next(iter(source.modules.values()))[2])
+        shape = network_shape(source.modules, family_named(config.model_family))
         if shape != (config.network_dim, config.network_alpha):
             config = config.model_copy(update={"network_dim": shape[0], "network_alpha": shape[1]})
     identity = model_identity(config.pretrained_model_name_or_path or "")
@@ -189,7 +207,9 @@ def save_epoch(
         return None
     path = layout.epoch_lora(epoch)
     dtype = _SAVE_DTYPES[trainer.config.save_precision.value]
-    save_lora(path, weights, trainer.config.network_alpha, kohya_metadata(trainer, epoch, info), dtype)
+    alpha = trainer.config.network_alpha
+    modules = trainer.base.family.to_file({name: (down, up, alpha) for name, (down, up) in weights.items()})
+    save_lora(path, modules, alpha, kohya_metadata(trainer, epoch, info), dtype)
     return path
 
 

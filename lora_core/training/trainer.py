@@ -81,14 +81,14 @@ class Trainer:
         self.precision = resolve_precision(config.mixed_precision, device)
         self.device = self.precision.device
         self.notes: list[str] = list(self.precision.notes)
-        self.conditioning = base.family.conditioning(base, config.clip_skip, config.max_token_length)
+        self.conditioning = base.family.conditioning(base, config)
         self.notes += self.conditioning.notes
+        # fp8 or 4-bit frozen weights (the family's memory recipe), before the LoRA wraps its layers.
+        self.denoiser_stored = base.family.prepare_denoiser(base, config, self.precision.dtype, self.device)
         torch.manual_seed(config.seed)  # the LoRA's initial weights
         self.network = LoraNetwork(base, config.network_dim, config.network_alpha, config.train_text_encoder)
         self._enable_checkpointing()
-        if config.v_parameterization:
-            base.noise_scheduler.register_to_config(prediction_type="v_prediction")
-        self.objective = base.family.objective(base)
+        self.objective = base.family.objective(base, config)
         # The images trained on, then those held out (validation_split): indices past the first run on.
         self.items, self.heldout = split_items(
             training_items(layout, config.caption_extension), config.validation_split, config.split_seed
@@ -114,7 +114,7 @@ class Trainer:
         if self.text is not None:
             for encoder in base.text_encoders:
                 self._place(encoder, False)
-        self._place(base.unet, True, self.precision.dtype)
+        self._place(base.unet, True, None if self.denoiser_stored else self.precision.dtype)
         self.batches_per_epoch = len(epoch_batches(self.items, config.train_batch_size, 0))
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / config.gradient_accumulation_steps)
         self.total_steps = self.steps_per_epoch * config.max_train_epochs
@@ -204,14 +204,14 @@ class Trainer:
 
     def _draws(self, size: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """Noise and timesteps, drawn image by image, so 2 batches of 1 draw exactly what 1 batch of 2 does."""
-        config, steps = self.config, self.objective.num_timesteps
+        config = self.config
         noises, timesteps = [], []
         for _ in range(size):
             noise = torch.randn(shape, generator=self.noise)
             if config.noise_offset:  # https://www.crosslabs.org/blog/diffusion-with-offset-noise
                 noise += config.noise_offset * torch.randn((shape[0], 1, 1), generator=self.noise)
             noises.append(noise)
-            timesteps.append(torch.randint(0, steps, (1,), generator=self.noise))
+            timesteps.append(self.objective.draw(self.noise, shape))
         return torch.stack(noises).to(self.device), torch.cat(timesteps).to(self.device)
 
     def _loss(self, batch: list[int], rng: random.Random) -> torch.Tensor:
@@ -228,7 +228,8 @@ class Trainer:
         with self.precision.autocast():
             text = self._text_for(batch, captions)
             kwargs = self.conditioning.unet_kwargs(text, [self.items[i] for i in batch], self.device)
-            prediction = self.base.unet(noisy, steps, **kwargs).sample
+            prediction = self.base.family.predict(self.base, noisy, steps, kwargs)
+        prediction = objective.output(prediction, noisy, steps)
         loss = torch.nn.functional.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         return objective.weigh(loss, steps, config.min_snr_gamma).mean()
 
@@ -270,9 +271,7 @@ class Trainer:
         self.epoch, stats.global_step = epoch, self.global_step
         return stats
 
-    def _step(
-        self, group: list[list[int]], rng: random.Random, epoch: int, stats: EpochStats
-    ) -> tuple[float, bool]:
+    def _step(self, group: list[list[int]], rng: random.Random, epoch: int, stats: EpochStats) -> tuple[float, bool]:
         """One optimizer step over a group of micro-batches (gradient accumulation): (mean loss, applied).
 
         The losses stay on the device; the host waits once a step, for the mean loss and the gradient norm
@@ -345,10 +344,11 @@ class Trainer:
                 kwargs = self.conditioning.unet_kwargs(text, [item], self.device)
                 for step in timesteps:
                     noise = torch.randn(latents.shape, generator=generator).to(self.device)
-                    t = torch.tensor([step], device=self.device)
-                    target = objective.target(latents, noise, t)
+                    t = objective.at(step).to(self.device)
+                    target, noisy = objective.target(latents, noise, t), objective.noisy(latents, noise, t)
                     with self.precision.autocast():
-                        prediction = self.base.unet(objective.noisy(latents, noise, t), t, **kwargs).sample
+                        prediction = self.base.family.predict(self.base, noisy, t, kwargs)
+                    prediction = objective.output(prediction, noisy, t)
                     total += float(torch.nn.functional.mse_loss(prediction.float(), target.float()))
                     count += 1
         return total / count

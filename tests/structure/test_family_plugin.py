@@ -39,7 +39,7 @@ def add_family(project: Path) -> None:
     """What a developer writes: the module, its import and its registry entry."""
     (project / "lora_core" / "families" / "toy.py").write_text(TOY)
     registry = project / "lora_core" / "families" / "__init__.py"
-    imports, entry = "from lora_core.families import sd15, sdxl\n", '    "sdxl": sdxl.FAMILY,\n'
+    imports, entry = "from lora_core.families import flux, sd15, sdxl\n", '    "flux": flux.FAMILY,\n'
     text = registry.read_text()
     assert imports in text and entry in text
     text = text.replace(imports, imports.replace("sdxl\n", "sdxl, toy\n"))

@@ -16,6 +16,7 @@ import torch
 
 import tests.flows.test_evaluation
 import tests.flows.test_flow
+import tests.flows.test_flux
 import tests.unit.test_captioning
 import tests.unit.test_crop
 import tests.unit.test_ingest
@@ -49,7 +50,8 @@ def build(builtin_models_home, tmp_path_factory):
             folder = tmp_path_factory.mktemp("field")
             try:
                 layout = make_subject(folder, config, SIZES)
-                built[key] = Trainer(config, load_base_model(TINY_SD15), layout, device="cpu")
+                base = load_base_model(config.pretrained_model_name_or_path or TINY_SD15, parts=config.component_files)
+                built[key] = Trainer(config, base, layout, device="cpu")
             except (BaseModelError, FileNotFoundError) as error:
                 built[key] = error
         return built[key]
@@ -106,6 +108,15 @@ def _latent_files(trainer: Trainer) -> int:
     return len(list(trainer.layout.training_images.rglob("*.latents.safetensors")))
 
 
+FLUX = {"model_family": "flux", "pretrained_model_name_or_path": "builtin:tiny-flux", "min_snr_gamma": 0}
+FLUX |= {"train_text_encoder": False}  # FLUX.1's text outputs cached, as its presets train
+
+
+def _stored(trainer: Trainer) -> Any:
+    """How the transformer keeps a frozen linear layer's weights."""
+    return trainer.base.unet.transformer_blocks[0].attn.to_q.base_layer
+
+
 PROBES: dict[str, tuple[Any, Any, dict]] = {
     # field: (changed value, probe(config, build) -> what it changes, base config updates)
     "model_family": ("sdxl", _trainer(lambda t: "trained"), {}),  # refused: the tiny model is SD1.5
@@ -148,6 +159,16 @@ PROBES: dict[str, tuple[Any, Any, dict]] = {
     "sample_prompts": ("{token} at sea --w 64", _pure(lambda c: SampleSpec.from_config(c, "t")), {}),
     "sample_sampler": ("ddim", _pure(lambda c: SampleSpec.from_config(c, "t")), {}),
     "training_comment": ("hello", _trainer(lambda t: kohya_metadata(t, 1, INFO)["ss_training_comment"]), {}),
+    # FLUX.1's own settings, on the tiny FLUX.1 model.
+    "timestep_sampling": ("uniform", _trainer(_loss), FLUX),
+    "sigmoid_scale": (2.0, _trainer(_loss), FLUX),
+    "discrete_flow_shift": (1.0, _trainer(_loss), FLUX),
+    "model_prediction_type": ("additive", _trainer(_loss), FLUX),
+    "guidance_scale": (3.5, _trainer(_loss), FLUX),
+    "t5xxl_max_token_length": (64, _trainer(lambda t: tuple(t.text[0].hidden.shape)), FLUX),
+    "apply_t5_attn_mask": (True, _trainer(lambda t: round(float(t.text[0].hidden.abs().sum()), 4)), FLUX),
+    "fp8_base": (True, _trainer(lambda t: str(_stored(t).weight.dtype)), FLUX),
+    "nf4_base": (True, _trainer(lambda t: type(_stored(t)).__name__), FLUX),
 }
 
 # Fields whose effect a stage's own tests show, end to end.
@@ -164,6 +185,9 @@ ELSEWHERE = {
     # Held-out images need more than the probes' two photos: a split of two would be refused.
     "validation_split": tests.unit.test_training.test_held_out_images_are_never_trained_on_and_their_loss_is_measured,
     "validation_seed": tests.unit.test_training.test_held_out_images_are_never_trained_on_and_their_loss_is_measured,
+    "clip_l": tests.flows.test_flux.test_single_files_and_their_parts_load_from_the_config_fields,
+    "t5xxl": tests.flows.test_flux.test_single_files_and_their_parts_load_from_the_config_fields,
+    "ae": tests.flows.test_flux.test_single_files_and_their_parts_load_from_the_config_fields,
 }
 
 REFUSED = {"model_family", "caption_extension"}

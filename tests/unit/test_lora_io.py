@@ -148,7 +148,7 @@ def test_a_network_loads_its_own_file_and_a_rescaled_one(builtin_models_home, tm
 @pytest.mark.parametrize(
     ("tensors", "message"),
     [
-        ({"model.diffusion_model.x.weight": torch.zeros(1)}, "is not kohya LoRA"),
+        ({"model.diffusion_model.x.weight": torch.zeros(1)}, "is not LoRA"),
         ({"lora_unet_x.lora_down.weight": torch.zeros(2, 3)}, "no lora_up"),
         ({}, "no LoRA modules"),
     ],

@@ -319,8 +319,9 @@ def test_batches_never_mix_buckets_and_show_each_image_its_repeats(spec, batch_s
     assert sorted(shown) == sorted(i for i, item in enumerate(items) for _ in range(item.repeats))
 
 
-def test_a_killed_run_resumes_at_its_first_unfinished_epoch(builtin_models_home, tmp_path):
-    """Kill the CLI mid-run, run it again: same final weights as a run never killed."""
+@pytest.mark.parametrize("base, preset", [(TINY_SD15, "sd15"), ("builtin:tiny-flux", "flux")])
+def test_a_killed_run_resumes_at_its_first_unfinished_epoch(builtin_models_home, tmp_path, base, preset):
+    """Kill the CLI mid-run, run it again: same final weights as a run never killed (SD1.5 and FLUX.1)."""
     photos = tmp_path / "photos"
     photos.mkdir()
     for i in range(5):
@@ -349,7 +350,9 @@ def test_a_killed_run_resumes_at_its_first_unfinished_epoch(builtin_models_home,
             "--workdir",
             str(work),
             "--base-model",
-            TINY_SD15,
+            base,
+            "--preset",
+            preset,
             "--caption-model",
             TINY_BLIP,
             "--config",
@@ -581,7 +584,9 @@ def test_long_captions_are_encoded_in_75_token_windows(builtin_models_home, tmp_
     assert torch.equal(text.hidden[:, 76:151], whole[1][:, 1:76]) and torch.equal(text.hidden[:, 151], whole[1][:, 76])
     assert trainer.run_epoch(1).losses
 
-    conditioning = trainer.base.family.conditioning(trainer.base, 1, 225)
+    conditioning = trainer.base.family.conditioning(
+        trainer.base, config.model_copy(update={"clip_skip": 1, "max_token_length": 225})
+    )
     assert conditioning.encode(captions, trainer.device).hidden.shape[1] == 227
 
 
