@@ -449,6 +449,23 @@ def test_oom_ladder_follows_the_seed():
     assert oom_step(small_config(cache_latents=False, cache_latents_to_disk=True), bf16_ok=False)[1] != "cache latents"
 
 
+def test_flux_steps_down_through_its_presets_memory_before_the_shared_rungs():
+    """`flux` (fp8) -> NF4 (`flux-16gb`'s base) -> T5 at 256 tokens (`flux-12gb`'s), then the batch."""
+    from lora_core.training.memory import apply_steps, oom_step
+
+    config = LoraConfig.model_validate(preset_config("flux").model_dump() | {"train_batch_size": 2})
+    start, steps = config, []
+    while (step := oom_step(config, bf16_ok=True)) is not None:
+        steps.append({"updates": step[0], "note": step[1]})
+        config = apply_steps(start, steps)
+    assert [s["note"] for s in steps] == ["4-bit NF4 base weights", "T5 reads 256 tokens", "halve the batch to 1"]
+    assert config.nf4_base and not config.fp8_base and config.t5xxl_max_token_length == 256
+    assert config.training_comment == "out of memory; took: " + ", ".join(s["note"] for s in steps)
+    twelve = preset_config("flux-12gb")
+    for field in ("nf4_base", "t5xxl_max_token_length", "gradient_checkpointing", "mixed_precision"):
+        assert getattr(config, field) == getattr(twelve, field), field  # the ladder ends on the 12 GB preset's
+
+
 def test_out_of_memory_climbs_the_ladder_and_is_recorded(prefect_harness, builtin_models_home, tmp_path, monkeypatch):
     import json
     import weakref
