@@ -25,6 +25,7 @@ from lora_core.foundation.tiny_models import is_builtin, materialize
 __all__ = [
     "BaseModelError",
     "LoadedModel",
+    "check_base_model",
     "check_config_matches",
     "load_base_model",
     "model_identity",
@@ -33,6 +34,7 @@ __all__ = [
 
 
 _FILE_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")
+_BUILTINS = " / ".join(f.builtin for f in FAMILIES.values() if f.builtin)  # runs with no model at all
 
 
 class _NoEmptyFp32Warning(logging.Filter):
@@ -59,6 +61,43 @@ def require_base_model(spec: str | None) -> str:
             f"a local diffusers folder or a .safetensors checkpoint), or {builtins} for a run with no model at all"
         )
     return spec
+
+
+def check_base_model(spec: str | None, family: str | None = None) -> None:
+    """The base model is there, before any work: one of our builtins, a local diffusers folder or
+    checkpoint of the named family, or a hub id in the local Hugging Face cache or on a hub that answers.
+
+    Raises the `BaseModelError` that loading it would raise after the dataset stages, at once instead.
+    """
+    spec = require_base_model(spec)
+    named = family_named(family) if family else None
+    if is_builtin(spec):  # its family is known by name: nothing is built or imported to tell
+        found = next((f for f in FAMILIES.values() if f.builtin == spec), None)
+        if found is None:
+            raise BaseModelError(f"base model {spec!r}: no such builtin model; builtin base models: {_BUILTINS}")
+        if named is not None and found is not named:
+            raise BaseModelError(_mismatch(spec, found, named.name))
+        return
+    path = Path(spec).expanduser()
+    found, _ = _recognise(spec, path, spec, named)
+    if named is not None and found is not None and found is not named:
+        raise BaseModelError(_mismatch(spec, found, named.name))
+    if path.exists() or _cached(spec):
+        return
+    why = hub_unreachable(spec)
+    if why:
+        message = offline_help("base model", spec, "--base-model", "pretrained_model_name_or_path", _BUILTINS)
+        raise BaseModelError(f"{message} ({why})")
+
+
+def _cached(repo_id: str) -> bool:
+    """The hub id's diffusers index is in the local Hugging Face cache (a model downloaded before)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "model_index.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
 
 
 def check_config_matches(config: LoraConfig, model: LoadedModel) -> None:
@@ -141,9 +180,7 @@ def load_base_model(
                 raise
             why = hub_unreachable(source)
             if why:
-                message = offline_help(
-                    "base model", source, "--base-model", "pretrained_model_name_or_path", "builtin:tiny-sd15"
-                )
+                message = offline_help("base model", source, "--base-model", "pretrained_model_name_or_path", _BUILTINS)
                 raise BaseModelError(f"{message} ({why})") from None
             model = chosen.load(source, loader, options, parts or {})
     except BaseModelError:

@@ -21,7 +21,7 @@ from safetensors.torch import save as save_bytes
 from lora_core.config.kohya import write_kohya_gui
 from lora_core.config.lora_config import LoraConfig
 from lora_core.families import family_named, family_of_lora, network_shape
-from lora_core.families.loading import model_identity, require_base_model
+from lora_core.families.loading import check_base_model, model_identity
 from lora_core.foundation.errors import RunFailure
 from lora_core.foundation.fs import atomic_write_bytes
 from lora_core.foundation.layout import SubjectLayout
@@ -63,7 +63,7 @@ _SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float
 def preflight(config: LoraConfig, device: str | None) -> None:
     """What training needs, checked before any work: a base model named, a usable device, and a
     starting LoRA (`network_weights`) that is one. Raises the `UserError` that says what to fix."""
-    require_base_model(config.pretrained_model_name_or_path)
+    check_base_model(config.pretrained_model_name_or_path, config.model_family)
     resolve_device(device)
     if config.network_weights:
         check_starting_lora(Path(config.network_weights), config.model_family)

@@ -29,7 +29,7 @@ from flows import console
 from lora_core.foundation.fs import DiskFullError, atomic_write_text
 from lora_core.foundation.layout import SubjectLayout
 from lora_core.foundation.lock import SubjectBusyError, subject_lock
-from tests.conftest import ROOT, TINY_BLIP, encode, photo
+from tests.conftest import DEMO_PHOTOS, ROOT, TINY_BLIP, encode, photo
 
 TINY_SD15 = "builtin:tiny-sd15"
 FIGURES: dict[str, dict] = {}
@@ -389,6 +389,30 @@ def test_the_path_checks_load_no_torch_and_no_prefect(tmp_path, make, says):
     assert says in done.stderr, done.stderr
     assert done.stdout.split() == ["2"], done.stdout  # exit 2, and none of the heavy modules loaded
     assert not (tmp_path / "W").exists()
+
+
+@pytest.mark.parametrize(
+    ("base", "says"),
+    [
+        ("does/not/exist", "no such file or folder"),
+        ("runwayml/stable-diffusion-v1-5", "is not in the local Hugging Face cache"),
+        ("builtin:tiny-flux", "is FLUX.1, but the config says model_family=sd15"),
+    ],
+)
+def test_a_base_model_that_is_not_there_is_refused_before_any_stage(tmp_path, base, says):
+    """A missing path, an offline hub id, a model of another family: exit 2 in seconds, not after captioning."""
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", PREFECT_HOME=str(tmp_path / "prefect"))
+    command = [sys.executable, "-m", "flows.train_subject", str(DEMO_PHOTOS), "--token", "t0k3n"]
+    command += ["--workdir", str(tmp_path / "W"), "--base-model", base, "--caption-model", "builtin:tiny-blip"]
+    start = time.monotonic()
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - start
+    assert done.returncode == 2 and says in done.stderr, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and base in errors[0], done.stderr  # one line, naming the model as given
+    assert "ingest" not in done.stdout + done.stderr and not (tmp_path / "W" / "t0k3n").exists()
+    assert elapsed < 5, f"{elapsed:.1f} s"
+    _record("base_model_refused", **{base: round(elapsed, 2)})
 
 
 def test_too_few_photos_is_said_before_prefect_starts(tmp_path, capsys):
