@@ -226,7 +226,7 @@ def postgres(base: Path, timeout: float = 60) -> Iterator[str]:
         owner = (user.pw_uid, user.pw_gid)
         as_user = [shutil.which("runuser") or "/usr/sbin/runuser", "-u", "postgres", "--"]
         os.chown(base, *owner)
-        if subprocess.run([*as_user, "test", "-w", str(base)], check=False).returncode != 0:
+        if subprocess.run([*as_user, "test", "-w", str(base)], check=False, timeout=30).returncode != 0:
             # A parent of base is private to root (pytest's /tmp/pytest-of-root is 0700): use a directory in /tmp.
             cluster = scratch = Path(tempfile.mkdtemp(prefix="lora-pg-"))
             os.chown(cluster, *owner)

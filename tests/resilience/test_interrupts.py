@@ -144,7 +144,12 @@ def test_ctrl_c_during_an_epoch_stops_within_seconds_and_the_next_run_continues(
     assert not (subject["work"] / "t0k3n" / "result_current" / "t0k3n-000002.safetensors").exists()
 
     again = subprocess.run(
-        _command(subject, "--stop-after", "train"), cwd=ROOT, env=subject["env"], capture_output=True, text=True
+        _command(subject, "--stop-after", "train"),
+        cwd=ROOT,
+        env=subject["env"],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert again.returncode == 0, again.stderr[-3000:]
     kept = "epoch 1 was finished before the last run stopped; kept" in again.stdout + again.stderr
@@ -200,7 +205,9 @@ def test_a_second_run_on_a_subject_in_use_refuses_at_once_naming_the_other(subje
     other = _holder(layout.lock, layout.root)
     try:
         start = time.monotonic()
-        done = subprocess.run(_command(subject), cwd=ROOT, env=subject["env"], capture_output=True, text=True)
+        done = subprocess.run(
+            _command(subject), cwd=ROOT, env=subject["env"], capture_output=True, text=True, timeout=120
+        )
         took = time.monotonic() - start
         assert done.returncode == 2, done.stderr
         assert f"in use by pid {other.pid} on {socket.gethostname()}" in done.stderr
@@ -385,6 +392,7 @@ def test_the_path_checks_load_no_torch_and_no_prefect(tmp_path, make, says):
         cwd=ROOT,
         capture_output=True,
         text=True,
+        timeout=120,
     )
     assert says in done.stderr, done.stderr
     assert done.stdout.split() == ["2"], done.stdout  # exit 2, and none of the heavy modules loaded
@@ -430,7 +438,7 @@ def test_too_few_photos_is_said_before_prefect_starts(tmp_path, capsys):
 def test_a_user_error_inside_a_stage_is_one_line_naming_the_stage(subject):
     for i in range(3):  # five files, three of them not photos: ingest itself finds too few
         (subject["photos"] / f"p{i}.png").write_bytes(b"not a photo")
-    done = subprocess.run(_command(subject), cwd=ROOT, env=subject["env"], capture_output=True, text=True)
+    done = subprocess.run(_command(subject), cwd=ROOT, env=subject["env"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 2
     assert "error: ingest: only 2 usable photo(s)" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and "Finished in state Failed" not in done.stderr, done.stderr
@@ -446,7 +454,7 @@ def test_the_temporary_server_gets_time_to_start_and_a_failure_is_one_line(subje
 
     env = subject["env"] | {console._TIMEOUT_VAR: "0"}  # a server that cannot make it in time
     done = subprocess.run(
-        _command(subject, "--stop-after", "ingest"), cwd=ROOT, env=env, capture_output=True, text=True
+        _command(subject, "--stop-after", "ingest"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == console.EXIT_SERVER, done.stderr
     assert "error: Prefect's temporary server did not start within 0 s" in done.stderr, done.stderr
