@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import io
 import logging
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +24,12 @@ DEMO_PHOTOS = ROOT / "demo" / "photos"
 # test may download a model: the hub is off, tiny models are built locally.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Nothing of the user's own: a Hugging Face cache or a Prefect home (profiles, settings, a database) must not
+# make a test pass or fail. Set before Prefect or huggingface_hub are imported; removed when the tests end.
+_HOMES = Path(tempfile.mkdtemp(prefix="lora-tests-"))
+os.environ["HF_HOME"] = str(_HOMES / "hf")
+os.environ["PREFECT_HOME"] = str(_HOMES / "prefect")
+atexit.register(shutil.rmtree, _HOMES, ignore_errors=True)
 TINY_BLIP = "builtin:tiny-blip"
 
 
