@@ -175,3 +175,49 @@ def counting_faces() -> CountingFaceModels:
     from lora_core.checks.face_models import face_models
 
     return CountingFaceModels(face_models())
+
+
+def _ancestors() -> set[int]:
+    pids, pid = set(), os.getpid()
+    while pid > 1:
+        pids.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
+
+
+def _started(stat: Path) -> int:
+    """A process's start time, in clock ticks since boot (/proc's `starttime`)."""
+    return int(stat.read_text().rsplit(")", 1)[1].split()[19])
+
+
+def leftover_processes() -> list[str]:
+    """Processes of this job (our process group) that are not pytest or what started it: a test's
+    subprocess, a Prefect server it left behind. Linux only (empty elsewhere)."""
+    group, mine, found = os.getpgrp(), _ancestors(), []
+    since = _started(Path(f"/proc/{os.getpid()}/stat"))  # processes older than pytest are not the tests'
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid = int(stat.parent.name)
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            ours = int(fields[2]) == group and pid not in mine and int(fields[19]) >= since
+            if ours and fields[0] != "Z":
+                command = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                found.append(f"{pid}: {command[:160]}")
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """`make test` leaves no process behind: whatever a test started must be gone when the tests end."""
+    import time
+
+    deadline = time.monotonic() + 15  # a server being stopped gets its moment
+    while (left := leftover_processes()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if left:
+        print("\nprocesses left behind by the tests:\n  " + "\n  ".join(left), file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -319,6 +319,18 @@ def test_batches_never_mix_buckets_and_show_each_image_its_repeats(spec, batch_s
     assert sorted(shown) == sorted(i for i, item in enumerate(items) for _ in range(item.repeats))
 
 
+def _group_gone(pgid: int, within: float = 10.0) -> bool:
+    """No process of the group `pgid` is left (the test leaves nothing running behind it)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
 @pytest.mark.parametrize("base, preset", [(TINY_SD15, "sd15"), ("builtin:tiny-flux", "flux")])
 def test_a_killed_run_resumes_at_its_first_unfinished_epoch(builtin_models_home, tmp_path, base, preset):
     """Kill the CLI mid-run, run it again: same final weights as a run never killed (SD1.5 and FLUX.1)."""
@@ -362,14 +374,18 @@ def test_a_killed_run_resumes_at_its_first_unfinished_epoch(builtin_models_home,
         ]
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(command(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # A job of its own, as a terminal starts it: kill -9 takes the whole job, Prefect's temporary server too.
+    process = subprocess.Popen(
+        command(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     first = killed / "t0k3n" / "result_current" / "t0k3n-000001.safetensors"
     deadline = time.monotonic() + 240
     while not first.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert first.exists(), "epoch 1 never finished"
-    process.send_signal(signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+    assert _group_gone(process.pid), "a process of the killed run is still there"
     assert not (killed / "t0k3n" / "result_current" / "t0k3n-000002.safetensors").exists()  # killed mid-run
     done = subprocess.run(command(killed), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
