@@ -219,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     except console.ServerStartError as err:
         return _fail(str(err), console.EXIT_SERVER)
     print_summary(summary)
+    for warning in args.config_warnings:  # said first, and again here, where the run's last lines are read
+        print(f"warning: {warning}")
     return 0
 
 
@@ -234,6 +236,8 @@ def check_args(args: argparse.Namespace) -> LoraConfig:
         config = config_from_args(args)
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
+    # A config file's unknown keys, repeated at the end of the run's summary (the first say scrolls away).
+    args.config_warnings = [str(w.message) for w in caught if type(w.message).__name__ == "ConfigWarning"]
     if args.select_only is None:
         console.check_photos(args.photos, config.ingest.min_images, exclude=args.workdir)
     from lora_core.training.precision import resolve_device  # torch loads here, once the cheap checks passed

@@ -13,6 +13,7 @@ CivitAI's trainingDetails, Kohya-shaped or AI Toolkit `params` (model-version.sc
 
 from __future__ import annotations
 
+import difflib
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -317,11 +318,20 @@ def read_config_file(path: Path | str) -> ConfigFile:
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
     if unknown:
-        warnings.warn(
-            ConfigWarning(f"{path}: ignoring keys this trainer does not use: {', '.join(sorted(unknown))}"),
-            stacklevel=2,
-        )
+        keys = ", ".join(_with_guess(key) for key in sorted(unknown))
+        warnings.warn(ConfigWarning(f"{path}: ignoring keys this trainer does not use: {keys}"), stacklevel=2)
     return ConfigFile(path, fields, origin, unknown)
+
+
+def _with_guess(key: str) -> str:
+    """`key`, and the known key it is likely a typo of (`leraning_rate (did you mean learning_rate?)`)."""
+    known = {*LoraConfig.model_fields, *_KOHYA_RENAMED, *_CIVITAI_KEYS}
+    if key in known:  # a setting of ours that this file's family does not use: not a typo
+        return key
+    # Close enough for a slip of the keys (leraning_rate: 0.92), not for kohya's other settings
+    # (max_train_steps is not max_train_epochs: 0.84).
+    guess = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.88)
+    return f"{key} (did you mean {guess[0]}?)" if guess else key
 
 
 def _as_float(value: Any, default: float) -> float:

@@ -226,6 +226,21 @@ def test_cli_stops_after_buckets(prefect_harness, capsys, good_folder, tmp_path)
     assert (work / "b" / "buckets.csv").is_file() and not list(work.glob("b/training_images/*/*.txt"))
 
 
+def test_a_typo_in_the_config_gets_a_guess_said_first_and_again_after_the_summary(
+    prefect_harness, capsys, good_folder, tmp_path
+):
+    config = tmp_path / "kohya.json"
+    config.write_text('{"leraning_rate": 0.0002, "network_dim": 8, "totally_new_key": 1}')
+    args = [str(good_folder), "--token", "t", "--workdir", str(tmp_path / "W"), "--config", str(config)]
+    done = _cli(capsys, *args, "--stop-after", "buckets")
+    assert done.returncode == 0, done.stderr
+    said = f"warning: {config}: ignoring keys this trainer does not use: leraning_rate (did you mean learning_rate?)"
+    assert said in done.stderr and "totally_new_key" in done.stderr
+    assert "totally_new_key (did you mean" not in done.stderr  # a guess only where one is close
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith(said) and done.stdout.index("buckets:") < done.stdout.index(said)
+
+
 def test_cli_with_an_unreachable_caption_model_says_what_to_do(prefect_harness, capsys, good_folder, tmp_path):
     done = _cli(capsys, str(good_folder), "--token", "c", "--workdir", str(tmp_path / "W"), "--stop-after", "captions")
     assert done.returncode == 2  # an unreachable model is a user error (lora_core.foundation.errors)
