@@ -130,13 +130,13 @@ OPTIONS: tuple[_Option, ...] = (
         ("--network-weights",),
         {
             "type": Path,
-            "help": "start from this kohya-format LoRA (ours or kohya's): the seed's way to train an "
+            "help": "start from this kohya-format LoRA (ours or kohya's): the recipe's way to train an "
             "undertrained LoRA more",
         },
     ),
     (
         ("--epochs",),
-        {"type": int, "help": "epochs to train (kohya: max_train_epochs; the seed starts with 6)"},
+        {"type": int, "help": "epochs to train (kohya: max_train_epochs; the recipe starts with 6)"},
     ),
     (
         ("--stop-after",),
@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Train a Stable Diffusion LoRA of a subject from a folder of photos "
-        "(the seed's recipe, automated). Runs locally on Prefect's embedded default; "
+        "(the recipe's recipe, automated). Runs locally on Prefect's embedded default; "
         "set PREFECT_API_URL to report to a Prefect server instead.",
     )
     for names, options in OPTIONS:

@@ -78,7 +78,7 @@ def check_photos(photos: Path, min_images: int, exclude: Path | None = None) -> 
     if len(candidates) < min_images:
         raise InputError(
             f"{photos}: {len(candidates)} file(s) that may be photos, and at least {min_images} usable photos "
-            "are needed (ingest.min_images; the seed: 5 to 10 can work)"
+            "are needed (ingest.min_images; the recipe: 5 to 10 can work)"
         )
 
 

@@ -1,6 +1,6 @@
-"""Train a LoRA of one subject from a folder of photos: the seed's recipe as a Prefect flow.
+"""Train a LoRA of one subject from a folder of photos: the recipe's recipe as a Prefect flow.
 
-The seed's author does these steps by hand; each is a cached, retryable stage:
+The recipe's author does these steps by hand; each is a cached, retryable stage:
 
 1. ingest   - rename, convert to PNG, make the folder structure (`<token>/training_images/...`)
 2. checks   - turn sideways photos upright; find mirrored selfies ("revise the orientation!!")
@@ -93,7 +93,7 @@ def train_subject(
     device: str | None = None,
     config: LoraConfig | None = None,
 ) -> dict:
-    """Turn `photos` and a trigger `token` into the seed's layout, stage by stage (see the module's list).
+    """Turn `photos` and a trigger `token` into the recipe's layout, stage by stage (see the module's list).
 
     The settings resolve as on the command line (`lora_core.setup.resolve.subject_config`): `preset`, then the
     kohya_ss/CivitAI `config_file`, then `overrides` (LoraConfig fields, nested sections as mappings), then
@@ -161,7 +161,7 @@ def train_run(run: TrainRequest) -> list[EpochResult]:
 
 
 def select_and_resume(run: TrainRequest, epochs: list[EpochResult], report: Report) -> None:
-    """Samples and select; undertrained: train on from the last epoch's LoRA, as the seed does by hand
+    """Samples and select; undertrained: train on from the last epoch's LoRA, as the recipe does by hand
     (`lora_core.evaluation.selection.resume_config`), and select again; then publish and render the choice."""
     layout = run.layout
     request = SelectRequest(

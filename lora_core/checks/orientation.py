@@ -1,4 +1,4 @@
-"""Orientation checks: sideways photos and mirrored selfies, which the seed asks users to fix by hand.
+"""Orientation checks: sideways photos and mirrored selfies, which the recipe asks users to fix by hand.
 
 They run in the `checks` stage, on ingest's images as decoded: its runner
 (`lora_core.dataset.orient`) finds each photo's rotation and the antisymmetric

@@ -16,7 +16,7 @@ measures three things, with plain definitions:
 
 Colours are named in coarse bins (`colour_name`), the words a user shoots by.
 
-It judges the set only. The seed says MUST, but dropping photos never makes a
+It judges the set only. The recipe says MUST, but dropping photos never makes a
 set more varied, so variety is advice, never a flag on a photo or a rejection:
 the crop stage's summary says what to shoot next, and the numbers are in the
 manifest and the stage's table.
@@ -156,9 +156,10 @@ def _advise(rows: list[dict], settings: VarietySettings) -> list[str]:
     """Plain-words advice when the kept photos share one background, one outfit, or one head turn."""
     notes = []
     wants = {
-        "background_color": "have a {name} background: the seed asks for different backgrounds; "
+        "background_color": "have a {name} background: the recipe asks for different backgrounds; "
         "take some photos in other places",
-        "clothing_color": "show {name} clothing: the seed asks for different cloth colors; add photos in other clothes",
+        "clothing_color": "show {name} clothing: the recipe asks for different cloth colors; "
+        "add photos in other clothes",
     }
     for column, words in wants.items():
         common = _most_common(rows, column)
@@ -169,7 +170,7 @@ def _advise(rows: list[dict], settings: VarietySettings) -> list[str]:
     if len(turns) >= MIN_RELATIVE and max(turns) - min(turns) < settings.min_yaw_spread:
         notes.append(
             f"the faces all look the same way (head turns from {min(turns):+.0f}° to {max(turns):+.0f}°, "
-            f"under {settings.min_yaw_spread:.0f}° apart): the seed asks for faces looking to different sides"
+            f"under {settings.min_yaw_spread:.0f}° apart): the recipe asks for faces looking to different sides"
         )
     return notes
 

@@ -1,4 +1,4 @@
-"""One training configuration, with the seed's recipe as defaults.
+"""One training configuration, with the recipe's recipe as defaults.
 
 Field names follow kohya_ss (GUI LoRA tab / sd-scripts) wherever kohya has a
 name, so a user moving from kohya recognises every setting. The model is
@@ -120,7 +120,7 @@ def format_optimizer_args(args: dict[str, Any]) -> str:
 
 
 class LoraConfig(BaseModel):
-    """Every training setting of the seed's recipe; defaults are its SD1.5 values."""
+    """Every training setting of the recipe's recipe; defaults are its SD1.5 values."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -141,7 +141,7 @@ class LoraConfig(BaseModel):
     network_weights: str | None = Field(
         None,
         description="Existing LoRA to continue training from (kohya_ss GUI: lora_network_weights), "
-        "the seed's way to resume an undertrained run.",
+        "the recipe's way to resume an undertrained run.",
     )
     train_text_encoder: bool = Field(
         True, description="Train LoRA on the text encoder(s) too (kohya: not network_train_unet_only)."
@@ -171,14 +171,14 @@ class LoraConfig(BaseModel):
         description="Training resolution (square side); 512 for SD1.5, 1024 for SDXL.",
     )
     num_repeats: int | None = Field(
-        None, ge=1, description="Repeats per image; unset means 400 / number of images, as the seed does."
+        None, ge=1, description="Repeats per image; unset means 400 / number of images, as the recipe does."
     )
     enable_bucket: bool = Field(True, description="Aspect-ratio buckets instead of square crops.")
     min_bucket_reso: int = Field(256, ge=64, description="Smallest bucket side.")
     max_bucket_reso: int = Field(1024, ge=64, description="Largest bucket side.")
     bucket_reso_steps: int = Field(64, ge=8, description="Bucket sides are multiples of this.")
     bucket_no_upscale: bool = Field(
-        True, description="Never upscale an image to fill a bucket (the seed: don't upscale)."
+        True, description="Never upscale an image to fill a bucket (the recipe: don't upscale)."
     )
     flip_aug: bool = Field(False, description="Random horizontal flips; off, since faces are not symmetric.")
     shuffle_caption: bool = Field(False, description="Shuffle comma-separated caption tags.")
@@ -201,14 +201,14 @@ class LoraConfig(BaseModel):
 
     # Schedule and hardware
     train_batch_size: int = Field(2, ge=1, description="Images per step.")
-    max_train_epochs: int = Field(6, ge=1, description="Epochs to train (the seed: 6 to start).")
+    max_train_epochs: int = Field(6, ge=1, description="Epochs to train (the recipe: 6 to start).")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Steps accumulated per optimizer update.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
     mixed_precision: MixedPrecision = Field(MixedPrecision.fp16, description="Mixed precision of training.")
     save_precision: MixedPrecision = Field(MixedPrecision.fp16, description="Precision of the saved LoRA.")
     cache_latents: bool = Field(True, description="Encode each image once.")
     cache_latents_to_disk: bool = Field(
-        False, description="Keep cached latents on disk (less VRAM; the seed's OOM fix)."
+        False, description="Keep cached latents on disk (less VRAM; the recipe's OOM fix)."
     )
     save_every_n_epochs: int = Field(1, ge=1, description="Write a LoRA every n epochs.")
 

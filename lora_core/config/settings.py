@@ -1,7 +1,7 @@
 """The stage settings: photo acceptance, dataset checks, captioning and checkpoint selection.
 
 Each is one block of `LoraConfig` (`ingest`, `checks`, `captioning`,
-`selection`) with the seed's advice as defaults, so a stage can be given its own
+`selection`) with the recipe's advice as defaults, so a stage can be given its own
 block alone. The words the blocks and stages share (what the subject is, what to
 do with a flagged photo) are defined here too.
 """
@@ -37,23 +37,23 @@ __all__ = [
 
 
 class IngestSettings(BaseModel):
-    """Rules for accepting a photo into the training set (the seed's dataset advice)."""
+    """Rules for accepting a photo into the training set (the recipe's dataset advice)."""
 
     model_config = ConfigDict(extra="forbid")
 
     min_short_side: int = Field(
         256,
         ge=64,
-        description="Reject images whose short side is below this (the seed's 256 px floor; never upscaled).",
+        description="Reject images whose short side is below this (the recipe's 256 px floor; never upscaled).",
     )
     max_long_side: int = Field(
-        2048, ge=256, description="Downscale images whose long side exceeds this (the seed's 2048 px ceiling)."
+        2048, ge=256, description="Downscale images whose long side exceeds this (the recipe's 2048 px ceiling)."
     )
     min_images: int = Field(
-        5, ge=1, description="Refuse to go on with fewer accepted images (the seed: 5 to 10 can work)."
+        5, ge=1, description="Refuse to go on with fewer accepted images (the recipe: 5 to 10 can work)."
     )
     warn_above_images: int = Field(
-        100, ge=1, description="Warn above this many accepted images (the seed: more than 100 is a waste of work)."
+        100, ge=1, description="Warn above this many accepted images (the recipe: more than 100 is a waste of work)."
     )
     near_duplicate_distance: int = Field(
         6,
@@ -78,7 +78,7 @@ class SubjectType(StrEnum):
 
 
 class CheckSettings(VarietySettings, ImageSettings, FaceSettings, OrientationSettings):
-    """The dataset checks the seed's author does by eye, with their thresholds.
+    """The dataset checks the recipe's author does by eye, with their thresholds.
 
     Each check's thresholds are declared beside it, in `lora_core.checks`;
     this model gathers them under one flat `checks` section. Image measures
@@ -151,7 +151,7 @@ class SelectionSettings(BaseModel):
     max_resumes: int = Field(
         2, ge=0, description="Undertrained: continue from the last epoch at most this often (needs_review: never)."
     )
-    resume_epochs: int = Field(2, ge=1, le=10, description="Epochs each resume trains (the seed: 2 or 3 more).")
+    resume_epochs: int = Field(2, ge=1, le=10, description="Epochs each resume trains (the recipe: 2 or 3 more).")
     strengths: list[float] = Field(
         default_factory=lambda: [0.6, 0.8, 1.0],
         min_length=1,
@@ -168,7 +168,7 @@ class SelectionSettings(BaseModel):
 
 DEFAULT_CAPTION_MODEL = "Salesforce/blip-image-captioning-large"
 
-# Things BLIP says that are rarely true of a portrait (the seed: it "LOVES adding
+# Things BLIP says that are rarely true of a portrait (the recipe: it "LOVES adding
 # phrases like 'holding a remote control'"), and the nonsense words blip-large is
 # known for ("arafed man in a suit"). Matched as whole words, any case.
 DEFAULT_STRIP_PHRASES: tuple[str, ...] = (
@@ -188,7 +188,7 @@ DEFAULT_STRIP_PHRASES: tuple[str, ...] = (
 
 
 class CaptionSettings(BaseModel):
-    """BLIP captioning, with the seed's kohya_ss settings as defaults (names from kohya's BLIP tool)."""
+    """BLIP captioning, with the recipe's kohya_ss settings as defaults (names from kohya's BLIP tool)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -204,11 +204,11 @@ class CaptionSettings(BaseModel):
         description="Text BLIP continues, removed from the caption (kohya's BLIP does the same).",
     )
     beam_search: bool = Field(True, description="Beam search; off means nucleus sampling with top_p.")
-    num_beams: int = Field(9, ge=1, le=64, description="Beams (the seed: 9).")
+    num_beams: int = Field(9, ge=1, le=64, description="Beams (the recipe: 9).")
     top_p: float = Field(0.9, gt=0, le=1, description="Nucleus-sampling probability, when beam_search is off.")
-    min_length: int = Field(15, ge=0, description="Shortest caption in tokens (the seed: 15).")
+    min_length: int = Field(15, ge=0, description="Shortest caption in tokens (the recipe: 15).")
     max_length: int = Field(75, ge=1, le=512, description="Longest caption in tokens.")
-    batch_size: int = Field(4, ge=1, description="Images per BLIP batch (the seed: 4).")
+    batch_size: int = Field(4, ge=1, description="Images per BLIP batch (the recipe: 4).")
     strip_phrases: list[str] = Field(
         default_factory=lambda: list(DEFAULT_STRIP_PHRASES),
         description="Phrases removed from BLIP captions (whole words, any case); each removal is reported.",

@@ -1,6 +1,6 @@
 """The BLIP captioning model: found by hub id, local folder or `builtin:tiny-blip`, loaded only when used.
 
-The seed runs kohya_ss's BLIP tool; this is transformers'
+The recipe runs kohya_ss's BLIP tool; this is transformers'
 `BlipForConditionalGeneration` continuing a prompt ("a picture of ", as kohya's
 BLIP does), with the prompt removed from its words. A model that cannot be
 loaded is a `CaptionModelError` whose message says how to get it (offline: the

@@ -58,7 +58,7 @@ def bucket_resolutions(
     """Sorted `(width, height)` buckets for a square training `resolution`.
 
     `max_reso` defaults to twice the resolution (1024 for SD1.5 at 512, 2048 for
-    SDXL at 1024, the seed's range).
+    SDXL at 1024, the recipe's range).
     """
     max_reso = max_reso if max_reso is not None else 2 * resolution
     if step < 1 or min_reso % step or max_reso % step:

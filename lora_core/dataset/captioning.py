@@ -1,6 +1,6 @@
 """BLIP captions beside every training image, starting with the trigger token.
 
-The seed runs kohya_ss's BLIP tool with a prefix of "<token>, ", 9 beams and a
+The recipe runs kohya_ss's BLIP tool with a prefix of "<token>, ", 9 beams and a
 minimum length of 15, then fixes what BLIP invents. Here:
 
 - BLIP (`lora_core.dataset.blip`) continues a prompt ("a picture of ", as kohya's

@@ -1,4 +1,4 @@
-"""Crop and quality: what the seed's author checks photo by photo before training, as the `crop` stage.
+"""Crop and quality: what the recipe's author checks photo by photo before training, as the `crop` stage.
 
 "No low-res or pixelated images", "never upscale", portraits with the face
 clear and whole, and only the subject; and, for the set, different
@@ -58,18 +58,18 @@ _CODE_VERSION = source_version(
 
 
 def count_guidance(count: int) -> str:
-    """The seed's table of how many images to train on, for `count` images."""
+    """The recipe's table of how many images to train on, for `count` images."""
     if count < 5:
-        return f"{count} images: too few; the seed's smallest set that works is 5-10"
+        return f"{count} images: too few; the recipe's smallest set that works is 5-10"
     if count <= 10:
-        return f"{count} images: enough (the seed: 5-10 works)"
+        return f"{count} images: enough (the recipe: 5-10 works)"
     if count <= 20:
-        return f"{count} images: good (the seed: 11-20 is good)"
+        return f"{count} images: good (the recipe: 11-20 is good)"
     if count <= 50:
-        return f"{count} images: the best range (the seed: 21-50)"
+        return f"{count} images: the best range (the recipe: 21-50)"
     if count <= 100:
-        return f"{count} images: many; the seed uses 50-100 only for a mix of portraits and full body shots"
-    return f"{count} images: more than 100 is a waste of work, in the seed's words; keep the best 20-50"
+        return f"{count} images: many; the recipe uses 50-100 only for a mix of portraits and full body shots"
+    return f"{count} images: more than 100 is a waste of work, in the recipe's words; keep the best 20-50"
 
 
 class CropResult(BaseModel):
@@ -97,7 +97,7 @@ def crop_subject(
     on_photo: OnPhoto | None = None,
     workers: int | None = None,
 ) -> CropResult:
-    """Measure every training image, flag what the seed warns against, apply the policy, update the manifest.
+    """Measure every training image, flag what the recipe warns against, apply the policy, update the manifest.
 
     Starts from the `checks` stage's `rows`. Per-image measures are cached by
     image content and run on `workers` processes (default: every usable core),

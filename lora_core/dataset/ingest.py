@@ -1,6 +1,6 @@
-"""Ingest: a messy folder or zip of photos in, the seed's training layout out.
+"""Ingest: a messy folder or zip of photos in, the recipe's training layout out.
 
-The seed's author renames, converts to PNG and makes the folder structure by
+The recipe's author renames, converts to PNG and makes the folder structure by
 hand. We do the same, and refuse what would hurt training, with a reason per
 file: unreadable, not an image, too small (never upscaled), duplicates and
 near-duplicates, decompression bombs, and anything that points outside the
@@ -286,7 +286,7 @@ def ingest(
     notes = []
     if len(kept) > settings.warn_above_images:
         notes.append(
-            f"{len(kept)} images accepted: more than {settings.warn_above_images} is, in the seed's "
+            f"{len(kept)} images accepted: more than {settings.warn_above_images} is, in the recipe's "
             "words, a waste of work; consider keeping the best 20-50"
         )
     return IngestResult(
@@ -349,7 +349,7 @@ def _examine_all(
 
 def _too_few_message(photos: Path, rows: list[dict], minimum: int) -> str:
     accepted = sum(r["status"] == "accepted" for r in rows)
-    lines = [f"only {accepted} usable photo(s) in {photos}; at least {minimum} are needed (the seed's minimum)."]
+    lines = [f"only {accepted} usable photo(s) in {photos}; at least {minimum} are needed (the recipe's minimum)."]
     problems = [r for r in rows if r["status"] != "accepted"]
     if problems:
         lines.append("Files not used:")

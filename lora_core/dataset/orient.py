@@ -1,4 +1,4 @@
-"""Orientation: sideways photos and mirrored selfies, which the seed asks users to fix by hand.
+"""Orientation: sideways photos and mirrored selfies, which the recipe asks users to fix by hand.
 
 "Please revise the orientation of your entire dataset!!" A mirrored selfie
 flips the subject's asymmetric features (hair part, moles, scars); a set that

@@ -54,7 +54,7 @@ class RunFiles:
 
     @property
     def txt2img(self) -> Path:
-        """Where the chosen epoch's renders go: the seed's `txt2img-images/` (beside a kohya folder's files)."""
+        """Where the chosen epoch's renders go: the recipe's `txt2img-images/` (beside a kohya folder's files)."""
         return (self.layout.txt2img_images if self.layout else self.folder / "txt2img-images").resolve()
 
     def grid_folder(self, epoch: int | None) -> Path:

@@ -1,6 +1,6 @@
 """Checkpoint selection: which epoch a careful person would pick, and whether the run needs more.
 
-The seed's author: "It's HARD TO PICK ONE!!! But must be done." Every epoch
+The recipe's author: "It's HARD TO PICK ONE!!! But must be done." Every epoch
 gets a row of metrics, each a number with a definition, or None where it
 cannot be computed (never 0 in its place):
 
@@ -21,7 +21,7 @@ cannot be computed (never 0 in its place):
   seed's "the preview images after a while start to be all the same"),
   preservation (class-prompt samples without the token drifting towards the
   subject: the LoRA bleeds), burn (saturation, clipping, lost texture and
-  blockiness relative to the base model's samples at the same seed: the seed's
+  blockiness relative to the base model's samples at the same seed: the recipe's
   "pixelated made of clay").
 
 `lora_core.evaluation.metrics` measures them; this module only judges. The decision
@@ -356,7 +356,7 @@ def metric_chart(metrics: list[dict], chosen: int | None = None, size: tuple[int
 
 
 def resume_config(config: LoraConfig, verdict: str, rounds: int, last_lora: Path) -> LoraConfig | None:
-    """The seed's resume rule, automated: an undertrained run trains `resume_epochs` more epochs from its
+    """The recipe's resume rule, automated: an undertrained run trains `resume_epochs` more epochs from its
     last epoch's LoRA, at most `max_resumes` times. None when it is done (not undertrained, or resumes
     used up): never on needs_review, which nothing measured says more training would help; `rounds`
     counts the selections made so far, this one included."""

@@ -1,4 +1,4 @@
-"""The seed's folder layout for one subject, and the trigger token that names it.
+"""The recipe's folder layout for one subject, and the trigger token that names it.
 
 <workdir>/<token>/
     training_images/<repeats>_<token>/   the images kohya reads (repeats in the name)
@@ -23,9 +23,9 @@ from lora_core.foundation.fs import ensure_inside
 __all__ = ["BOOKKEEPING", "InvalidTokenError", "SubjectLayout", "repeats_for", "validate_token"]
 
 _TOKEN_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-# The seed: "400 / number of images ... will be the number of repeats".
+# The recipe: "400 / number of images ... will be the number of repeats".
 SEED_REPEAT_BUDGET = 400
-# One hidden folder holds every file the pipeline keeps for itself, so the subject folder shows the seed's
+# One hidden folder holds every file the pipeline keeps for itself, so the subject folder shows the recipe's
 # layout and the files a user reads. Its entries used to sit in the subject folder as dot-files.
 BOOKKEEPING = ".pipeline"
 _OLD_ENTRIES = {
@@ -58,7 +58,7 @@ def validate_token(token: str) -> str:
 
 
 def repeats_for(n_images: int, num_repeats: int | None = None) -> int:
-    """Kohya repeats per image: the config's value, else 400 / N (at least 1), as the seed does."""
+    """Kohya repeats per image: the config's value, else 400 / N (at least 1), as the recipe does."""
     if num_repeats is not None:
         return max(1, int(num_repeats))
     return max(1, SEED_REPEAT_BUDGET // max(1, n_images))

@@ -1,6 +1,6 @@
-"""Out of GPU memory: the seed's ladder, ordered by memory saved per speed lost, and freeing memory between tries.
+"""Out of GPU memory: the recipe's ladder, ordered by memory saved per speed lost, and freeing memory between tries.
 
-The seed climbs it by hand ("enable cache latents to disk, change from fp16
+The recipe climbs it by hand ("enable cache latents to disk, change from fp16
 to bf16, reduce the batch size from 2 to 1"). We order the rungs so the
 cheapest saving comes first, and drop the one that saves no VRAM here: our
 latents always live in host memory, so writing them to disk frees none.

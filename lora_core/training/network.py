@@ -75,7 +75,7 @@ class LoraNetwork:
                 self._pair(target)[1].zero_()
 
     def load(self, lora: LoraFile, strength: float = 1.0) -> LoadReport:
-        """Start from an existing kohya-format LoRA (ours or kohya's): the seed's way to resume.
+        """Start from an existing kohya-format LoRA (ours or kohya's): the recipe's way to resume.
 
         A file with another alpha/rank ratio is rescaled into `up`, so the
         network computes the same update the file describes, times `strength`

@@ -1,6 +1,6 @@
 """Sample images during training: fixed prompts and seeds, so epoch N and N+1 differ only by the LoRA.
 
-The seed's author watches the samples to see the LoRA learn (and to notice
+The recipe's author watches the samples to see the LoRA learn (and to notice
 when "the preview images after a while start to be all the same"). We render
 the same prompts at the same seeds every time, with the models the trainer
 already has in memory (no reload), in eval mode, without touching any random
@@ -40,7 +40,7 @@ __all__ = [
     "save_samples",
 ]
 
-# The seed's sample prompt first, then a couple that move the subject somewhere new.
+# The recipe's sample prompt first, then a couple that move the subject somewhere new.
 DEFAULT_PROMPTS = (
     "{token}, portrait photo",
     "{token}, photo of a person walking in a park, autumn",

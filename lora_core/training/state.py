@@ -96,7 +96,7 @@ def open_run(
 ) -> tuple[LoraConfig, str]:
     """The run `config` trains, made `result_current/`'s own (`begin_run`): its config and key.
 
-    A starting LoRA sets the rank and alpha (the seed's resume trains at the
+    A starting LoRA sets the rank and alpha (the recipe's resume trains at the
     LoRA's own), and the returned config reads it from the run's own copy. The
     key includes the precision that will really be used on `device`.
     """
@@ -370,7 +370,7 @@ def publish_final(layout: SubjectLayout, epoch: int) -> Path:
 
 
 def export_run_config(layout: SubjectLayout, config: LoraConfig, run_key: str | None = None) -> Path | None:
-    """`result_current/kohya_ss_config.json`: the run's settings as kohya_ss GUI JSON (the seed loads it there).
+    """`result_current/kohya_ss_config.json`: the run's settings as kohya_ss GUI JSON (the recipe loads it there).
 
     Before training (`run_key` None): the settings as given, but never over a
     trained run's own file (None then). After: what the run really used, its

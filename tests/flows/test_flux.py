@@ -62,6 +62,13 @@ def test_the_flux_preset_runs_every_stage_and_a_second_run_is_all_cache_hits(
         assert torch.isfinite(down).all() and torch.isfinite(up).all()
     assert all(up.abs().sum() > 0 for _, up, _ in lora.modules.values())  # learned: kohya's lora_up starts at 0
 
+    # Plain words: the recipe users follow is "the recipe", never our own nickname for it.
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        artifacts = " ".join(str(a.data) + str(a.description) for a in client.read_artifacts())
+    assert artifacts and "the seed" not in (first.stdout + first.stderr + artifacts).lower()
+
     again = _cli(capsys, *args)
     assert again.returncode == 0, again.stderr[-3000:]
     for stage in ("ingest", "checks", "crop", "buckets", "captions", "samples", "select"):

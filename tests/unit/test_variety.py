@@ -164,11 +164,11 @@ def test_a_uniform_set_is_told_what_to_shoot(uniform_set):
     result = crop_subject(layout, rows, CheckSettings(), show_progress=False)
     advice = _advice(result.notes)
     assert advice["background"] == (
-        "6 of 6 photos have a blue background: the seed asks for different backgrounds; "
+        "6 of 6 photos have a blue background: the recipe asks for different backgrounds; "
         "take some photos in other places"
     )
     assert advice["clothing"] == (
-        "6 of 6 photos show red clothing: the seed asks for different cloth colors; add photos in other clothes"
+        "6 of 6 photos show red clothing: the recipe asks for different cloth colors; add photos in other clothes"
     )
     assert "faces looking to different sides" in advice["turn"]
     frame = read_manifest(layout.manifest)
