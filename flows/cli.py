@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Train a Stable Diffusion LoRA of a subject from a folder of photos "
-        "(the recipe's recipe, automated). Runs locally on Prefect's embedded default; "
+        "(the recipe, automated). Runs locally on Prefect's embedded default; "
         "set PREFECT_API_URL to report to a Prefect server instead.",
     )
     for names, options in OPTIONS:

@@ -1,4 +1,4 @@
-"""One training configuration, with the recipe's recipe as defaults.
+"""One training configuration, with the recipe's settings as defaults.
 
 Field names follow kohya_ss (GUI LoRA tab / sd-scripts) wherever kohya has a
 name, so a user moving from kohya recognises every setting. The model is
@@ -120,7 +120,7 @@ def format_optimizer_args(args: dict[str, Any]) -> str:
 
 
 class LoraConfig(BaseModel):
-    """Every training setting of the recipe's recipe; defaults are its SD1.5 values."""
+    """Every training setting of the recipe; defaults are its SD1.5 values."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
