@@ -1,4 +1,4 @@
-"""Train a LoRA of one subject from a folder of photos: the recipe's recipe as a Prefect flow.
+"""Train a LoRA of one subject from a folder of photos: the recipe as a Prefect flow.
 
 The recipe's author does these steps by hand; each is a cached, retryable stage:
 
