@@ -35,8 +35,9 @@ if __name__ == "__main__":  # the command line checks its flags before torch, di
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
+from flows.orphans import crash_orphaned_runs
 from flows.report import STAGES, Report, StageName
 from lora_core.checks import MirrorPolicy, QualityPolicy
 from lora_core.config.lora_config import LoraConfig
@@ -111,6 +112,8 @@ def train_subject(
     with subject_lock(layout.lock, layout.root), stage_results(layout.prefect_results, report.cached):
         layout.move_old_bookkeeping()  # a folder from before `.pipeline/` keeps its caches
         remove_stale_temps(layout.root)  # killed writes' temp files: none is live, we hold the lock
+        if crashed := crash_orphaned_runs(layout):  # killed runs' records: not running, we hold the lock
+            get_run_logger().info("%d earlier run(s) of %s, left marked running by a kill: now Crashed", crashed, token)
         ingested = ingest_photos(Path(photos), layout, config.ingest, config.num_repeats)
         export_settings(layout, config)
         if report.add("ingest", ingested):

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -389,6 +390,11 @@ def test_a_killed_run_resumes_at_its_first_unfinished_epoch(builtin_models_home,
     assert not (killed / "t0k3n" / "result_current" / "t0k3n-000002.safetensors").exists()  # killed mid-run
     done = subprocess.run(command(killed), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+    # The killed run's record is not left RUNNING (a ghost in the UI): the next run marked it Crashed.
+    with sqlite3.connect(tmp_path / "home" / "prefect.db") as db:
+        states = dict(db.execute("select state_type, count(*) from flow_run group by state_type").fetchall())
+        running_tasks = db.execute("select count(*) from task_run where state_type = 'RUNNING'").fetchone()[0]
+    assert states.get("RUNNING", 0) == 0 and states.get("CRASHED") == 1 and running_tasks == 0, states
     # Epoch 1 is not trained again: Prefect's cache serves it, or, when the kill came before Prefect
     # recorded it, the finished files on disk do.
     kept = "epoch 1 was finished before the last run stopped; kept" in done.stdout + done.stderr
