@@ -41,16 +41,36 @@ class LoraNetwork:
         # otherwise their weights' gradients are computed (and their memory held) every step.
         for module in [*base.components.values(), base.vae]:
             module.requires_grad_(False)
+        before = torch.random.get_rng_state()
+        injected = []
         for component, root in self.components.items():
             paths = [t.path for t in self.targets if t.component == component]
             if not paths:  # a component the family trains no LoRA in (FLUX.1's T5)
                 continue
             config = LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=paths, init_lora_weights=True)
             inject_adapter_in_model(config, root)
+            injected.append(root)
             root.requires_grad_(False)
             for target in (t for t in self.targets if t.component == component):
                 for param in self._pair(target):
                     param.requires_grad_(True)
+        if any(p.dtype != torch.float32 for p in self.parameters()):
+            self._initialise_in_fp32(injected, before)
+
+    @staticmethod
+    def _initialise_in_fp32(roots: list[torch.nn.Module], rng: torch.Tensor) -> None:
+        """peft gives a LoRA the dtype of the layer it wraps, so over fp8-stored weights its initial values are
+        rounded to fp8. Made again in fp32 from the same random state, in peft's order: the values a
+        full-precision base gets."""
+        from peft.tuners.lora.layer import LoraLayer
+
+        torch.random.set_rng_state(rng)
+        for root in roots:
+            for module in root.modules():
+                if isinstance(module, LoraLayer) and "default" in module.lora_A:
+                    module.lora_A["default"].float()
+                    module.lora_B["default"].float()
+                    module.reset_lora_parameters("default", init_lora_weights=True)
 
     def _layer(self, target: LoraTarget) -> Any:
         return self.components[target.component].get_submodule(target.path)

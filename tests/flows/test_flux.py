@@ -191,3 +191,18 @@ def test_single_files_and_their_parts_load_from_the_config_fields(builtin_models
     # ... and a config without the parts takes every component from the folder.
     bare = load_base_model(str(source), "flux", str(folder), parts=flux_config().component_files)
     assert torch.equal(next(iter(bare.vae.state_dict().values())), next(iter(plain.vae.state_dict().values())))
+
+
+def test_a_stored_base_starts_the_lora_from_the_same_fp32_values(builtin_models_home, tmp_path):
+    """peft makes a LoRA in its layer's dtype: over fp8 (or bf16) weights its start would be rounded."""
+    config = flux_config(num_repeats=2)
+    layout = make_subject(tmp_path, config)
+    starts = []
+    for updates in ({"fp8_base": True}, {"fp8_base": False, "mixed_precision": "no"}):
+        changed = config.model_copy(update=updates)
+        trainer = Trainer(changed, load_base_model(TINY_FLUX), layout, device="cpu", show_progress=False)
+        starts.append({name: down.clone() for name, (down, _) in trainer.network.weights().items()})
+    fp8, full = starts
+    assert fp8.keys() == full.keys() and all(torch.equal(fp8[k], full[k]) for k in fp8)
+    down = next(iter(fp8.values()))
+    assert down.dtype == torch.float32 and down.unique().numel() > 0.9 * down.numel()  # not 8-bit values
