@@ -2,7 +2,8 @@
 
 A benchmark compares our `Trainer` with `BareLoop` (peft layers on kohya's
 target modules, autocast, AdamW, DDPM noise, MSE) on the same weights and the
-same latents, in the same process.
+same latents, in the same process. FLUX.1's plain loop, and the choice
+between the two, is `bench.bare_flux`.
 """
 
 from __future__ import annotations
@@ -21,19 +22,19 @@ from lora_core.dataset.caption_text import read_caption
 from lora_core.families.family import LoadedModel
 from lora_core.foundation.layout import SubjectLayout
 
-__all__ = ["BareInputs", "BareLoop", "autocast", "bare_inputs"]
+__all__ = ["BareInputs", "BareLoop", "autocast", "bare_inputs", "pictures"]
 
-_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
 class BareInputs:
     """The subject's training inputs, made once the plain way: VAE latents, token ids, text states."""
 
-    latents: torch.Tensor  # [n, 4, h, w], scaled, fp32, on the device
+    latents: torch.Tensor  # [n, 4, h, w] (FLUX: 16 channels, shifted), scaled, fp32, on the device
     input_ids: list[torch.Tensor]  # per tokenizer, [n, 77]
-    hidden: torch.Tensor  # the text condition of frozen encoders, fp32
-    pooled: torch.Tensor | None  # SDXL's pooled embedding
+    hidden: torch.Tensor  # the text condition of frozen encoders, fp32 (FLUX: T5's states)
+    pooled: torch.Tensor | None  # SDXL's pooled embedding (FLUX: CLIP-L's)
     time_ids: torch.Tensor | None  # SDXL's size conditioning, [n, 6]
 
 
@@ -46,10 +47,8 @@ def _encode(base: LoadedModel, input_ids: list[torch.Tensor]) -> tuple[torch.Ten
     return torch.cat([first, second.hidden_states[-2]], dim=-1), second.text_embeds
 
 
-@torch.no_grad()
-def bare_inputs(base: LoadedModel, layout: SubjectLayout, device: str | torch.device) -> BareInputs:
-    """Encode the subject's bucketed photos and captions with the base model in fp32 (before training casts it)."""
-    device = torch.device(device)
+def pictures(layout: SubjectLayout) -> tuple[list[Any], torch.Tensor, list[str]]:
+    """The subject's bucket assignments, its bucketed photos as pixels in [-1, 1] and their captions."""
     assignments = read_buckets(layout.buckets_csv)
     pixels, captions = [], []
     for assignment in assignments:
@@ -58,8 +57,16 @@ def bare_inputs(base: LoadedModel, layout: SubjectLayout, device: str | torch.de
             picture = apply_bucket(image.convert("RGB"), assignment)
         pixels.append(torch.from_numpy(np.asarray(picture, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
         captions.append(read_caption(image_path.with_suffix(".txt"))[0])
+    return assignments, torch.stack(pixels), captions
+
+
+@torch.no_grad()
+def bare_inputs(base: LoadedModel, layout: SubjectLayout, device: str | torch.device) -> BareInputs:
+    """Encode the subject's bucketed photos and captions with the base model in fp32 (before training casts it)."""
+    device = torch.device(device)
+    assignments, pixels, captions = pictures(layout)
     vae = base.vae.to(device, torch.float32)
-    latents = vae.encode(torch.stack(pixels).to(device)).latent_dist.mean * vae.config.scaling_factor
+    latents = vae.encode(pixels.to(device)).latent_dist.mean * vae.config.scaling_factor
     input_ids = [
         tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids.to(device)
         for tok in base.tokenizers
@@ -81,7 +88,7 @@ def bare_inputs(base: LoadedModel, layout: SubjectLayout, device: str | torch.de
 
 
 def autocast(device: torch.device, precision: str) -> Any:
-    return nullcontext() if precision == "no" else torch.autocast(device.type, dtype=_DTYPES[precision])
+    return nullcontext() if precision == "no" else torch.autocast(device.type, dtype=DTYPES[precision])
 
 
 class BareLoop:
@@ -109,7 +116,7 @@ class BareLoop:
         self.base, self.inputs, self.precision = base, inputs, precision
         self.device = torch.device(device)
         self.batch_size, self.train_text = config.train_batch_size, config.train_text_encoder
-        dtype = _DTYPES[precision]
+        dtype = DTYPES[precision]
         names = ["text_encoder", "text_encoder_2"][: len(base.text_encoders)]
         trained = {"unet": base.unet} | (dict(zip(names, base.text_encoders, strict=True)) if self.train_text else {})
         targets = base.family.lora_targets(trained)
@@ -181,6 +188,3 @@ class BareLoop:
         for module in [self.base.unet, *self.base.text_encoders]:
             module.train()
         return [self.step() for _ in range(steps)]
-
-
-# --- Measuring ---------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
-"""Measure LoRA training on a GPU: full-size SD1.5 and SDXL, our `Trainer` against the plain loop.
+"""Measure LoRA training on a GPU: full-size SD1.5, SDXL and FLUX.1, our `Trainer` against the plain loop.
 
 Random weights from configs written out in `bench.models` (nothing is
 downloaded), the presets' settings (SD1.5: 512 px, fp16; SDXL: 1024 px, bf16
-and fp16; batch, rank, text-encoder LoRA and AdamW8bit as the presets have
+and fp16; FLUX.1-dev's transformer: 1024 px, bf16, stored in fp8 (`flux`) or
+NF4 (`flux-12gb`), cached latents and text states from narrow encoders;
+batch, rank, text-encoder LoRA and AdamW8bit as the presets have
 them; both sides checkpoint when the preset does), `--rounds` rounds each way
 of `--steps` steps, alternated. Per case: the median round's steps/s of ours
 and of the plain loop, their ratio, peak VRAM (set-up, steps, and the epoch
@@ -12,8 +14,10 @@ optimizer state value for value, and the epoch boundary's cost. Results go to
 stdout, and to `$OUT/bench-gpu.json` and `$OUT/bench-gpu.md` when `$OUT` is set.
 
     python -m bench.gpu                 # on a CUDA machine: sd15-fp16, sdxl-bf16, sdxl-fp16
+    python -m bench.gpu --cases flux-fp8 flux-nf4 --steps 12 --warmup 2 --rounds 2   # FLUX.1 (12B)
     python -m bench.gpu --vram-cap 12   # as on a 12 GB card: the process may use 12 GB of the GPU at most
     python -m bench.gpu --smoke         # the same code path on the CPU, tiny models, 2 steps (what the tests run)
+    python -m bench.gpu --smoke --cases flux-fp8 flux-nf4   # FLUX.1's path on the CPU, tiny
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from typing import Any
 
 import torch
 
-from bench.bare_loop import bare_inputs
+from bench.bare_flux import plain_inputs
 from bench.gpu_rounds import (
     bare_round,
     cast_frozen,
@@ -45,14 +49,16 @@ from bench.gpu_rounds import (
     peak_gb,
     reset_peak,
     same_values,
+    sample_finite,
 )
-from bench.measure import StepClock, all_finite, cap_vram, epoch_boundary, precision_name, sample_decodes
-from bench.models import ARCHITECTURES, build_base, fingerprint, make_subject
+from bench.measure import StepClock, all_finite, cap_vram, epoch_boundary, precision_name
+from bench.models import ARCHITECTURES, build_base, fingerprint
+from bench.subject import make_subject
 from lora_core.config.lora_config import LoraConfig
 from lora_core.families import preset_config
 from lora_core.foundation.layout import SEED_REPEAT_BUDGET
 
-GOAL_VRAM_GB = {"sd15": 6.0, "sdxl": 8.0}
+GOAL_VRAM_GB = {"sd15": 6.0, "sdxl": 8.0, "flux": 22.0, "flux-12gb": 11.0}  # by preset
 GOAL_RATIO = 1.0  # ours at least as fast as the plain loop
 NO_CUDA = "no CUDA device: bench.gpu measures a GPU; run it where one is, or --smoke"
 
@@ -61,7 +67,7 @@ NO_CUDA = "no CUDA device: bench.gpu measures a GPU; run it where one is, or --s
 class Case:
     name: str
     architecture: str  # a key of bench.models.ARCHITECTURES
-    preset: str  # sd15 or sdxl
+    preset: str  # a key of GOAL_VRAM_GB
     precision: str
 
 
@@ -69,11 +75,17 @@ CASES = {
     "sd15-fp16": Case("sd15-fp16", "sd15", "sd15", "fp16"),
     "sdxl-bf16": Case("sdxl-bf16", "sdxl", "sdxl", "bf16"),
     "sdxl-fp16": Case("sdxl-fp16", "sdxl", "sdxl", "fp16"),
+    "flux-fp8": Case("flux-fp8", "flux", "flux", "bf16"),
+    "flux-nf4": Case("flux-nf4", "flux", "flux-12gb", "bf16"),
 }
 SMOKE_CASES = {
     "sd15-fp32": Case("sd15-fp32", "sd15-tiny", "sd15", "no"),
     "sdxl-bf16": Case("sdxl-bf16", "sdxl-tiny", "sdxl", "bf16"),
+    "flux-fp8": Case("flux-fp8", "flux-tiny", "flux", "bf16"),
+    "flux-nf4": Case("flux-nf4", "flux-tiny", "flux-12gb", "bf16"),
 }
+# Without --cases: the SD cases (FLUX.1's two take longer than the rest together: ask for them by name).
+DEFAULT_CASES = {False: ("sd15-fp16", "sdxl-bf16", "sdxl-fp16"), True: ("sd15-fp32", "sdxl-bf16")}
 
 
 def _value(text: str) -> Any:
@@ -116,6 +128,7 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, work: P
     config = case_config(case, args)
     side = args.resolution or config.resolution
     layout = make_subject(work / case.name, config, side, config.train_batch_size, repeats=args.steps)
+    storage = "fp8" if config.fp8_base else "nf4" if config.nf4_base else case.precision
     out: dict[str, Any] = {
         "case": case.name,
         "model": arch.notes or arch.name,
@@ -125,6 +138,7 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, work: P
         "optimizer": config.optimizer.value,
         "train_text_encoder": config.train_text_encoder,
         "gradient_checkpointing": config.gradient_checkpointing,
+        "base_storage": storage,
         "precision_asked": case.precision,
         "rounds": args.rounds,
     }
@@ -132,7 +146,8 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, work: P
     # -- ours, in full: the first round --
     base = build_base(arch, seed=0, device=device)
     weights = fingerprint(base.unet)
-    inputs = bare_inputs(base, layout, device)
+    inputs = plain_inputs(base, layout, device, config)
+    out["text_tokens"] = int(inputs.hidden.shape[1])
     cast_frozen(base, case.precision)
     free()
     reset_peak(device)
@@ -162,7 +177,7 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, work: P
             "skipped_steps": list(getattr(stats, "skipped_steps", [])),
         },
     }
-    out["sample_finite"] = sample_decodes(base, inputs, precision, device)
+    out["sample_finite"] = sample_finite(base, inputs, config, precision, device)
     out["boundary"] = epoch_boundary(trainer, stats, repeats=1)
     state = work / case.name / "resume.safetensors"
     write_state(trainer, state)
@@ -214,6 +229,7 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, work: P
     peaks = [p for p in (setup_peak, steps_peak, epoch_peak) if p is not None]
     out["peak_gb"] = max(peaks) if peaks else None
     out["goal_vram_gb"] = GOAL_VRAM_GB[case.preset]
+    out["preset"] = case.preset
     return out
 
 
@@ -280,6 +296,8 @@ def report(result: dict[str, Any]) -> str:
             f"rank {case['rank']}",
             f"text-encoder LoRA {case['train_text_encoder']}",
             f"gradient checkpointing {case['gradient_checkpointing']}",
+            f"preset {case.get('preset')}, frozen weights stored {case.get('base_storage')}, "
+            f"{case.get('text_tokens')} text tokens",
             f"same weights both ways {case['bare']['same_weights']}",
             f"optimizer slots {case['resume']['optimizer_slots']} (values equal after a resume: "
             f"{case['resume']['values_match']})",
@@ -297,7 +315,12 @@ def report(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU, 2 steps, 64 px (the tests)")
-    parser.add_argument("--cases", nargs="+", help=f"default: all of {', '.join(CASES)}")
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        help=f"of {', '.join(CASES)} (smoke: {', '.join(SMOKE_CASES)}); default {', '.join(DEFAULT_CASES[False])} "
+        f"(smoke: {', '.join(DEFAULT_CASES[True])})",
+    )
     parser.add_argument("--steps", type=int, help="steps a round (default 30; smoke 2)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds each way, alternated (default 3)")
     parser.add_argument("--warmup", type=int, help="untimed first steps (default 5; smoke 1)")
@@ -338,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     try:
-        for key in args.cases or list(cases):
+        for key in args.cases or DEFAULT_CASES[args.smoke]:
             try:
                 result["cases"].append(run_case(cases[key], args, device, work))
             except Exception as error:  # one failed case (NaN, out of memory) must not lose the others' figures

@@ -1,5 +1,6 @@
 """The pieces of `bench.gpu`'s rounds: memory figures, the frozen weights' dtype, the optimizer's state, one
-more step after a resume, and a timed round of each side (ours, the plain loop) on freshly built weights.
+more step after a resume, the sample's check, and a timed round of each side (ours, the plain loop) on freshly
+built weights.
 
 The rounds alternate, ours then the plain loop, at least three each, so a card warming up or a neighbour's
 load falls on both sides alike; each round builds its models anew and frees them, one model at a time.
@@ -14,8 +15,9 @@ from typing import Any
 
 import torch
 
-from bench.bare_loop import BareInputs, BareLoop
-from bench.measure import StepClock
+from bench.bare_flux import flux_sample_decodes, learns_flow, plain_loop
+from bench.bare_loop import BareInputs
+from bench.measure import StepClock, sample_decodes
 from bench.models import Architecture, build_base, fingerprint
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "peak_gb",
     "reset_peak",
     "same_values",
+    "sample_finite",
 ]
 
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -58,6 +61,7 @@ def cast_frozen(base: Any, precision: str) -> None:
     Our models are built on the device in fp32 (fast, seeded); a real run loads
     them in host memory and the trainer casts while moving, so the GPU never
     holds an fp32 copy. Casting first keeps that copy out of the measured peak.
+    FLUX's transformer is already on the host in bf16 (`bench.models.build_transformer`).
     """
     for module in (base.unet, *base.text_encoders):
         module.to(dtype=_DTYPES[precision])
@@ -80,6 +84,13 @@ def optimizer_values(trainer: Any) -> dict[str, torch.Tensor]:
 
 def same_values(saved: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor]) -> bool:
     return bool(saved) and saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+
+
+def sample_finite(base: Any, inputs: BareInputs, config: Any, precision: str, device: torch.device) -> bool:
+    """A few denoising steps with the trained denoiser, decoded in fp32, every pixel finite: DDIM for the SD
+    families, Euler along the flow for a flow model (the family's objective says which)."""
+    check = flux_sample_decodes if learns_flow(base, config) else sample_decodes
+    return check(base, inputs, precision, device)
 
 
 class _Stop(Exception):
@@ -131,7 +142,7 @@ def bare_round(
             encoder.to("cpu")
     free()
     reset_peak(device)
-    bare = BareLoop(base, inputs, config, precision=precision, device=device)
+    bare = plain_loop(base, inputs, config, precision=precision, device=device)
     clock = StepClock(base.unet, warmup=warmup, device=device)
     losses = bare.train(steps)
     clock.stop()
