@@ -7,7 +7,7 @@ import io
 import re
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -18,9 +18,10 @@ from prefect.artifacts import (
 from lora_core.checks import stage_columns
 from lora_core.dataset.buckets import BucketResult
 from lora_core.dataset.captioning import CaptionResult
+from lora_core.evaluation.charts import loss_figure, metric_figure, png_bytes
 from lora_core.evaluation.epoch_files import RunFiles
 from lora_core.evaluation.metric_grids import load_grid
-from lora_core.evaluation.selection import METRICS, metric_chart
+from lora_core.evaluation.selection import METRICS
 from lora_core.foundation.layout import SubjectLayout
 from lora_core.training.sampling import SampleSpec, contact_sheet
 
@@ -166,43 +167,29 @@ def publish_checks(layout: SubjectLayout, stage: str, rows: list[dict], notes: l
     )
 
 
-def loss_chart(losses: list[float], lrs: list[float], size: tuple[int, int] = (480, 200)) -> bytes:
-    """A PNG line chart of per-step loss (blue) and learning rate (orange, own scale)."""
-    width, height = size
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    pad = 24
-    draw.rectangle((pad, 8, width - 8, height - pad), outline=(200, 200, 200))
-
-    def line(values: list[float], colour: tuple[int, int, int]) -> None:
-        if len(values) < 2:
-            return
-        low, high = min(values), max(values)
-        span = (high - low) or 1.0
-        points = [
-            (pad + i * (width - pad - 8) / (len(values) - 1), height - pad - (v - low) / span * (height - pad - 8))
-            for i, v in enumerate(values)
-        ]
-        draw.line(points, fill=colour, width=2)
-
-    line(lrs, (230, 140, 30))
-    line(losses, (40, 90, 200))
-    if losses:
-        draw.text((pad + 4, height - pad + 6), f"loss {min(losses):.3f}-{max(losses):.3f}", fill=(40, 90, 200))
+def _chart_uri(figure) -> str:
+    """A chart as a 64-colour PNG at 72 dpi: lines and text stay sharp, a few KB each."""
+    with Image.open(io.BytesIO(png_bytes(figure, dpi=72))) as chart:
+        small = chart.convert("RGB").quantize(colors=64)
     buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
+    small.save(buffer, "PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def publish_epoch(token: str, epoch: int, losses: list[float], lrs: list[float], lora: Path | None) -> None:
-    """The epoch's loss curve and file, as a markdown artifact (the chart inline)."""
-    chart = "data:image/png;base64," + base64.b64encode(loss_chart(losses, lrs)).decode("ascii")
+def publish_epoch(
+    token: str, epoch: int, losses: list[float], lrs: list[float], lora: Path | None, last_step: int | None = None
+) -> None:
+    """The epoch's loss curve and file, as a markdown artifact (the chart inline). `last_step`: the global
+    step the epoch ended on (its steps are numbered as the run's)."""
+    first = (last_step - len(losses) + 1) if last_step is not None else 1
+    figure = loss_figure(losses, lrs, first_step=first, title=f"{token}, epoch {epoch}")
     mean = sum(losses) / max(1, len(losses))
     markdown = (
         f"# `{token}` epoch {epoch}\n\n"
-        f"- {len(losses)} steps, mean loss {mean:.4f}, last learning rate {lrs[-1] if lrs else 0:.2e}\n"
+        f"- {len(losses)} steps, mean training loss {mean:.4f} (the loss of each step's own random noise "
+        f"and timestep: it jumps from step to step), last learning rate {lrs[-1] if lrs else 0:.2e}\n"
         f"- LoRA: {f'`{lora}`' if lora else 'none written this epoch (save_every_n_epochs)'}\n\n"
-        f"![loss (blue) and learning rate (orange) per step]({chart})\n"
+        f"![training loss and learning rate per step]({_chart_uri(figure)})\n"
     )
     create_markdown_artifact(key=artifact_key(token, f"epoch-{epoch}"), markdown=markdown)
 
@@ -215,6 +202,7 @@ class TrainingProgress:
         self.token, self.first, self.last = token, first_epoch, last_epoch
         self.losses: list[float] = []
         self.lrs: list[float] = []
+        self.epoch_ends: list[int] = []  # the round's step counts at each epoch's end
         self.artifact_id = create_progress_artifact(
             0.0,
             key=artifact_key(token, "training-progress"),
@@ -227,24 +215,30 @@ class TrainingProgress:
     def epoch_done(self, epoch: int, losses: list[float], lrs: list[float]) -> None:
         self.losses += losses
         self.lrs += lrs
+        self.epoch_ends.append(len(self.losses))
         share = 100.0 * (epoch - self.first + 1) / max(1, self.last - self.first + 1)
         update_progress_artifact(self.artifact_id, progress=share, description=self._words(epoch))
 
     def round_done(self) -> None:
         if not self.losses:
             return
-        chart = "data:image/png;base64," + base64.b64encode(loss_chart(self.losses, self.lrs)).decode("ascii")
+        figure = loss_figure(
+            self.losses,
+            self.lrs,
+            epoch_ends=self.epoch_ends[:-1],
+            title=f"{self.token}, epochs {self.first}-{self.last}",
+        )
         title = f"# `{self.token}`: loss of epochs {self.first}-{self.last}"
         create_markdown_artifact(
             key=artifact_key(self.token, "training-loss"),
-            markdown=f"{title}\n\n![loss (blue) and learning rate (orange) per step]({chart})\n",
+            markdown=f"{title}\n\n![training loss and learning rate per step]({_chart_uri(figure)})\n",
             description=f"{self.token}: the loss of epochs {self.first}-{self.last}, every step",
         )
 
 
 def publish_samples(token: str, epoch: int, sheet: Image.Image) -> None:
     """The epoch's contact sheet (prompts x seeds), inline, so the UI shows the run's progress."""
-    uri = _png_uri(sheet)
+    uri = _preview_uri(sheet)
     create_markdown_artifact(
         key=artifact_key(token, f"samples-epoch-{epoch}"),
         markdown=f"# `{token}` samples after epoch {epoch}\n\nThe same prompts and seeds every epoch.\n\n"
@@ -253,10 +247,18 @@ def publish_samples(token: str, epoch: int, sheet: Image.Image) -> None:
     )
 
 
-def _png_uri(image: Image.Image) -> str:
+# Pictures in artifacts are previews: JPEG, the longest side at most this, whatever the render size (the
+# artifacts live in Prefect's database, which every run would otherwise grow by megabytes). The full
+# images stay in the subject's folder.
+PREVIEW_SIDE = 320
+
+
+def _preview_uri(image: Image.Image, side: int = PREVIEW_SIDE) -> str:
+    preview = image.convert("RGB")
+    preview.thumbnail((side, side))
     buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    preview.save(buffer, "JPEG", quality=65)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 _METRIC_COLUMNS = ("epoch", *METRICS)
@@ -296,7 +298,7 @@ def selection_markdown(run: RunFiles, spec: SampleSpec, record: dict) -> str:
     for row in record["metrics"]:
         mark = " **(chosen)**" if row["epoch"] == chosen else ""
         lines.append("| " + " | ".join(_number(row.get(c)) for c in _METRIC_COLUMNS) + mark + " |")
-    lines += ["", f"![metrics over epochs]({_png_uri(metric_chart(record['metrics'], chosen))})", ""]
+    lines += ["", f"![metrics over epochs]({_chart_uri(metric_figure(record['metrics'], METRICS, chosen))})", ""]
     review = record["verdict"] == "needs_review"
     shown = sorted(run.epochs) if review else (chosen - 1, chosen, chosen + 1)
     heading = "every epoch, to judge by eye" if review else "the chosen epoch and its neighbours"
@@ -308,7 +310,7 @@ def selection_markdown(run: RunFiles, spec: SampleSpec, record: dict) -> str:
                 "",
                 f"### Epoch {epoch}",
                 "",
-                f"![{title}]({_png_uri(contact_sheet(loaded[0], spec, title, cell=128))})",
+                f"![{title}]({_preview_uri(contact_sheet(loaded[0], spec, title, cell=128), side=256)})",
             ]
     return "\n".join(lines) + "\n"
 
@@ -332,6 +334,6 @@ def publish_strengths(name: str, epoch: int, sheet: Image.Image) -> None:
     """The chosen epoch at each LoRA strength, the sample prompts and seeds, inline."""
     create_markdown_artifact(
         key=artifact_key(name, "txt2img"),
-        markdown=f"# `{name}` epoch {epoch} at each strength\n\n![strengths]({_png_uri(sheet)})\n",
+        markdown=f"# `{name}` epoch {epoch} at each strength\n\n![strengths]({_preview_uri(sheet)})\n",
         description=f"{name}: the chosen epoch rendered at several strengths",
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from lora_core.config.lora_config import LoraConfig
 from lora_core.families.loading import load_base_model
 from lora_core.foundation.layout import SubjectLayout
 from lora_core.foundation.lora_file import read_lora
+from lora_core.training.loss_log import LossLog, loss_log_folder
 from lora_core.training.memory import apply_steps, free_memory, oom_step
 from lora_core.training.precision import bf16_supported, resolve_device
 from lora_core.training.sampling import (
@@ -192,11 +194,16 @@ def _trainer(request: TrainRequest, config: LoraConfig, epoch: int) -> Trainer:
     return trainer
 
 
-def _on_step(trainer: Trainer, token: str, every: int, skipped: list[str]) -> Callable[[int, float, float], None]:
-    """Log every step; render samples every `every` steps (`sample_step_interval`; 0: never)."""
+def _on_step(
+    trainer: Trainer, token: str, every: int, skipped: list[str], log: LossLog | None
+) -> Callable[[int, float, float], None]:
+    """Log every step (and to TensorBoard with `logging_dir`); render samples every `every` steps
+    (`sample_step_interval`; 0: never)."""
 
     def on_step(step: int, loss: float, lr: float) -> None:
         get_run_logger().info("train: step %d loss %.5f lr %.3e", step, loss, lr)
+        if log is not None:
+            log.step(step, loss, lr)
         if every and step % every == 0:
             _render_samples(trainer, token, skipped, step=step)
 
@@ -222,8 +229,16 @@ def train_epoch(request: TrainRequest, epoch: int) -> EpochResult:
         get_run_logger().info("train: epoch %d was finished before the last run stopped; kept", epoch)
         return EpochResult.kept(layout, epoch, done)
     skipped: list[str] = []  # sample rounds out of memory skipped
+    folder = loss_log_folder(layout, request.config.logging_dir, request.run_key)
+    with LossLog(folder) if folder else nullcontext() as log:
+        return _train_and_save(request, layout, epoch, skipped, log)
+
+
+def _train_and_save(
+    request: TrainRequest, layout: SubjectLayout, epoch: int, skipped: list[str], log: LossLog | None
+) -> EpochResult:
     try:
-        trainer, stats = _train_with_ladder(request, layout, epoch, skipped)
+        trainer, stats = _train_with_ladder(request, layout, epoch, skipped, log)
         info = run_info(trainer.layout, request.run_key, request.config.network_weights)
         write_lora = saves_lora(trainer.config, epoch, request.last_epoch)
         every = request.config.sample_every_n_epochs
@@ -235,6 +250,8 @@ def train_epoch(request: TrainRequest, epoch: int) -> EpochResult:
         release_trainers(request.run_key)  # a retry reloads the last saved epoch
         raise
     _log_epoch(request, stats, path)
+    if log is not None:
+        log.epoch(epoch, stats.mean_loss, trainer.heldout_loss())
     result = EpochResult(
         epoch=epoch,
         lora=path,
@@ -245,7 +262,7 @@ def train_epoch(request: TrainRequest, epoch: int) -> EpochResult:
         notes=[*trainer.notes, *skipped],
         samples=samples,
     )
-    publish_epoch(request.token, result.epoch, result.losses, result.lrs, path)
+    publish_epoch(request.token, result.epoch, result.losses, result.lrs, path, result.global_step)
     return result
 
 
@@ -265,7 +282,7 @@ def _log_epoch(request: TrainRequest, stats: EpochStats, path: Path | None) -> N
 
 
 def _train_with_ladder(
-    request: TrainRequest, layout: SubjectLayout, epoch: int, skipped: list[str]
+    request: TrainRequest, layout: SubjectLayout, epoch: int, skipped: list[str], log: LossLog | None
 ) -> tuple[Trainer, EpochStats]:
     """Train `epoch`, stepping down the out-of-memory ladder until it fits (or the ladder is spent)."""
     steps = read_steps(layout, request.run_key)
@@ -277,7 +294,7 @@ def _train_with_ladder(
             skipped.clear()  # this attempt's rounds only
             every = sample_step_interval(config)
             # The callback is not kept in a local: after an out-of-memory it would keep the failed trainer alive.
-            stats = trainer.run_epoch(epoch, on_step=_on_step(trainer, request.token, every, skipped))
+            stats = trainer.run_epoch(epoch, on_step=_on_step(trainer, request.token, every, skipped, log))
             return trainer, stats
         except torch.OutOfMemoryError:
             out_of_memory = True

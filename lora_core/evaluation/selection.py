@@ -26,7 +26,7 @@ cannot be computed (never 0 in its place):
 
 `lora_core.evaluation.metrics` measures them; this module only judges. The decision
 (`select`) is a few documented rules over these series, so it can be tested on
-synthetic ones and explained in plain words; `metric_chart` draws them. Its
+synthetic ones and explained in plain words; `charts.metric_figure` draws them. Its
 verdict is one of `VERDICTS`; `needs_review` says nothing measured can tell, so
 a person must look (and the run is never resumed on it).
 """
@@ -35,8 +35,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-from PIL import Image, ImageDraw
 
 from lora_core.config.lora_config import LoraConfig
 from lora_core.config.settings import SelectionSettings
@@ -48,7 +46,6 @@ __all__ = [
     "EpochMetrics",
     "Selection",
     "guards",
-    "metric_chart",
     "resume_config",
     "review_note",
     "select",
@@ -300,56 +297,6 @@ def _band_from_minimum(epochs: list[int], signal: dict[int, float], band: float)
             break
         chosen = epoch
     return minimum, chosen
-
-
-# --- Chart -----------------------------------------------------------------------------------
-
-METRIC_COLOURS = {
-    "training_loss": (40, 90, 200),
-    "heldout_loss": (20, 160, 190),
-    "fidelity": (30, 150, 60),
-    "diversity": (230, 140, 30),
-    "preservation": (150, 60, 170),
-    "burn": (200, 40, 40),
-    "copy_distance": (110, 110, 110),
-}
-
-
-def metric_chart(metrics: list[dict], chosen: int | None = None, size: tuple[int, int] = (560, 240)) -> Image.Image:
-    """Each available metric over the epochs, scaled to its own range, with a legend; the chosen epoch marked."""
-    width, height = size
-    left, right, top, bottom = 16, 130, 10, 24
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    draw.rectangle((left, top, width - right, height - bottom), outline=(200, 200, 200))
-    epochs = [row["epoch"] for row in metrics]
-    if not epochs:
-        return image
-    span_e = (max(epochs) - min(epochs)) or 1
-
-    def x(epoch: int) -> float:
-        return left + (epoch - min(epochs)) / span_e * (width - right - left)
-
-    for epoch in epochs:
-        draw.text((x(epoch) - 3, height - bottom + 6), str(epoch), fill=(80, 80, 80))
-    if chosen is not None and chosen in epochs:
-        draw.line((x(chosen), top, x(chosen), height - bottom), fill=(0, 0, 0), width=1)
-    legend = top
-    for name, colour in METRIC_COLOURS.items():
-        points = [(row["epoch"], row.get(name)) for row in metrics if row.get(name) is not None]
-        if not points:
-            continue
-        values = [float(v) for _, v in points]
-        low, high = min(values), max(values)
-        span = (high - low) or 1.0
-        xy = [(x(e), height - bottom - (float(v) - low) / span * (height - bottom - top)) for e, v in points]
-        if len(xy) > 1:
-            draw.line(xy, fill=colour, width=2)
-        for px, py in xy:
-            draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=colour)
-        draw.text((width - right + 8, legend), f"{name} {low:.3g}-{high:.3g}", fill=colour)
-        legend += 14
-    return image
 
 
 # --- After the choice: train on, or finish --------------------------------------------

@@ -251,7 +251,8 @@ def test_selection_artifacts_show_the_table_chart_and_contact_sheets(trained_run
     report = by_key["rs-selection"].data
     assert report.startswith("# Verdict: undertrained, epoch ")  # the verdict first
     assert "undertrained" in report and "| epoch | training_loss | heldout_loss |" in report and "## Rounds" in report
-    assert report.count("data:image/png;base64,") >= 3  # the chart and at least two epochs' grids
+    # The chart (a PNG) and at least two epochs' grids (JPEG previews: the full images stay on disk).
+    assert report.count("data:image/png;base64,") == 1 and report.count("data:image/jpeg;base64,") >= 2
     table = json.loads(by_key["rs-selection-metrics"].data)
     assert [row["epoch"] for row in table] == ["1", "2", "3", "4"] and all(row["fidelity"] != "" for row in table)
 
