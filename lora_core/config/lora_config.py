@@ -283,6 +283,11 @@ class LoraConfig(BaseModel):
         return {name: path for name in ("clip_l", "t5xxl", "ae") if (path := getattr(self, name))}
 
     training_comment: str = Field("", description="Note stored in the LoRA's ss_training_comment (kohya_ss GUI).")
+    logging_dir: str | None = Field(
+        None,
+        description="TensorBoard logs of the loss and learning rate per step (kohya's name); "
+        "a relative folder is inside the subject's folder. Unset: none.",
+    )
 
     subject_type: SubjectType = Field(
         SubjectType.person, description="person, object or style; face-based checks apply to a person only."

@@ -333,6 +333,7 @@ _NOT_IN_RUN_KEY = {
     "subject_type",
     "network_weights",
     "training_comment",
+    "logging_dir",
     "sample_every_n_steps",
     "sample_every_n_epochs",
     "sample_prompts",

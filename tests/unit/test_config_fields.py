@@ -185,6 +185,7 @@ ELSEWHERE = {
     # Held-out images need more than the probes' two photos: a split of two would be refused.
     "validation_split": tests.unit.test_training.test_held_out_images_are_never_trained_on_and_their_loss_is_measured,
     "validation_seed": tests.unit.test_training.test_held_out_images_are_never_trained_on_and_their_loss_is_measured,
+    "logging_dir": tests.unit.test_training.test_logging_dir_writes_tensorboard_events_of_every_step_and_epoch,
     "clip_l": tests.flows.test_flux.test_single_files_and_their_parts_load_from_the_config_fields,
     "t5xxl": tests.flows.test_flux.test_single_files_and_their_parts_load_from_the_config_fields,
     "ae": tests.flows.test_flux.test_single_files_and_their_parts_load_from_the_config_fields,

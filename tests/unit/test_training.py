@@ -445,7 +445,9 @@ def test_the_train_stage_caches_each_epoch_and_publishes_it(prefect_harness, bui
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["ep-epoch-1", "ep-samples-epoch-2"]))
         )
     assert {a.key for a in artifacts} == {"ep-epoch-1", "ep-samples-epoch-2"}
-    assert all("data:image/png;base64," in a.data for a in artifacts)
+    for artifact in artifacts:  # the epoch's loss chart (PNG), the samples' preview (JPEG; the images on disk)
+        kind = "png" if artifact.key == "ep-epoch-1" else "jpeg"
+        assert f"data:image/{kind};base64," in artifact.data, artifact.key
 
 
 def test_oom_ladder_follows_the_seed():
@@ -738,3 +740,41 @@ def test_samples_at_steps_only_when_no_epoch_cadence_is_set(prefect_harness, bui
     steps = sorted(p.name for p in samples.glob("St_0*.png"))
     assert len(steps) == 4 and {n.split("_")[1] for n in steps} == {"000002", "000004"}
     assert not list(samples.glob("St_e*.png"))
+
+
+def test_logging_dir_writes_tensorboard_events_of_every_step_and_epoch(prefect_harness, builtin_models_home, tmp_path):
+    """kohya's logging_dir: per-step loss and learning rate, per-epoch mean and held-out loss, read back with
+    tensorboard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from flows.train_subject import train_subject
+
+    photos = captioned_photos(tmp_path, seed=60)
+    config = flow_config(num_repeats=2, max_train_epochs=2, logging_dir="tb", validation_split=0.2)
+    summary = train_subject(photos=photos, token="tb", workdir=tmp_path / "work", config=config, stop_after="train")
+    (folder,) = (tmp_path / "work" / "tb" / "tb").iterdir()  # <logging_dir>/<token>-<run key>, in the subject
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    assert [epoch["epoch"] for epoch in summary["train"]["epochs"]] == [1, 2]
+    numbers = [json.loads(path.read_text()) for path in sorted((tmp_path / "work" / "tb").rglob("epoch-0*.json"))]
+    losses = [loss for epoch in numbers for loss in epoch["losses"]]
+    lrs = [lr for epoch in numbers for lr in epoch["lrs"]]
+    assert len(numbers) == 2 and losses
+    current, rate = events.Scalars("loss/current"), events.Scalars("lr/unet")
+    assert [e.step for e in current] == list(range(1, len(losses) + 1))
+    assert [e.value for e in current] == pytest.approx(losses, rel=1e-6)
+    assert [e.value for e in rate] == pytest.approx(lrs, rel=1e-6)
+    assert [e.step for e in events.Scalars("loss/epoch")] == [1, 2]
+    validation = events.Scalars("loss/validation")
+    assert [e.step for e in validation] == [1, 2] and all(e.value > 0 for e in validation)
+    # The log is not part of what makes the run: another logging_dir trains nothing again.
+    files = sorted((tmp_path / "work" / "tb" / "result_current").glob("tb-*.safetensors"))
+    before = [path.stat().st_mtime_ns for path in files]
+    train_subject(
+        photos=photos,
+        token="tb",
+        workdir=tmp_path / "work",
+        config=config.model_copy(update={"logging_dir": "tb2"}),
+        stop_after="train",
+    )
+    assert len(files) == 2 and [path.stat().st_mtime_ns for path in files] == before
