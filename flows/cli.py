@@ -156,6 +156,13 @@ OPTIONS: tuple[_Option, ...] = (
         },
     ),
     (
+        ("--verbose",),
+        {
+            "action": "store_true",
+            "help": "also show other libraries' warnings and progress bars (transformers, diffusers, torch, ...)",
+        },
+    ),
+    (
         ("--max-resumes",),
         {
             "type": int,
@@ -206,6 +213,11 @@ def config_from_args(args: argparse.Namespace) -> LoraConfig:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console.prefect_defaults()
+    with console.quiet_libraries(args.verbose):
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.select_only is None and args.photos is None:
         return _fail("name the photos folder (or --select-only RUN_FOLDER to choose an epoch of a run)")
     try:
@@ -258,6 +270,8 @@ def _run(args: argparse.Namespace, config: LoraConfig) -> dict:
     from flows.train_subject import select_only, train_subject  # Prefect loads only once the flags are good
 
     console.quiet_user_errors()
+    if args.select_only is not None or Report(args.stop_after).reaches("captions"):  # models load from here on
+        console.quiet_library_bars(args.verbose)
 
     common = {"token": args.token, "config": config, "base_model_config": args.base_model_config}
     if args.select_only is not None:

@@ -35,6 +35,8 @@ __all__ = [
     "check_photos",
     "guard",
     "prefect_defaults",
+    "quiet_libraries",
+    "quiet_library_bars",
     "quiet_user_errors",
     "stage_message",
 ]
@@ -61,6 +63,81 @@ def prefect_defaults() -> None:
     no network here or on most GPU boxes), and a start-up time that a busy machine can meet."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault(_TIMEOUT_VAR, str(SERVER_STARTUP_TIMEOUT_S))
+
+
+# Libraries whose warnings and progress bars are theirs, not the user's news: off the terminal unless --verbose.
+_LIBRARIES = ("transformers", "diffusers", "bitsandbytes", "huggingface_hub", "accelerate", "peft", "torch")
+_DOCS_LINK = "\nSee https://www.prefect.io/docs"
+
+
+class _NoDocsLink(logging.Filter):
+    """Prefect's temporary-server line without the docs link it appends on every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and _DOCS_LINK in record.msg:
+            record.msg = record.msg.split(_DOCS_LINK, 1)[0]
+        return True
+
+
+_QUIET_ENV = {
+    "TRANSFORMERS_VERBOSITY": "error",
+    "DIFFUSERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # huggingface_hub's and transformers' bars
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+}
+
+
+@contextmanager
+def quiet_libraries(verbose: bool = False) -> Iterator[None]:
+    """Only our lines and Prefect's run lines on the terminal while the command runs: other libraries'
+    warnings (transformers' torchvision notice, bitsandbytes' kernel notice, torch's dtype notes), their
+    progress bars and Prefect's docs link stay off it; all as it was after. `verbose`: nothing changes."""
+    if verbose:
+        yield
+        return
+    import warnings
+
+    env = {name: os.environ.get(name) for name in _QUIET_ENV}
+    levels = {name: logging.getLogger(name).level for name in _LIBRARIES}
+    docs = _NoDocsLink()
+    with warnings.catch_warnings():
+        os.environ.update({name: value for name, value in _QUIET_ENV.items() if env[name] is None})
+        for name in _LIBRARIES:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", module=rf"({'|'.join(_LIBRARIES)})(\..*)?$")
+        logging.getLogger("prefect").addFilter(docs)
+        try:
+            yield
+        finally:
+            logging.getLogger("prefect").removeFilter(docs)
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
+            for name, value in env.items():
+                if value is None:
+                    os.environ.pop(name, None)
+            _library_bars(True)
+
+
+def _library_bars(on: bool) -> None:
+    """diffusers' and transformers' own progress bars ("Loading pipeline components", "Loading weights"),
+    switched where those libraries are loaded (diffusers heeds no setting; transformers reads one at import)."""
+    if "diffusers" in sys.modules:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.enable_progress_bar() if on else diffusers_logging.disable_progress_bar()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.enable_progress_bar() if on else transformers_logging.disable_progress_bar()
+
+
+def quiet_library_bars(verbose: bool = False) -> None:
+    """The libraries' bars off for the run (inside `quiet_libraries`, as the run is about to load models)."""
+    if not verbose:
+        import diffusers  # noqa: F401  (the run loads both; their bars are switched on their logging modules)
+        import transformers  # noqa: F401
+
+        _library_bars(False)
 
 
 # --- Checks before anything starts ---------------------------------------------------------

@@ -29,6 +29,19 @@ FLUX_KEY = re.compile(
 )
 
 
+# What other libraries print on a run: transformers' torchvision notice, its and diffusers' progress bars,
+# huggingface_hub's, bitsandbytes' kernel notice, torch's warnings, Prefect's docs link.
+NOISE = (
+    "[transformers]",
+    "Loading weights",
+    "Loading pipeline components",
+    "Writing model shards",
+    "gemm_4bit",
+    "UserWarning",
+    "prefect.io/docs",
+)
+
+
 def flux_config(preset: str = "flux", **updates) -> LoraConfig:
     values = preset_config(preset).model_dump() | SMALL | NO_SAMPLES
     return LoraConfig.model_validate(values | {"pretrained_model_name_or_path": TINY_FLUX} | updates)
@@ -42,16 +55,21 @@ def _cli(capsys: pytest.CaptureFixture, *args: str) -> SimpleNamespace:
 
 
 def test_the_flux_preset_runs_every_stage_and_a_second_run_is_all_cache_hits(
-    prefect_harness, capsys, demo_copy, tmp_path
+    prefect_harness, capfd, demo_copy, tmp_path
 ):
     work = tmp_path / "W"
-    args = [str(demo_copy), "--token", "t0k3n", "--workdir", str(work), "--base-model", TINY_FLUX]
+    # The acceptance command, with a token no other test of the session uses (its artifacts are counted).
+    args = [str(demo_copy), "--token", "fl0x", "--workdir", str(work), "--base-model", TINY_FLUX]
     args += ["--preset", "flux", "--device", "cpu", "--config", str(ROOT / "demo" / "config.json")]
-    first = _cli(capsys, *args)
+    first = _cli(capfd, *args)  # the file descriptors: library handlers and bars write to the real ones
     assert first.returncode == 0, first.stderr[-3000:]
+    # A quiet terminal: our lines and Prefect's run lines, none of other libraries' notices or bars.
+    said = first.stdout + first.stderr
+    for noise in NOISE:
+        assert noise not in said, noise
     for stage in ("ingest", "checks", "crop", "buckets", "captions", "train", "samples", "select", "txt2img"):
         assert f"\n{stage}" in "\n" + first.stdout, stage
-    final = work / "t0k3n" / "result_current" / "t0k3n.safetensors"
+    final = work / "fl0x" / "result_current" / "fl0x.safetensors"
     lora = read_lora(final)
     assert lora.metadata["ss_base_model_version"] == "flux1"
     assert lora.metadata["modelspec.architecture"] == "flux-1-dev/lora"
@@ -64,17 +82,34 @@ def test_the_flux_preset_runs_every_stage_and_a_second_run_is_all_cache_hits(
 
     # Plain words: the recipe users follow is "the recipe", never our own nickname for it.
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterName,
+    )
 
     with get_client(sync_client=True) as client:
         artifacts = " ".join(str(a.data) + str(a.description) for a in client.read_artifacts())
+        (run,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["fl0x"])))
+        mine = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
     assert artifacts and "the seed" not in (first.stdout + first.stderr + artifacts).lower()
+    # Previews, not the images: the run's artifacts stay small in Prefect's database.
+    size = sum(len(str(a.data)) + len(str(a.description or "")) for a in mine)
+    sizes = sorted(((len(str(a.data)), a.key) for a in mine), reverse=True)
+    assert len(mine) > 10 and size <= 300_000, f"{len(mine)} artifacts, {size} bytes: {sizes}"
 
-    again = _cli(capsys, *args)
+    again = _cli(capfd, *args)
     assert again.returncode == 0, again.stderr[-3000:]
     for stage in ("ingest", "checks", "crop", "buckets", "captions", "samples", "select"):
         assert f"{stage} (cached)" in again.stdout, stage
     assert [f"train (cached): epoch {e}" in again.stdout for e in (1, 2, 3)] == [True] * 3
     assert read_lora(final).modules.keys() == lora.modules.keys()
+
+    # --verbose shows what was kept off the terminal (here: transformers' bar as BLIP loads).
+    args[args.index(str(work))] = str(tmp_path / "W2")
+    verbose = _cli(capfd, *args, "--stop-after", "captions", "--verbose")
+    assert verbose.returncode == 0 and "Loading weights" in verbose.stdout + verbose.stderr, verbose.stderr[-2000:]
 
 
 def _trained(tmp_path: Path, preset: str = "flux", **updates) -> Trainer:
