@@ -27,9 +27,10 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from itertools import accumulate, pairwise
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:  # torch loads with a model: the command line lists the presets without it
+    from torch import Tensor
 
 __all__ = [
     "FUSED_PARTS",
@@ -44,7 +45,7 @@ __all__ = [
     "unfuse",
 ]
 
-Module = tuple[Tensor, Tensor, float]  # (down [rank, in], up [out, rank], alpha)
+Module = tuple["Tensor", "Tensor", float]  # (down [rank, in], up [out, rank], alpha)
 
 PREFIX = "lora_unet_"  # sd-scripts' LORA_PREFIX_FLUX, "make ComfyUI compatible"
 
@@ -198,6 +199,8 @@ def _fuse_parts(parts: list[Module]) -> Module:
         ups, alpha = [up for _, up, _ in parts], alpha0 * total / rank0
     else:
         ups, alpha = [up * (a / r) for (_, up, a), r in zip(parts, ranks, strict=True)], float(total)
+    import torch
+
     return torch.cat(downs), torch.block_diag(*ups), alpha
 
 
