@@ -341,7 +341,8 @@ def _print_train(summary: dict, name: Callable[[str], str]) -> None:
     for epoch in summary["train"]["epochs"]:
         label = "train (cached)" if cached_epochs >= epoch["epoch"] else "train"
         lora = epoch["lora"] or "no file (save_every_n_epochs)"
-        print(f"{label}: epoch {epoch['epoch']}: mean loss {epoch['mean_loss']:.4f} -> {lora}")
+        print(f"{label}: epoch {epoch['epoch']}: mean training loss {epoch['mean_loss']:.4f} -> {lora}")
+    print("train: the training loss is each step's, at its own random noise: it jumps, and only falls on average")
     samples = [path for epoch in summary["train"]["epochs"] for path in epoch.get("samples", [])]
     if samples:
         print(f"train: {len(samples)} sample image(s) in {Path(samples[0]).parent}")

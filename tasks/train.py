@@ -270,7 +270,7 @@ def _log_epoch(request: TrainRequest, stats: EpochStats, path: Path | None) -> N
     logger = get_run_logger()
     saved = path.name if path else "no LoRA file (save_every_n_epochs)"
     logger.info(
-        "train: epoch %d/%d: %d steps, mean loss %.4f -> %s",
+        "train: epoch %d/%d: %d steps, mean training loss %.4f -> %s",
         stats.epoch,
         request.last_epoch,
         len(stats.losses),

@@ -59,11 +59,19 @@ METRICS = ("training_loss", "heldout_loss", "fidelity", "copy_distance", "divers
 
 # Why a run without fidelity and without a held-out loss needs a person's eyes.
 NO_SIGNAL = (
-    "no fidelity and no held-out loss: the loss on the training images falls as long as they are learned, "
-    "whether the subject is being learned or the photos memorised, so it cannot show over- or undertraining "
-    "and the run is not resumed on it; judge the epochs by eye in their contact sheets, or hold images out "
-    "with validation_split"
+    "nothing measured can tell over- from undertraining (no likeness, no held-out photos): "
+    "judge the contact sheets by eye"
 )
+# The metrics as a person reads them.
+PLAIN_NAMES = {
+    "training_loss": "training-photo loss",
+    "heldout_loss": "held-out-photo loss (validation_split)",
+    "fidelity": "likeness (fidelity)",
+    "copy_distance": "copy check",
+    "diversity": "variety",
+    "preservation": "prompts without the token (preservation)",
+    "burn": "burn",
+}
 
 
 # --- Decision --------------------------------------------------------------------------
@@ -102,21 +110,21 @@ def guards(metrics: EpochMetrics, rules: SelectionSettings) -> list[str]:
     fired = []
     if metrics.copy_distance is not None and metrics.copy_distance <= rules.copy_distance:
         fired.append(
-            f"COPY: a sample is a near copy of a training photo (hash distance {metrics.copy_distance}, "
+            f"a near copy: a sample is almost a training photo (hash distance {metrics.copy_distance}, "
             f"limit {rules.copy_distance})"
         )
     if metrics.diversity is not None and metrics.diversity < rules.min_diversity:
         fired.append(
-            f"DIV: samples across seeds have {metrics.diversity:.0%} of the base model's variety "
-            f"(limit {rules.min_diversity:.0%}): they start to look all the same"
+            f"samples look alike: {metrics.diversity:.0%} of the base model's variety across seeds "
+            f"(limit {rules.min_diversity:.0%})"
         )
     if metrics.preservation is not None and metrics.preservation > rules.max_preservation:
         fired.append(
-            f"PRES: prompts without the token drift towards the subject by {metrics.preservation:.2f} "
-            f"(limit {rules.max_preservation}): the LoRA bleeds"
+            f"the LoRA bleeds: prompts without the token drift to the subject by {metrics.preservation:.2f} "
+            f"(limit {rules.max_preservation})"
         )
     if metrics.burn is not None and metrics.burn > rules.max_burn:
-        fired.append(f"BURN: samples look cooked (burn {metrics.burn:.2f}, limit {rules.max_burn})")
+        fired.append(f"samples look burnt: burn {metrics.burn:.2f} (limit {rules.max_burn})")
     return fired
 
 
@@ -133,7 +141,7 @@ class _Signal:
             return f"epoch {epoch}"
         if self.kind == "fidelity":
             return f"epoch {epoch} (fidelity {value:.3f})"
-        return f"epoch {epoch} ({'held-out' if self.kind == 'heldout' else 'training-image'} loss {-value:.4f})"
+        return f"epoch {epoch} ({'held-out' if self.kind == 'heldout' else 'training'}-photo loss {-value:.4f})"
 
 
 def _signal(series: list[EpochMetrics], reasons: list[str]) -> _Signal:
@@ -141,7 +149,7 @@ def _signal(series: list[EpochMetrics], reasons: list[str]) -> _Signal:
     if any(m.fidelity is not None for m in series):
         return _Signal("fidelity", {m.epoch: m.fidelity for m in series if m.fidelity is not None})
     if any(m.heldout_loss is not None for m in series):
-        reasons.append("no fidelity: the decision rests on the held-out loss (validation_split) and the guards")
+        reasons.append("no likeness measured: the choice rests on the held-out loss (validation_split)")
         return _Signal("heldout", {m.epoch: -m.heldout_loss for m in series if m.heldout_loss is not None})
     reasons.append(NO_SIGNAL)
     if any(m.training_loss is not None for m in series):
@@ -181,7 +189,7 @@ def select(series: list[EpochMetrics], rules: SelectionSettings | None = None) -
     series = sorted(series, key=lambda m: m.epoch)
     table = [asdict(m) for m in series]
     unavailable = [name for name in METRICS if all(getattr(m, name) is None for m in series)]
-    reasons = ["unavailable, so not used: " + ", ".join(unavailable)] if unavailable else []
+    reasons = ["not measured: " + ", ".join(PLAIN_NAMES[name] for name in unavailable)] if unavailable else []
     signal = _signal(series, reasons)
 
     def verdict(name: str, chosen: int) -> Selection:
@@ -190,19 +198,19 @@ def select(series: list[EpochMetrics], rules: SelectionSettings | None = None) -
     fired = {m.epoch: guards(m, rules) for m in series}
     first_bad = next((m.epoch for m in series if fired[m.epoch]), None)
     if first_bad is not None:
-        reasons += [f"epoch {first_bad}: {sentence}" for sentence in fired[first_bad]]
+        reasons += [f"overtrained from epoch {first_bad}: {sentence}" for sentence in fired[first_bad]]
         return verdict("overtrained", _before_guard(series, signal, first_bad, rules, reasons))
 
     values = signal.values
     if signal.kind in ("training", "none"):
         chosen = max(values, key=lambda e: (values[e], -e)) if values else series[-1].epoch
-        how = "the lowest training-image loss" if values else "the last epoch"
-        reasons.append(f"no guard fires: {signal.describe(chosen)}, {how}, is kept until someone has looked")
+        how = "the lowest" if values else "the last epoch"
+        reasons.append(f"no sign of overtraining; kept until you look: {signal.describe(chosen)}, {how}")
         return verdict("needs_review", chosen)
     if signal.kind == "heldout":
         return verdict(*_by_heldout_loss(signal, rules, reasons))
     best = max(values, key=lambda e: (values[e], -e))
-    reasons.append(f"no guard fires: chose the best, {signal.describe(best)}")
+    reasons.append(f"no sign of overtraining: chose the best, {signal.describe(best)}")
     if values[best] < rules.min_fidelity:
         reasons.append(
             f"the best fidelity, {values[best]:.3f}, is under the {rules.min_fidelity} asked for "
@@ -222,23 +230,23 @@ def _before_guard(
     before = [m.epoch for m in series if m.epoch < first_bad]
     scored = [e for e in before if e in values]
     if not before:
-        reasons.append(f"a guard fires from the first epoch: epoch {series[0].epoch} is the least trained there is")
+        reasons.append(f"overtrained from the first epoch: epoch {series[0].epoch} is the least trained there is")
         return series[0].epoch
     if not scored:
-        reasons.append(f"chose epoch {before[-1]}: the last before the guard fires")
+        reasons.append(f"chose epoch {before[-1]}: the last before overtraining shows")
         return before[-1]
     if signal.kind == "heldout":
-        minimum, chosen = _band_from_minimum(scored, values, rules.fidelity_band)
+        _, chosen = _band_from_minimum(scored, values, rules.fidelity_band)
         reasons.append(
-            f"chose {signal.describe(chosen)}: the latest before the guard within {rules.fidelity_band:.0%} "
-            f"of the held-out minimum, {signal.describe(minimum)}"
+            f"chose {signal.describe(chosen)}: the latest before overtraining within {rules.fidelity_band:.0%} "
+            f"of the held-out minimum"
         )
         return chosen
     best = max(scored, key=lambda e: values[e])
     chosen = _earliest_within(scored, values, best, rules.fidelity_band)
     reasons.append(
-        f"chose {signal.describe(chosen)}: the earliest before the guard within {rules.fidelity_band:.0%} "
-        f"of the best, {signal.describe(best)}"
+        f"chose {signal.describe(chosen)}: the earliest before overtraining within {rules.fidelity_band:.0%} "
+        f"of the best, epoch {best}"
     )
     return chosen
 
@@ -249,8 +257,8 @@ def _by_heldout_loss(signal: _Signal, rules: SelectionSettings, reasons: list[st
     epochs = sorted(values)
     minimum, chosen = _band_from_minimum(epochs, values, rules.fidelity_band)
     reasons.append(
-        f"no guard fires: the held-out loss is lowest at {signal.describe(minimum)}; chose {signal.describe(chosen)}, "
-        f"the latest from there within {rules.fidelity_band:.0%} of it"
+        f"no sign of overtraining; the held-out loss is lowest at epoch {minimum}: chose {signal.describe(chosen)}, "
+        f"the latest within {rules.fidelity_band:.0%} of it"
     )
     if minimum == epochs[-1]:
         return ("undertrained" if _still_improving(signal, minimum, rules, reasons) else "good"), chosen
@@ -317,9 +325,8 @@ def resume_config(config: LoraConfig, verdict: str, rounds: int, last_lora: Path
 def review_note(chosen_epoch: int, sheets: Path, final: Path) -> str:
     """Where a person looks when the verdict is needs_review, and what to do with what they see."""
     return (
-        f"needs review: compare the epochs' contact sheets in {sheets} (epoch-00000N.png: the same prompts and "
-        f"seeds every epoch; base.png: no LoRA); epoch {chosen_epoch} is published as {final.name} meanwhile: "
-        f"copy the epoch file you prefer, {final.stem}-00000N.safetensors, over it"
+        f"needs review: compare the contact sheets in {sheets}; epoch {chosen_epoch} is {final.name} until "
+        f"you copy another {final.stem}-00000N.safetensors over it"
     )
 
 

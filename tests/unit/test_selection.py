@@ -100,7 +100,7 @@ def test_the_band_prefers_the_earlier_epoch_before_a_guard():
     series = fidelity_series([0.5, 0.93, 0.96, 0.99, 1.0], {5: {"burn": 0.9}})
     selection = select(series)
     assert selection.chosen_epoch == 3  # 0.96 >= 0.95 * 0.99; 0.93 is not
-    assert "BURN" in " ".join(selection.reasons)
+    assert "samples look burnt" in " ".join(selection.reasons)
 
 
 def test_the_demo_case_training_image_loss_alone_needs_review_and_never_resumes(tmp_path):
@@ -162,7 +162,7 @@ def test_the_heldout_minimum_starts_the_band_and_a_rise_out_of_it_is_overtrained
 def test_a_guard_bounds_the_heldout_band():
     selection = select(heldout_series([0.30, 0.20, 0.205, 0.206], e4={"burn": 0.9}))
     assert selection.verdict == "overtrained" and selection.chosen_epoch == 3
-    assert "BURN" in " ".join(selection.reasons)
+    assert "samples look burnt" in " ".join(selection.reasons)
 
 
 def test_fidelity_outranks_the_heldout_loss_and_the_heldout_loss_outranks_the_training_images():
@@ -193,10 +193,10 @@ def test_a_guard_from_the_first_epoch_picks_epoch_one():
 @pytest.mark.parametrize(
     ("metrics", "name"),
     [
-        ({"copy_distance": 6}, "COPY"),
-        ({"diversity": 0.49}, "DIV"),
-        ({"preservation": 0.11}, "PRES"),
-        ({"burn": 0.26}, "BURN"),
+        ({"copy_distance": 6}, "a near copy"),
+        ({"diversity": 0.49}, "samples look alike"),
+        ({"preservation": 0.11}, "the LoRA bleeds"),
+        ({"burn": 0.26}, "samples look burnt"),
     ],
 )
 def test_each_guard_fires_at_its_threshold_and_not_below(metrics, name):

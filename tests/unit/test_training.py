@@ -296,6 +296,7 @@ def test_a_kohya_lora_continues_through_the_flow_and_sdxl_runs_end_to_end(
     assert isinstance(record["metrics"][0]["heldout_loss"], float)
     assert record["verdict"] != "needs_review"
     assert any("rests on the held-out loss" in reason for reason in record["reasons"])
+    assert all(len(reason) <= 160 and "guard" not in reason for reason in record["reasons"])  # plain and short
     assert len(list((tmp_path / "work" / "xl" / "txt2img-images").glob("xl_e000001_w*.png"))) == 3 * 2
 
 
