@@ -32,6 +32,24 @@ os.environ["PREFECT_HOME"] = str(_HOMES / "prefect")
 atexit.register(shutil.rmtree, _HOMES, ignore_errors=True)
 TINY_BLIP = "builtin:tiny-blip"
 
+# The kill-anywhere chain's draw of kill points (tests/resilience/test_kill_anywhere.py): fixed, so every run
+# asks the same question; LORA_KILL_SEED=N replays another draw, LORA_KILL_SEED=random draws a new one.
+FIXED_KILL_SEED = 1332266801
+
+
+def kill_seed() -> int:
+    import random
+
+    asked = os.environ.get("LORA_KILL_SEED", str(FIXED_KILL_SEED))
+    return random.SystemRandom().randrange(2**31) if asked == "random" else int(asked)
+
+
+KILL_SEED = kill_seed()  # once per session, so the header says the seed the chain uses
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"kill chain seed: {KILL_SEED} ({'LORA_KILL_SEED' if 'LORA_KILL_SEED' in os.environ else 'fixed'})"
+
 
 def _train_device() -> str:
     import torch
@@ -202,7 +220,11 @@ def leftover_processes() -> list[str]:
         try:
             pid = int(stat.parent.name)
             fields = stat.read_text().rsplit(")", 1)[1].split()
+            # Started by the tests: pytest's children, or orphans (their parent gone, not a shell of ours
+            # that also started a sibling of pytest, such as `| grep`).
+            parent = int(fields[1])
             ours = int(fields[2]) == group and pid not in mine and int(fields[19]) >= since
+            ours = ours and (parent == os.getpid() or parent not in mine)
             if ours and fields[0] != "Z":
                 command = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
                 found.append(f"{pid}: {command[:160]}")

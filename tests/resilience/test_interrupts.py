@@ -166,15 +166,19 @@ def test_a_second_ctrl_c_exits_at_once_and_the_first_has_a_deadline(monkeypatch)
     monkeypatch.setattr(prefect_logs, "level", prefect_logs.level)  # the handler quiets Prefect: undone after
     monkeypatch.setattr(console, "_running_stage", lambda: "during epoch 2")  # other tests ran stages here
     interrupts = console._Interrupts()
+    previous = signal.signal(signal.SIGINT, interrupts.on_sigint)  # as console.guard installs it
     first = time.monotonic()
     try:
-        with pytest.raises(KeyboardInterrupt):
-            interrupts.on_sigint(signal.SIGINT, None)
+        with pytest.raises(KeyboardInterrupt):  # a real SIGINT, as the terminal sends it
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler runs at the next bytecode; never reached
         assert interrupts.stopped_during == "during epoch 2" and not left
         second = time.monotonic()
-        interrupts.on_sigint(signal.SIGINT, None)  # the second: leaves without raising or waiting
+        os.kill(os.getpid(), signal.SIGINT)  # the second: leaves without raising or waiting
+        time.sleep(0.1)  # (the handler has run by now)
         assert len(left) == 1 and left[0][0] - second < 0.5 and "stopped during epoch 2" in left[0][1]
     finally:  # the deadline must never outlive the patches: the real one exits the process
+        signal.signal(signal.SIGINT, previous)
         if interrupts.deadline is not None:
             interrupts.deadline.join(timeout=10)
     assert not interrupts.deadline.is_alive() and len(left) == 2 and left[1][0] - first >= 1.0

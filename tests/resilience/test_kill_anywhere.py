@@ -34,7 +34,7 @@ from safetensors import safe_open
 
 from lora_core.foundation.layout import SubjectLayout
 from lora_core.foundation.tiny_models import materialize
-from tests.conftest import ROOT, TINY_BLIP, photo
+from tests.conftest import KILL_SEED, ROOT, TINY_BLIP, photo
 from tests.unit.test_training import TINY_SD15
 
 TOKEN = "t0k3n"
@@ -61,7 +61,6 @@ STEPS = (
 # Bookkeeping steps (tasks.stage.step) run in every run, cached or not: one that ended before the kill came
 # can be aimed at again in the next run. A cached stage works only until it has finished once.
 # The chain CI runs (it passed on the clean-clone CI run of 2026-12-01: 15 kills, one mid-sample).
-FIXED_SEED = 1332266801
 EVERY_RUN = {"startup", "export-settings", "start-run", "publish-run", "publish-choice"}
 NO_USER_FILES = {"startup", "start-run"}  # they write bookkeeping only: never killed "after a write"
 BEGUN = "Beginning flow run"
@@ -395,8 +394,7 @@ def test_killed_anywhere_a_rerun_finishes_with_the_unkilled_outputs(builtin_mode
     config = tmp_path / "config.json"
     config.write_text(json.dumps(CONFIG))
     start = make_cli(tmp_path, photos, config)
-    asked = os.environ.get("LORA_KILL_SEED", str(FIXED_SEED))
-    seed = random.SystemRandom().randrange(2**31) if asked == "random" else int(asked)
+    seed = KILL_SEED  # printed in the session's header
     for model in (TINY_SD15, TINY_BLIP):
         materialize(model)  # built before the reference run, so its steps take as long as a re-run's
     began, cpu = time.monotonic(), os.times()
@@ -448,6 +446,7 @@ def test_killed_anywhere_a_rerun_finishes_with_the_unkilled_outputs(builtin_mode
 
     assert code == 0, f"the run after {len(kills)} kills failed (seed {seed}):\n{last.tail()}"
     assert not figures["half_written"], figures["half_written"]
+    assert not figures["unknown_formats"], f"files the audit cannot read as what they are: {figures['unknown_formats']}"
     assert not figures["temp_files_after_last_run"], figures["temp_files_after_last_run"]
     assert set(figures["hits"]) >= set(STEPS), f"steps never killed: {set(STEPS) - set(figures['hits'])}"
     assert not diffs, f"seed {seed}: the outputs differ from the unkilled run's: {diffs}"
