@@ -72,7 +72,9 @@ def check_base_model(spec: str | None, family: str | None = None) -> None:
     spec = require_base_model(spec)
     named = family_named(family) if family else None
     if is_builtin(spec):  # its family is known by name: nothing is built or imported to tell
-        found = next((f for f in FAMILIES.values() if f.builtin == spec), None)
+        # The named family where it owns the builtin too (a family built on another shares its tiny model).
+        owners = [f for f in FAMILIES.values() if f.builtin == spec]
+        found = named if named in owners else next(iter(owners), None)
         if found is None:
             raise BaseModelError(f"base model {spec!r}: no such builtin model; builtin base models: {_BUILTINS}")
         if named is not None and found is not named:
