@@ -283,7 +283,7 @@ def test_select_only_on_a_kohya_folder_and_on_our_run(trained_run, tmp_path, cap
     record = json.loads((folder / "selection.json").read_text())
     assert [m["epoch"] for m in record["metrics"]] == [1, 2, 3]
     # No captioned training images beside a kohya folder: the losses are unavailable, and said so.
-    assert {"training_loss", "heldout_loss", "fidelity"} <= set(record["unavailable"]) and "training_loss" in out
+    assert {"training_loss", "heldout_loss", "fidelity"} <= set(record["unavailable"]) and "training-photo loss" in out
     # ... so a person must look: the verdict says so, and the reasons (printed too) say where.
     sheets = folder / "selection" / "contact-sheets"
     assert record["verdict"] == "needs_review" and record["chosen_epoch"] == 3 and NO_SIGNAL in record["reasons"]
