@@ -241,7 +241,7 @@ def measure_run(
             total += sum(len(row) for row in vectors[:-1])
         series.append(epoch_metrics(epoch, grid, losses, reference, vectors))
     if photo_vectors is not None and total and seen == 0:
-        notes.append(f"{embed_name}: nothing found in any of the {total} token renders, so fidelity is unavailable")
+        notes.append(f"{embed_name}: no face in any of the {total} token renders, so no likeness is measured")
     elif photo_vectors is not None and total:
         notes.append(f"{embed_name}: found in {seen} of {total} token renders")
     return series, notes

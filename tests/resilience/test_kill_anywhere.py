@@ -446,7 +446,6 @@ def test_killed_anywhere_a_rerun_finishes_with_the_unkilled_outputs(builtin_mode
 
     assert code == 0, f"the run after {len(kills)} kills failed (seed {seed}):\n{last.tail()}"
     assert not figures["half_written"], figures["half_written"]
-    assert not figures["unknown_formats"], f"files the audit cannot read as what they are: {figures['unknown_formats']}"
     assert not figures["temp_files_after_last_run"], figures["temp_files_after_last_run"]
     assert set(figures["hits"]) >= set(STEPS), f"steps never killed: {set(STEPS) - set(figures['hits'])}"
     assert not diffs, f"seed {seed}: the outputs differ from the unkilled run's: {diffs}"
