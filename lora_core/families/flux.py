@@ -89,55 +89,32 @@ class FluxConditioning:
         }
 
 
+# What every FLUX.1 preset shares: bf16, checkpointing, the transformer only, no min-SNR (a flow objective).
+_RECIPE: dict[str, Any] = {
+    "model_family": "flux",
+    "resolution": 1024,
+    "max_bucket_reso": 1536,
+    "network_dim": 16,
+    "network_alpha": 16,
+    "unet_lr": 1e-4,
+    "mixed_precision": "bf16",
+    "save_precision": "bf16",
+    "gradient_checkpointing": True,
+    "train_text_encoder": False,
+    "min_snr_gamma": 0,
+}
+
+
 class Flux(ModelFamily):
     name = "flux"
     label = "FLUX.1"
     builtin = "builtin:tiny-flux"
-    # The memory each promises is in docs/training.md; the out-of-memory ladder steps down through them.
+    # The memory each promises is in docs/flux.md; the out-of-memory ladder steps down through them.
     presets: Mapping[str, Mapping[str, Any]] = {
-        "flux": {  # a 24 GB card: fp8 base weights (sd-scripts' fp8_base)
-            "model_family": "flux",
-            "resolution": 1024,
-            "max_bucket_reso": 1536,
-            "network_dim": 16,
-            "network_alpha": 16,
-            "unet_lr": 1e-4,
-            "mixed_precision": "bf16",
-            "save_precision": "bf16",
-            "gradient_checkpointing": True,
-            "train_text_encoder": False,
-            "fp8_base": True,
-            "min_snr_gamma": 0,
-        },
-        "flux-16gb": {  # a 16 GB card: 4-bit NF4 base weights
-            "model_family": "flux",
-            "resolution": 1024,
-            "max_bucket_reso": 1536,
-            "network_dim": 16,
-            "network_alpha": 16,
-            "unet_lr": 1e-4,
-            "mixed_precision": "bf16",
-            "save_precision": "bf16",
-            "gradient_checkpointing": True,
-            "train_text_encoder": False,
-            "nf4_base": True,
-            "min_snr_gamma": 0,
-        },
-        "flux-12gb": {  # a 12 GB card: NF4, and T5 reads 256 tokens (BLIP's captions are far shorter)
-            "model_family": "flux",
-            "resolution": 1024,
-            "max_bucket_reso": 1280,
-            "network_dim": 16,
-            "network_alpha": 16,
-            "unet_lr": 1e-4,
-            "mixed_precision": "bf16",
-            "save_precision": "bf16",
-            "gradient_checkpointing": True,
-            "train_text_encoder": False,
-            "nf4_base": True,
-            "min_snr_gamma": 0,
-            "t5xxl_max_token_length": 256,
-        },
+        "flux": _RECIPE | {"fp8_base": True},  # a 24 GB card: fp8 base weights (sd-scripts' fp8_base)
+        "flux-16gb": _RECIPE | {"nf4_base": True},  # a 16 GB card: 4-bit NF4 base weights
+        # A 12 GB card: NF4, and T5 reads 256 tokens (BLIP's captions are far shorter).
+        "flux-12gb": _RECIPE | {"nf4_base": True, "t5xxl_max_token_length": 256, "max_bucket_reso": 1280},
     }
 
     # -- recognising a model --
