@@ -252,12 +252,21 @@ def check_args(args: argparse.Namespace) -> LoraConfig:
     args.config_warnings = [str(w.message) for w in caught if type(w.message).__name__ == "ConfigWarning"]
     if args.select_only is None:
         console.check_photos(args.photos, config.ingest.min_images, exclude=args.workdir)
-    from lora_core.training.precision import resolve_device  # torch loads here, once the cheap checks passed
-    from lora_core.training.state import preflight
+    from lora_core.setup.preflight import preflight  # torch loads here, once the cheap checks passed
 
-    resolve_device(args.device)
-    if args.select_only is None and Report(args.stop_after).reaches("train"):
-        preflight(config, args.device)  # a missing model, a starting LoRA that is not one: now, before any work
+    if args.select_only is None:  # a missing model, a starting LoRA that is not one: now, before any work
+        stages = Report(args.stop_after)
+        preflight(
+            config,
+            args.device,
+            photos=args.photos,
+            captions=stages.reaches("captions"),
+            training=stages.reaches("train"),
+        )
+    else:
+        from lora_core.training.precision import resolve_device
+
+        resolve_device(args.device)
     return config
 
 

@@ -51,8 +51,9 @@ from lora_core.families.loading import require_base_model
 from lora_core.foundation.fs import remove_stale_temps, sha256_file
 from lora_core.foundation.layout import BOOKKEEPING, SubjectLayout
 from lora_core.foundation.lock import subject_lock
+from lora_core.foundation.origin import COMMAND_LINE, FORM
+from lora_core.setup.preflight import preflight
 from lora_core.setup.resolve import subject_config
-from lora_core.training.state import preflight
 from tasks.artifacts import TrainingProgress
 from tasks.buckets import bucket_images
 from tasks.captions import caption_images
@@ -103,11 +104,21 @@ def train_subject(
     """
     named = {"base_model": base_model, "caption_model": caption_model, "subject_type": subject_type}
     named |= {"mirror_policy": mirror_policy, "quality_policy": quality_policy}
-    config = config or subject_config(preset, config_file, overrides, **named, origin="train-subject's parameters")
+    given = config is not None
+    config = config or subject_config(preset, config_file, overrides, **named, origin=str(FORM))
     workdir, report = Path(workdir), Report(stop_after)
     share_cpu()  # several subjects on this worker: each its share of the cores
-    if report.reaches("train"):
-        preflight(config, device)  # a missing model or a bad starting LoRA fails now, not after captioning
+    # A missing model or a bad starting LoRA fails now, not after captioning; named as the form's fields
+    # when the run came from the UI or a deployment, as flags when the command line checked it already.
+    origin = COMMAND_LINE if given else FORM
+    preflight(
+        config,
+        device,
+        origin,
+        photos=Path(photos),
+        captions=report.reaches("captions"),
+        training=report.reaches("train"),
+    )
     layout = SubjectLayout(workdir, token)
     with subject_lock(layout.lock, layout.root), stage_results(layout.prefect_results, report.cached):
         layout.move_old_bookkeeping()  # a folder from before `.pipeline/` keeps its caches

@@ -19,15 +19,42 @@ from lora_core.config.settings import CaptionSettings
 from lora_core.dataset.caption_text import clean_caption
 from lora_core.foundation.errors import UserError
 from lora_core.foundation.hub import hub_unreachable, model_identity, offline_help
+from lora_core.foundation.origin import COMMAND_LINE, Origin
 from lora_core.foundation.tiny_models import is_builtin, materialize
 
-__all__ = ["TINY", "BlipCaptioner", "CaptionModelError"]
+__all__ = ["TINY", "BlipCaptioner", "CaptionModelError", "check_caption_model"]
 
 TINY = "builtin:tiny-blip"
 
 
 class CaptionModelError(UserError, RuntimeError):
     """The captioning model cannot be loaded; the message says how to fix it."""
+
+
+def check_caption_model(spec: str, origin: Origin = COMMAND_LINE) -> None:
+    """The caption model is there, before any work: a builtin, a local model folder, or a hub id in the local
+    Hugging Face cache or on a hub that answers. Nothing is loaded. Raises the `CaptionModelError` that
+    captioning would raise after ingest, checks and crop, naming the setting as `origin` spells it."""
+    if is_builtin(spec):
+        if spec != TINY:
+            raise CaptionModelError(f"caption model {spec!r} ({origin.name('caption_model')}): the builtin is {TINY}")
+        return
+    source, local = BlipCaptioner(spec)._folder_or_id()  # a bad local path raises here
+    if local:
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        if isinstance(try_to_load_from_cache(source, "config.json"), str):
+            return
+    except ValueError:  # huggingface_hub's check of the id's form
+        raise CaptionModelError(
+            f"caption model {spec!r} ({origin.name('caption_model')}): neither a folder here nor a hub id"
+        ) from None
+    why = hub_unreachable(source)
+    if why:
+        message = offline_help("caption model", source, "caption_model", "captioning.model", TINY, origin)
+        raise CaptionModelError(f"{message} ({why})")
 
 
 class BlipCaptioner:
@@ -90,7 +117,7 @@ class BlipCaptioner:
                 raise CaptionModelError(f"caption model {self.spec!r}: cannot load it: {err}") from err
             why = hub_unreachable(source)
             if why:
-                message = offline_help("caption model", source, "--caption-model", "captioning.model", TINY)
+                message = offline_help("caption model", source, "caption_model", "captioning.model", TINY, COMMAND_LINE)
                 raise CaptionModelError(f"{message} ({why})") from None
             try:
                 processor, model = from_pretrained()

@@ -20,6 +20,7 @@ from lora_core.families import FAMILIES, family_named
 from lora_core.families.family import LoadedModel, ModelFamily, read_checkpoint_keys
 from lora_core.foundation.errors import DAMAGED_FILE_ERRORS, UserError
 from lora_core.foundation.hub import hub_unreachable, model_identity, offline_help
+from lora_core.foundation.origin import COMMAND_LINE, Origin
 from lora_core.foundation.tiny_models import is_builtin, materialize
 
 __all__ = [
@@ -52,24 +53,26 @@ class BaseModelError(UserError, RuntimeError):
     """The base model cannot be loaded; the message says how to fix it."""
 
 
-def require_base_model(spec: str | None) -> str:
-    """`spec`, or a clear error when none was given (checked before any work is done)."""
+def require_base_model(spec: str | None, origin: Origin = COMMAND_LINE) -> str:
+    """`spec`, or a clear error when none was given (checked before any work is done), naming the setting
+    as `origin` spells it."""
     if not spec:
-        builtins = " / ".join(f.builtin for f in FAMILIES.values() if f.builtin)
         raise BaseModelError(
-            "no base model: pass --base-model (a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5, "
-            f"a local diffusers folder or a .safetensors checkpoint), or {builtins} for a run with no model at all"
+            f"no base model: {origin.give('base_model', 'MODEL')} (a hub id such as "
+            "stable-diffusion-v1-5/stable-diffusion-v1-5, a local diffusers folder or a .safetensors checkpoint), "
+            f"or {_BUILTINS} for a run with no model at all"
         )
     return spec
 
 
-def check_base_model(spec: str | None, family: str | None = None) -> None:
+def check_base_model(spec: str | None, family: str | None = None, origin: Origin = COMMAND_LINE) -> None:
     """The base model is there, before any work: one of our builtins, a local diffusers folder or
     checkpoint of the named family, or a hub id in the local Hugging Face cache or on a hub that answers.
 
-    Raises the `BaseModelError` that loading it would raise after the dataset stages, at once instead.
+    Raises the `BaseModelError` that loading it would raise after the dataset stages, at once instead,
+    naming the setting as `origin` (command line, form, batch file) spells it.
     """
-    spec = require_base_model(spec)
+    spec = require_base_model(spec, origin)
     named = family_named(family) if family else None
     if is_builtin(spec):  # its family is known by name: nothing is built or imported to tell
         # The named family where it owns the builtin too (a family built on another shares its tiny model).
@@ -88,7 +91,7 @@ def check_base_model(spec: str | None, family: str | None = None) -> None:
         return
     why = hub_unreachable(spec)
     if why:
-        message = offline_help("base model", spec, "--base-model", "pretrained_model_name_or_path", _BUILTINS)
+        message = offline_help("base model", spec, "base_model", "pretrained_model_name_or_path", _BUILTINS, origin)
         raise BaseModelError(f"{message} ({why})")
 
 
@@ -182,7 +185,8 @@ def load_base_model(
                 raise
             why = hub_unreachable(source)
             if why:
-                message = offline_help("base model", source, "--base-model", "pretrained_model_name_or_path", _BUILTINS)
+                field = "pretrained_model_name_or_path"
+                message = offline_help("base model", source, "base_model", field, _BUILTINS, COMMAND_LINE)
                 raise BaseModelError(f"{message} ({why})") from None
             model = chosen.load(source, loader, options, parts or {})
     except BaseModelError:

@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from lora_core.foundation.origin import Origin, Setting
 from lora_core.foundation.tiny_models import is_builtin, materialize
 
 __all__ = ["hub_unreachable", "model_identity", "offline_help"]
@@ -55,10 +56,12 @@ def hub_unreachable(repo_id: str, timeout: float = 5.0) -> str | None:
     return None
 
 
-def offline_help(what: str, repo_id: str, flag: str, setting: str, builtin: str) -> str:
-    """The message for a model that is neither cached nor downloadable."""
+def offline_help(what: str, repo_id: str, setting: Setting, field: str, builtin: str, origin: Origin) -> str:
+    """The message for a model that is neither cached nor downloadable; `setting` named as `origin` spells it,
+    `field` the config file's name for it."""
     return (
         f"{what} {repo_id!r} is not in the local Hugging Face cache and the hub is unreachable. On a machine "
-        f"with network, run `hf download {repo_id} --local-dir DIR`, copy DIR here, and pass `{flag} DIR` "
-        f"(or set {setting} in the config). For a run with no model at all, use `{flag} {builtin}`."
+        f"with network, run `hf download {repo_id} --local-dir DIR`, copy DIR here, and "
+        f"{origin.give(setting, 'DIR')} (or set {field} in the config). For a run with no model at all, "
+        f"{origin.give(setting, builtin)}."
     )

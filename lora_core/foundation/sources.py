@@ -25,6 +25,7 @@ __all__ = [
     "CAPTION_SUFFIXES",
     "Entry",
     "InputError",
+    "all_captioned",
     "fingerprint_input",
     "open_input",
     "pair_captions",
@@ -189,6 +190,20 @@ def pair_captions(entries: list[Entry]) -> tuple[dict[str, str], dict[str, str]]
             for caption in captions:
                 image_of[caption.rel] = images[0].rel
     return caption_of, image_of
+
+
+def all_captioned(photos: Path, exclude: Path | None = None) -> bool:
+    """Whether every file of `photos` that may be a photo comes with its caption file (then BLIP has nothing
+    to caption, unless asked to caption again)."""
+    try:
+        with open_input(Path(photos), exclude=exclude) as entries:
+            caption_of, _ = pair_captions(entries)
+            images = [
+                e for e in entries if e.verdict is None and PurePosixPath(e.rel).suffix.lower() not in CAPTION_SUFFIXES
+            ]
+    except (OSError, ValueError):
+        return False
+    return bool(images) and all(e.rel in caption_of for e in images)
 
 
 @contextmanager

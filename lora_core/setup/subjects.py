@@ -33,6 +33,8 @@ from lora_core.config.settings import SubjectType
 from lora_core.families import Preset
 from lora_core.foundation.errors import UserError
 from lora_core.foundation.layout import SubjectLayout, validate_token
+from lora_core.foundation.origin import Origin
+from lora_core.setup.preflight import preflight
 from lora_core.setup.resolve import merge_settings, subject_config
 
 __all__ = ["SUBJECT_KEYS", "BatchError", "BatchSubject", "load_batch", "subject_outcome"]
@@ -126,9 +128,13 @@ def _check(subject: BatchSubject, where: str) -> list[str]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the subject's own run reports a config file's unknown keys
-            subject.lora_config(origin=where)
+            config = subject.lora_config(origin=where)
     except UserError as err:
-        problems.append(str(err))
+        return [*problems, str(err)]
+    try:  # the models, before any subject starts; the device is each worker's own (its run checks it)
+        preflight(config, None, Origin.batch(""), photos=subject.photos if subject.photos.exists() else None)
+    except UserError as err:
+        problems.append(f"{where}: {err}")
     return problems
 
 

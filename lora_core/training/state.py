@@ -21,14 +21,14 @@ from safetensors.torch import save as save_bytes
 from lora_core.config.kohya import write_kohya_gui
 from lora_core.config.lora_config import LoraConfig
 from lora_core.families import family_named, family_of_lora, network_shape
-from lora_core.families.loading import check_base_model, model_identity
+from lora_core.families.loading import model_identity
 from lora_core.foundation.errors import RunFailure
 from lora_core.foundation.fs import atomic_write_bytes
 from lora_core.foundation.layout import SubjectLayout
 from lora_core.foundation.lora_file import LoraFileError, read_lora, save_lora
 from lora_core.training.memory import apply_steps
 from lora_core.training.metadata import kohya_metadata
-from lora_core.training.precision import resolve_device, resolve_precision
+from lora_core.training.precision import resolve_precision
 
 if TYPE_CHECKING:
     from lora_core.training.trainer import EpochStats, Trainer
@@ -36,11 +36,11 @@ if TYPE_CHECKING:
 __all__ = [
     "NonFiniteWeightsError",
     "begin_run",
+    "check_starting_lora",
     "epoch_done",
     "export_run_config",
     "finished_epoch",
     "open_run",
-    "preflight",
     "publish_final",
     "read_state",
     "read_steps",
@@ -58,15 +58,6 @@ class NonFiniteWeightsError(RunFailure, RuntimeError):
 
 
 _SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
-
-
-def preflight(config: LoraConfig, device: str | None) -> None:
-    """What training needs, checked before any work: a base model named, a usable device, and a
-    starting LoRA (`network_weights`) that is one. Raises the `UserError` that says what to fix."""
-    check_base_model(config.pretrained_model_name_or_path, config.model_family)
-    resolve_device(device)
-    if config.network_weights:
-        check_starting_lora(Path(config.network_weights), config.model_family)
 
 
 def check_starting_lora(path: Path, model_family: str) -> None:

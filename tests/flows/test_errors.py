@@ -200,8 +200,9 @@ def test_a_run_that_trains_without_a_base_model_is_refused_before_any_work(tmp_p
     monkeypatch.setattr(flows.cli, "_run", lambda *a, **k: started.append(1))
     code = flows.cli.main([str(tmp_path), "--token", "t0k3n", "--workdir", str(tmp_path / "W")])
     err = capsys.readouterr().err
-    assert code == 2 and "no base model: pass --base-model" in err and "Traceback" not in err
+    assert code == 2 and "no base model: pass `--base-model MODEL`" in err and "Traceback" not in err
     assert not started and not (tmp_path / "W").exists()
-    # Stopping before training needs no model: the run starts.
+    # Stopping before training needs no base model: the run starts.
+    stop_at_captions = [str(tmp_path), "--token", "t0k3n", "--stop-after", "captions"]
     monkeypatch.setattr(flows.cli, "print_summary", lambda summary: None)
-    assert flows.cli.main([str(tmp_path), "--token", "t0k3n", "--stop-after", "captions"]) == 0 and started
+    assert flows.cli.main([*stop_at_captions, "--caption-model", "builtin:tiny-blip"]) == 0 and started

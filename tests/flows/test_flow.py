@@ -241,11 +241,18 @@ def test_a_typo_in_the_config_gets_a_guess_said_first_and_again_after_the_summar
     assert last.startswith(said) and done.stdout.index("buckets:") < done.stdout.index(said)
 
 
-def test_cli_with_an_unreachable_caption_model_says_what_to_do(prefect_harness, capsys, good_folder, tmp_path):
+def test_cli_with_an_unreachable_caption_model_says_what_to_do_before_any_stage(
+    prefect_harness, capsys, good_folder, tmp_path
+):
     done = _cli(capsys, str(good_folder), "--token", "c", "--workdir", str(tmp_path / "W"), "--stop-after", "captions")
     assert done.returncode == 2  # an unreachable model is a user error (lora_core.foundation.errors)
-    assert "--caption-model DIR" in done.stderr and "builtin:tiny-blip" in done.stderr
-    assert (tmp_path / "W" / "c" / "buckets.csv").is_file()  # the stages before it are done and kept
+    assert "`--caption-model DIR`" in done.stderr and "builtin:tiny-blip" in done.stderr
+    assert not (tmp_path / "W" / "c").exists()  # refused before ingest, not after ingest, checks, crop, buckets
+    # Stopping before captions needs no caption model: the same command runs.
+    stopped = _cli(
+        capsys, str(good_folder), "--token", "c", "--workdir", str(tmp_path / "W"), "--stop-after", "buckets"
+    )
+    assert stopped.returncode == 0, stopped.stderr
 
 
 def test_cli_with_three_photos_fails_clearly(prefect_harness, capsys, tmp_path):
@@ -296,3 +303,20 @@ def test_going_back_to_an_earlier_check_policy_puts_its_files_back(prefect_harne
     assert same_pixels(run("fix"), originals[2])
     assert same_pixels(run("flag"), originals[2].transpose(Image.Transpose.FLIP_LEFT_RIGHT))
     assert same_pixels(run("fix"), originals[2])
+
+
+def test_a_run_from_the_form_is_refused_at_its_start_naming_the_form_s_fields(prefect_harness, good_folder, tmp_path):
+    """The UI's train-subject form (or a deployment's parameters): the same checks as the command line, at the
+    flow's start, before ingest; the message names the field to fill in, not a flag nobody typed."""
+    from lora_core.dataset.blip import CaptionModelError
+    from lora_core.families.loading import BaseModelError
+
+    work = tmp_path / "W"
+    with pytest.raises(BaseModelError) as caught:
+        train_subject(photos=good_folder, token="f0rm", workdir=work, base_model="someone/not-downloaded")
+    assert "set train-subject's base_model field to DIR" in str(caught.value)
+    assert "--base-model" not in str(caught.value)
+    with pytest.raises(CaptionModelError) as caught:
+        train_subject(photos=good_folder, token="f0rm", workdir=work, stop_after="captions")
+    assert "set train-subject's caption_model field to DIR" in str(caught.value)
+    assert not (work / "f0rm").exists()  # refused before ingest

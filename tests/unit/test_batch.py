@@ -66,6 +66,7 @@ def test_every_problem_is_reported_at_once_naming_the_entry(tmp_path, photo_dirs
     path = write_batch(
         tmp_path,
         {
+            "defaults": {"base_model": "builtin:tiny-sd15"},
             "subjects": [
                 {"photos": "photos/anna", "token": "ann4"},
                 {"photos": "photos/nobody", "token": "n0body"},
@@ -73,7 +74,9 @@ def test_every_problem_is_reported_at_once_naming_the_entry(tmp_path, photo_dirs
                 {"photos": "photos/cleo", "token": "cl3o", "overrides": {"selection": {"max_resumes": -1}}},
                 {"photos": "photos/cleo", "token": "cl3o2", "colour": "blue"},
                 {"photos": "photos/anna", "token": "ann4"},
-            ]
+                {"photos": "photos/ben", "token": "b3n", "base_model": "someone/not-downloaded"},
+                {"photos": "photos/ben", "token": "b3n2", "caption_model": "./no/blip/here"},
+            ],
         },
     )
     with pytest.raises(BatchError) as raised:
@@ -86,6 +89,10 @@ def test_every_problem_is_reported_at_once_naming_the_entry(tmp_path, photo_dirs
     assert "subjects[4] (cl3o2)" in message and "colour" in message
     assert "subjects[5] (ann4): token 'ann4'" in message and "also subjects[0]" in message
     assert "subjects[0]" not in message.replace("also subjects[0]", "")  # the good entry is not blamed
+    # The models are checked too, before anything starts, and named as batch keys, not as flags.
+    assert "subjects[6] (b3n): base model 'someone/not-downloaded' is not in the local Hugging Face cache" in message
+    assert "set `base_model: DIR` (or in the batch's defaults)" in message and "--base-model" not in message
+    assert "subjects[7] (b3n2): caption model './no/blip/here'" in message
 
 
 @pytest.mark.parametrize(
@@ -173,7 +180,7 @@ def test_a_subject_s_overrides_merge_over_the_defaults(tmp_path_factory, default
     (folder / "p").mkdir()
     nested = {"selection": {"max_resumes": resumes}} if resumes is not None else {}
     data = {
-        "defaults": {"overrides": {**defaults, **nested}},
+        "defaults": {"overrides": {**defaults, **nested}, "base_model": "builtin:tiny-sd15"},
         "subjects": [{"photos": "p", "token": "t", **({"overrides": own} if own else {})}],
     }
     (subject,) = load_batch(write_batch(folder, data))

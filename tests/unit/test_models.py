@@ -42,7 +42,11 @@ def test_a_local_diffusers_folder_loads_and_sdxl_is_detected(builtin_models_home
 
 @pytest.mark.parametrize(
     ("spec", "message"),
-    [(None, "no base model: pass --base-model"), ("./nowhere", "no such file or folder"), ("x.bin", "no such file")],
+    [
+        (None, "no base model: pass `--base-model MODEL`"),
+        ("./nowhere", "no such file or folder"),
+        ("x.bin", "no such file"),
+    ],
 )
 def test_bad_specs_are_named(spec, message):
     with pytest.raises(BaseModelError, match=message):

@@ -161,9 +161,7 @@ def test_a_set_rotated_by_90_degrees_is_turned_upright(tmp_path, portraits):
         assert (frame.loc[f"side-{i}.png", "width"], frame.loc[f"side-{i}.png", "height"]) == image.size
 
     # Left sideways, the mirror fix still flips the face left-right as seen upright.
-    orient_subject(
-        layout, ingested.rows, CheckSettings(fix_rotation=False, mirror_policy="fix"), show_progress=False
-    )
+    orient_subject(layout, ingested.rows, CheckSettings(fix_rotation=False, mirror_policy="fix"), show_progress=False)
     for i, image in enumerate(upright):
         assert same_pixels(training_image(layout, f"side-{i}.png"), turn(image, 90))
     assert read_manifest(layout.manifest)["flags"].str.startswith("sideways").all()
