@@ -10,12 +10,14 @@ the subjects spread over every worker that polls it and each shows under the
 batch run on the dashboard; on each worker the GPU
 stages take turns (`tasks.gpu`). A subject that fails never stops the others:
 the batch waits for all, publishes the `train-batch-summary` table, and ends
-Failed only when every subject failed.
+Failed only when every subject failed. A subject running longer than its
+`timeout_minutes` (default: no limit) is cancelled, and the table says so.
 """
 
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from uuid import UUID
 
@@ -24,7 +26,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
-from prefect.states import Completed, Failed, State
+from prefect.states import Cancelled, Cancelling, Completed, Failed, State
 
 from lora_core.setup.subjects import BatchSubject, load_batch, subject_outcome
 
@@ -32,6 +34,7 @@ __all__ = ["SUMMARY_KEY", "subject_deployment", "train_batch"]
 
 SUMMARY_KEY = "train-batch-summary"
 POLL_SECONDS = 5.0
+CANCEL_GRACE_SECONDS = 120.0  # a cancelled run's worker stops it in seconds; one that is gone never does
 
 
 @flow(name="train-batch")
@@ -39,8 +42,9 @@ def train_batch(batch_file: Path) -> State:
     """Train every subject of `batch_file` (YAML: `defaults:` and `subjects:`), one `train-subject` run each."""
     subjects = load_batch(batch_file)  # every problem of the file at once, before any run starts
     runs = [start_subject(subject) for subject in subjects]
-    finished = wait_for(runs)
-    rows = [summary_row(subject, finished[run.id]) for subject, run in zip(subjects, runs, strict=True)]
+    pairs = list(zip(subjects, runs, strict=True))
+    finished, timed_out = wait_for(runs, {run.id: subject.timeout_minutes for subject, run in pairs})
+    rows = [summary_row(subject, finished[run.id], run.id in timed_out) for subject, run in pairs]
     publish_summary(rows)
     return batch_state(rows)
 
@@ -66,9 +70,20 @@ def start_subject(subject: BatchSubject) -> FlowRun:
     return run
 
 
-def wait_for(runs: list[FlowRun], poll: float = POLL_SECONDS) -> dict[UUID, FlowRun]:
-    """Every run, once it reached a final state (Completed, Failed, Crashed, Cancelled)."""
-    waiting, done = {run.id for run in runs}, {}
+def wait_for(
+    runs: list[FlowRun],
+    limits: dict[UUID, float | None] | None = None,
+    poll: float = POLL_SECONDS,
+    grace: float = CANCEL_GRACE_SECONDS,
+) -> tuple[dict[UUID, FlowRun], set[UUID]]:
+    """Every run, once it reached a final state (Completed, Failed, Crashed, Cancelled); and those cancelled for
+    their time.
+
+    A run running longer than its limit (minutes, `timeout_minutes`; None: no limit) is cancelled: its worker
+    stops the process. A run its worker never stops (the worker is gone) is marked Cancelled after `grace`.
+    """
+    limits = limits or {}
+    waiting, done, cancelled = {run.id for run in runs}, {}, {}
     with get_client(sync_client=True) as client:
         while waiting:
             for run_id in sorted(waiting):
@@ -76,13 +91,29 @@ def wait_for(runs: list[FlowRun], poll: float = POLL_SECONDS) -> dict[UUID, Flow
                 if run.state is not None and run.state.is_final():
                     done[run_id] = run
                     waiting.discard(run_id)
+                elif run_id in cancelled and time.monotonic() - cancelled[run_id] > grace:
+                    client.set_flow_run_state(run_id, Cancelled(message=run.state.message), force=True)
+                elif run_id not in cancelled and overdue(run, limits.get(run_id), now=datetime.now(UTC)):
+                    message = f"over its timeout_minutes ({limits[run_id]:g}): cancelled by the batch"
+                    client.set_flow_run_state(run_id, Cancelling(message=message), force=True)
+                    get_run_logger().warning("batch: %s %s", run.name, message)
+                    cancelled[run_id] = time.monotonic()
             if waiting:
                 time.sleep(poll)
-    return done
+    return done, set(cancelled)
 
 
-def summary_row(subject: BatchSubject, run: FlowRun) -> dict:
-    """One line of the summary: state, verdict, chosen epoch, LoRA, and the failure's message."""
+def overdue(run: FlowRun, limit_minutes: float | None, now: datetime) -> bool:
+    """Whether `run` has been running longer than `limit_minutes` (counted from its start, not from the time
+    it waited for a worker)."""
+    if limit_minutes is None or run.start_time is None or run.state is None or not run.state.is_running():
+        return False
+    return (now - run.start_time).total_seconds() > limit_minutes * 60
+
+
+def summary_row(subject: BatchSubject, run: FlowRun, timed_out: bool = False) -> dict:
+    """One line of the summary: state, verdict, chosen epoch, LoRA, and the failure's message (for a run cancelled
+    for its time, that: the worker's own Cancelled message says only that it stopped)."""
     state = run.state
     completed = state is not None and state.is_completed()
     outcome = subject_outcome(subject) if completed else {"verdict": "", "chosen_epoch": None, "lora": ""}
@@ -94,7 +125,13 @@ def summary_row(subject: BatchSubject, run: FlowRun) -> dict:
         "lora": outcome["lora"],
         "flow_run": run.name,
         "flow_run_id": str(run.id),
-        "message": "" if completed or state is None else (state.message or ""),
+        "message": (
+            f"over its timeout_minutes ({subject.timeout_minutes:g}): cancelled"
+            if timed_out
+            else ""
+            if completed or state is None
+            else (state.message or "")
+        ),
     }
 
 

@@ -9,6 +9,7 @@
         token: b3n
         preset: sdxl
         overrides: {max_train_epochs: 8}   # merged with the defaults' overrides
+        timeout_minutes: 90                # cancelled when it runs longer (default: no limit)
 
 The whole file is checked before anything starts (YAML, keys, tokens, photo
 paths, each subject's resolved `LoraConfig`), and every problem is reported
@@ -58,6 +59,9 @@ class BatchSubject(BaseModel):
     caption_model: str | None = None
     subject_type: SubjectType | None = None
     overrides: dict[str, Any] = Field(default_factory=dict, description="LoraConfig fields, nested sections merged")
+    timeout_minutes: float | None = Field(
+        None, gt=0, description="cancel the subject's run when it has run this long (default: no limit)"
+    )
 
     def lora_config(self, origin: str) -> LoraConfig:
         """The config the subject's run will resolve (`lora_core.setup.resolve.subject_config`)."""
