@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from lora_core.foundation.errors import RunFailure, UserError
+from lora_core.foundation.fs import disk_full
 from lora_core.training.memory import is_fatal_cuda_error
 
 # Errors that say the code is wrong: running it again gives the same error, later.
@@ -26,8 +27,8 @@ def should_retry(error: BaseException) -> bool:
     this process fails: only a new process (which resumes from the last saved
     epoch) can go on, so a retry here would only fail again.
     """
-    if isinstance(error, (UserError, RunFailure, *PROGRAMMING_ERRORS)):
-        return False
+    if isinstance(error, (UserError, RunFailure, *PROGRAMMING_ERRORS)) or disk_full(error) is not None:
+        return False  # a full disk too, wherever the write was (Prefect's result record): it stays full
     return isinstance(error, Exception) and not is_fatal_cuda_error(error)
 
 

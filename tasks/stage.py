@@ -12,6 +12,7 @@ decides `refresh_cache` from it. A flow then calls a stage like a function:
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
@@ -23,11 +24,29 @@ from prefect import Task, task
 from prefect.cache_policies import CachePolicy
 
 from lora_core.foundation.errors import RunFailure, UserError
+from lora_core.foundation.fs import disk_full
 from tasks.gpu import gpu_slot
 from tasks.retries import retry_transient
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+class _DiskFullRecord(logging.Filter):
+    """Prefect writes a stage's result record after its work, and logs a failed write as an ERROR with a
+    traceback; the task still completes. A full disk there is said in our one line instead, as a warning:
+    the stage's files are whole, only its cache record is missing, so the next run does that stage again."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if (named := disk_full(error)) is not None:
+            record.msg, record.args, record.exc_info, record.exc_text = f"{named}", (), None, None
+            record.msg += " (this stage's result is kept; only its cache record is missing: it runs again next time)"
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+logging.getLogger("prefect.task_runs").addFilter(_DiskFullRecord())
 
 
 @dataclass
@@ -97,6 +116,12 @@ class Stage(Generic[P, R]):
         except (UserError, RunFailure) as err:
             err.stage = getattr(err, "stage", label)  # type: ignore[attr-defined]  # for the one-line message
             raise
+        except OSError as err:
+            # A write that is not ours inside the stage (a library's): a full disk is named as ours are.
+            if (named := disk_full(err)) is None:
+                raise
+            named.stage = label  # type: ignore[attr-defined]
+            raise named from err
         finally:
             _DONE[:] = [_RUNNING.pop()]
 

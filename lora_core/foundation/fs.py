@@ -32,6 +32,7 @@ __all__ = [
     "atomic_write_text",
     "content_stamp",
     "current_umask",
+    "disk_full",
     "ensure_inside",
     "remove_stale_temps",
     "sha256_bytes",
@@ -118,16 +119,28 @@ def _disk_full_named(path: Path) -> Iterator[None]:
     try:
         yield
     except OSError as err:
-        if err.errno not in _DISK_FULL or isinstance(err, DiskFullError):
+        named = disk_full(err, path)
+        if named is None:
             raise
-        try:
-            free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
-        except OSError:
-            free = "free space unknown"
-        raise DiskFullError(
-            f"the disk is full: could not write {path} ({free}); the files written before are intact: free "
-            "some space and run the same command again to continue"
-        ) from err
+        raise named from err
+
+
+def disk_full(err: BaseException, path: Path | str | None = None) -> DiskFullError | None:
+    """The `DiskFullError` naming `path` (default: the file the error names) that `err` is, when it says the disk
+    or quota is full; None for any other error. For writes that are not ours (Prefect's result records)."""
+    if not isinstance(err, OSError) or err.errno not in _DISK_FULL:
+        return None
+    if isinstance(err, DiskFullError):
+        return err
+    path = Path(path if path is not None else err.filename or ".")
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    return DiskFullError(
+        f"the disk is full: could not write {path} ({free}); the files written before are intact: free "
+        "some space and run the same command again to continue"
+    )
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -25,6 +25,7 @@ from tasks.retries import retry_transient
     [
         (OSError("NFS hiccup"), True),
         (TimeoutError("slow disk"), True),
+        (OSError(28, "No space left on device", "/work/x.bin"), False),  # a full disk stays full (ENOSPC)
         (TooFewImagesError("only 3", rows=[]), False),
         (ConfigError("bad.json: field 'x'"), False),
         (CaptionModelError("hub unreachable"), False),
@@ -70,3 +71,57 @@ def test_artifact_keys_follow_the_token(token, key):
 @given(st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", fullmatch=True))
 def test_artifact_keys_are_valid_for_any_valid_token(token):
     assert re.fullmatch(r"[a-z0-9-]+", artifact_key(token, "ingest-summary"))
+
+
+def test_a_full_disk_while_prefect_writes_a_result_is_named_and_not_retried(
+    prefect_harness, tmp_path, monkeypatch, caplog
+):
+    """Prefect persists a stage's record after its work, and logs a failed write with a traceback: a full disk
+    there is said in our one line, the stage is not run again, its result is kept. A full disk inside a stage,
+    in a write that is not ours, is our DiskFullError: exit 2, not retried."""
+    import builtins
+    import errno
+    import logging
+    from pathlib import Path
+
+    from prefect.cache_policies import INPUTS
+
+    from lora_core.foundation.errors import exit_code
+    from lora_core.foundation.fs import DiskFullError
+    from tasks.stage import stage, stage_results
+
+    results, calls = tmp_path / "prefect-results", []
+
+    @stage("toy", cache_policy=INPUTS)
+    def toy(x: int) -> dict:
+        calls.append(x)
+        if x == 3:  # a library's own write, inside the stage
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "model.bin"))
+        return {"x": x}
+
+    @flow
+    def run(x: int) -> dict:
+        with stage_results(results):
+            return toy.with_options(retry_delay_seconds=0)(x)
+
+    real_open = builtins.open
+
+    def full_open(file, mode="r", *args, **kwargs):
+        if "w" in mode and Path(file).parent == results.resolve():  # Prefect's write of the record only
+            raise OSError(errno.ENOSPC, "No space left on device", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full_open)
+    with caplog.at_level(logging.INFO):
+        assert run(2) == {"x": 2}  # the stage's result is kept
+    monkeypatch.setattr(builtins, "open", real_open)
+    assert calls == [2]  # run once: a full disk is not retried
+    said = [r for r in caplog.records if "disk is full" in r.getMessage()]
+    assert said and all(r.levelname == "WARNING" and r.exc_info is None for r in said), said
+    assert f"could not write {results.resolve()}" in said[0].getMessage()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR and r.name == "prefect.task_runs"]
+
+    with pytest.raises(DiskFullError) as caught:
+        run(3)
+    assert calls == [2, 3] and exit_code(caught.value) == 2 and caught.value.stage == "toy"
+    assert str(caught.value).startswith(f"the disk is full: could not write {tmp_path / 'model.bin'}")
