@@ -26,6 +26,7 @@ from prefect.cache_policies import CachePolicy
 from lora_core.foundation.errors import RunFailure, UserError
 from lora_core.foundation.fs import disk_full
 from tasks.gpu import gpu_slot
+from tasks.result_files import result_files
 from tasks.retries import retry_transient
 
 P = ParamSpec("P")
@@ -104,7 +105,7 @@ class Stage(Generic[P, R]):
         if self.outputs_intact is not None:
             options["refresh_cache"] = not self.outputs_intact(*args, **kwargs)
         if results is not None:
-            options["result_storage"] = results.storage
+            options["result_storage"] = result_files(results.storage)
         label = self._label(args, kwargs)
         _RUNNING.append(label)
         try:

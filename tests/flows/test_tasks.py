@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -79,7 +80,6 @@ def test_a_full_disk_while_prefect_writes_a_result_is_named_and_not_retried(
     """Prefect persists a stage's record after its work, and logs a failed write with a traceback: a full disk
     there is said in our one line, the stage is not run again, its result is kept. A full disk inside a stage,
     in a write that is not ours, is our DiskFullError: exit 2, not retried."""
-    import builtins
     import errno
     import logging
     from pathlib import Path
@@ -104,24 +104,32 @@ def test_a_full_disk_while_prefect_writes_a_result_is_named_and_not_retried(
         with stage_results(results):
             return toy.with_options(retry_delay_seconds=0)(x)
 
-    real_open = builtins.open
+    with caplog.at_level(logging.INFO):
+        assert run(1) == {"x": 1}
+    (record,) = results.iterdir()  # written whole, under its own name: no temporary file left beside it
+    assert json.loads(record.read_text())["result"] and not record.name.startswith(".")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # Prefect logs a failed write, no more
+    caplog.clear()
 
-    def full_open(file, mode="r", *args, **kwargs):
-        if "w" in mode and Path(file).parent == results.resolve():  # Prefect's write of the record only
-            raise OSError(errno.ENOSPC, "No space left on device", str(file))
-        return real_open(file, mode, *args, **kwargs)
+    real_write = Path.write_bytes
 
-    monkeypatch.setattr(builtins, "open", full_open)
+    def full(self: Path, data: bytes) -> int:
+        if self.parent == results.resolve():  # the write of the record (to its temporary name) only
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real_write(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full)
     with caplog.at_level(logging.INFO):
         assert run(2) == {"x": 2}  # the stage's result is kept
-    monkeypatch.setattr(builtins, "open", real_open)
-    assert calls == [2]  # run once: a full disk is not retried
+    monkeypatch.setattr(Path, "write_bytes", real_write)
+    assert calls == [1, 2]  # run once: a full disk is not retried
     said = [r for r in caplog.records if "disk is full" in r.getMessage()]
     assert said and all(r.levelname == "WARNING" and r.exc_info is None for r in said), said
     assert f"could not write {results.resolve()}" in said[0].getMessage()
+    assert list(results.iterdir()) == [record]  # no second record, whole or half, and no temporary file
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR and r.name == "prefect.task_runs"]
 
     with pytest.raises(DiskFullError) as caught:
         run(3)
-    assert calls == [2, 3] and exit_code(caught.value) == 2 and caught.value.stage == "toy"
+    assert calls == [1, 2, 3] and exit_code(caught.value) == 2 and caught.value.stage == "toy"
     assert str(caught.value).startswith(f"the disk is full: could not write {tmp_path / 'model.bin'}")

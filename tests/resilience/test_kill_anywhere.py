@@ -178,7 +178,8 @@ def _check_caption(path: Path) -> None:
 
 
 def _check_other(path: Path) -> bool:
-    """A digest stamp or JSON by its content; False: a format this test does not know (counted, not judged)."""
+    """A digest stamp or JSON by its content; False: a format this test does not know (the test fails on it: a
+    new kind of file needs its check here)."""
     text = path.read_text(encoding="utf-8")
     if STAMP.match(text):
         return True
@@ -215,9 +216,7 @@ def audit(subject: Path) -> dict:
             elif path.suffix == ".txt" and rel.parts[0] == "training_images":
                 _check_caption(path)
             elif path.parent == layout.prefect_results:
-                # Prefect writes its result records in place (LocalFileSystem.write_path): a kill mid-write
-                # leaves a truncated one, which its cache lookup reads as a miss, so the stage runs again.
-                # Counted apart and reported; the re-runs below show it does no harm.
+                # Prefect's result records, written atomically (tasks.result_files): whole JSON, or absent.
                 try:
                     json.loads(path.read_text(encoding="utf-8"))
                 except ValueError:
@@ -446,6 +445,8 @@ def test_killed_anywhere_a_rerun_finishes_with_the_unkilled_outputs(builtin_mode
 
     assert code == 0, f"the run after {len(kills)} kills failed (seed {seed}):\n{last.tail()}"
     assert not figures["half_written"], figures["half_written"]
+    assert not figures["prefect_records_truncated"], [k["prefect_partial"] for k in kills if k["prefect_partial"]]
+    assert not figures["unknown_formats"], f"files this audit cannot judge: {figures['unknown_formats']}"
     assert not figures["temp_files_after_last_run"], figures["temp_files_after_last_run"]
     assert set(figures["hits"]) >= set(STEPS), f"steps never killed: {set(STEPS) - set(figures['hits'])}"
     assert not diffs, f"seed {seed}: the outputs differ from the unkilled run's: {diffs}"
