@@ -235,8 +235,15 @@ def leftover_processes() -> list[str]:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """`make test` leaves no process behind: whatever a test started must be gone when the tests end."""
+    # The fork server of the check stages' workers (lora_core.checks.workers), and its resource tracker, are
+    # pytest's own, like its threads: they end with pytest, as they end with the command line. Stopped here, so
+    # that what is counted is what the tests started and left.
+    import multiprocessing.forkserver
+    import multiprocessing.resource_tracker
     import time
 
+    getattr(multiprocessing.forkserver._forkserver, "_stop", lambda: None)()
+    getattr(multiprocessing.resource_tracker._resource_tracker, "_stop", lambda: None)()  # the server's tracker
     deadline = time.monotonic() + 15  # a server being stopped gets its moment
     while (left := leftover_processes()) and time.monotonic() < deadline:
         time.sleep(0.5)

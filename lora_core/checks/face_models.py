@@ -99,6 +99,10 @@ class FaceModels:
         self._descriptor = dlib.face_recognition_model_v1(str(folder / _DESCRIPTOR))
         self.identity = f"dlib-{dlib.__version__}:hog+{_LANDMARKS}+{_DESCRIPTOR}"
 
+    def __reduce__(self) -> tuple:
+        """Pickled as "the process's own models": a worker process loads them once, not the bytes of dlib's."""
+        return (face_models, ())
+
     def detect(self, rgb: np.ndarray, max_side: int = 800) -> list[Face]:
         """Faces in an RGB uint8 array, best first.
 

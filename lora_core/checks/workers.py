@@ -4,12 +4,17 @@ Ingest decodes on threads: Pillow releases the GIL while it decodes, resizes
 and compresses PNG, and `bench.ingest_speed` measured threads and processes at
 the same speed-up on 2 cores. The checks cannot: dlib's face models hold the
 GIL while they run (two threads measured 1.06x one), so their photos go to
-worker processes, forked: each inherits the models and the work function
-already set up in the parent, and only each photo's item (a path) and its
-small result are pickled. Either way results are placed by index, so a
-parallel run writes exactly what a sequential one does. Where forking is not
-the platform's safe default (macOS, Windows) process work runs here, one
-photo after another.
+worker processes. These come from a fork server (`multiprocessing`'s
+"forkserver"), never from a fork of this process: here Prefect's threads
+(its API client, its log and event senders) run, and a fork beside threads
+can copy a lock one of them holds, which the child then waits on forever.
+The fork server is a fresh interpreter with the work's module imported once;
+each pool's workers fork from it and get the work (a module-level function,
+or a partial of one, with picklable arguments; the face models pickle as "this
+process's own", loaded once per worker) when they start. Only each photo's
+item (a path) and its small result are pickled after that. Results are placed
+by index, so a parallel run writes exactly what a sequential one does. Where
+there is no fork server (Windows) process work runs here, one photo after another.
 
 How many workers: the cores this process may run on (`os.sched_getaffinity`:
 taskset, cpusets), and no more than torch's thread count once torch is loaded,
@@ -63,10 +68,26 @@ def photo_workers(photos: int, workers: int | None = None) -> int:
     return max(1, min(wanted, photos // MIN_PHOTOS_PER_WORKER or 1))
 
 
-def _can_fork() -> bool:
-    """Linux, and not itself a daemonic worker (which may not start processes)."""
-    linux = sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
-    return linux and not multiprocessing.current_process().daemon
+def _can_use_processes() -> bool:
+    """A fork server here (Linux, macOS), and not itself a daemonic worker (which may not start processes)."""
+    forkserver = "forkserver" in multiprocessing.get_all_start_methods()
+    return forkserver and not multiprocessing.current_process().daemon
+
+
+def _process_context(work: Callable[[Any], Any]) -> multiprocessing.context.BaseContext:
+    """The fork server's context; when it is not running yet, it will import `work`'s module once, so that
+    every worker forked from it has it (not `__main__`: that would start the command line's imports again)."""
+    context = multiprocessing.get_context("forkserver")
+    function = getattr(work, "func", work)  # a partial's function
+    module = getattr(function, "__module__", None)
+    if module and module != "__main__":
+        context.set_forkserver_preload([module])
+    return context
+
+
+def _install(job: int, work: Callable[[Any], Any]) -> None:
+    """A worker's start: the job's work, unpickled once."""
+    _JOBS[job] = work
 
 
 def _run_one(job: int, item: Any) -> Any:
@@ -86,23 +107,22 @@ def run_per_photo(
     `items` is taken lazily, here, a few ahead of the workers, so a generator
     that reads files keeps only those in memory (give `count`, how many there
     may be, for a generator). On `threads` for work that releases the GIL;
-    otherwise on forked processes: `work` may still be any callable, a closure
-    or a bound method included (the workers inherit it), but items and results
-    must pickle. An exception in `work` is raised here, and the items not yet
-    started are cancelled.
+    otherwise on the fork server's processes: `work`, items and results must
+    pickle (a module-level function or a partial of one; not a closure). An
+    exception in `work` is raised here, and the items not yet started are cancelled.
     """
     total = count if count is not None else len(items)  # type: ignore[arg-type]
     count = photo_workers(total, workers)
-    if count < 2 or not (threads or _can_fork()):
+    if count < 2 or not (threads or _can_use_processes()):
         for index, item in enumerate(items):
             yield index, work(item)
         return
     job = next(_JOB_IDS)
-    _JOBS[job] = work  # before the pool forks its workers, at the first submit
+    _JOBS[job] = work  # for the threads; the processes get it pickled, once each, as they start
     pool: Executor = (
         ThreadPoolExecutor(count, thread_name_prefix="photo")
         if threads
-        else ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("fork"))
+        else ProcessPoolExecutor(count, mp_context=_process_context(work), initializer=_install, initargs=(job, work))
     )
     ahead = enumerate(items)
     pending: dict[Future, int] = {}

@@ -217,12 +217,24 @@ def test_run_per_photo_uses_worker_processes_and_keeps_the_order():
     results = dict(run_per_photo(_square_and_pid, list(range(12)), workers=2))
     assert [results[i][0] for i in range(12)] == [i * i for i in range(12)]
     pids = {pid for _, pid in results.values()}
-    if workers._can_fork():
+    if workers._can_use_processes():
         assert len(pids) == 2 and os.getpid() not in pids
     here = dict(run_per_photo(_square_and_pid, [1, 2], workers=1))
     assert {pid for _, pid in here.values()} == {os.getpid()}
     with pytest.raises(ValueError, match="negative: -1"):
         list(run_per_photo(_square_and_pid, [1, 2, -1, 3, 4, 5], workers=2))
+
+
+def _parent_pid(_: int) -> int:
+    return os.getppid()
+
+
+@pytest.mark.skipif(not workers._can_use_processes(), reason="no fork server on this platform")
+def test_worker_processes_are_not_forks_of_this_process():
+    """Forked beside Prefect's threads, a worker could inherit a lock one of them held; the workers come from
+    the fork server, a process without those threads: their parent is not this process."""
+    parents = {parent for _, parent in run_per_photo(_parent_pid, list(range(8)), workers=2)}
+    assert os.getpid() not in parents and len(parents) == 1, parents
 
 
 def test_run_per_photo_takes_items_a_few_ahead_of_the_workers():
@@ -236,7 +248,7 @@ def test_run_per_photo_takes_items_a_few_ahead_of_the_workers():
 
     results = run_per_photo(_square_and_pid, items(), workers=2, count=40)
     first, _ = next(results)
-    if workers._can_fork():
+    if workers._can_use_processes():
         assert len(pulled) <= workers.IN_FLIGHT_PER_WORKER * 2, "only the items in flight were read"
     assert sorted([first, *(index for index, _ in results)]) == list(range(40))
 
@@ -255,17 +267,22 @@ def portrait_set(tmp_path_factory, portraits):
     return layouts, rows
 
 
-def test_the_checks_on_worker_processes_find_what_one_process_does(portrait_set, tmp_path, monkeypatch):
+_ANALYSE = lora_core.dataset.orient._analyse
+
+
+def _analyse_and_note(path: Path, models):
+    """orient's `_analyse`, noting the process it ran in beside the photos' layouts (a worker process gets its
+    work pickled by name: this function, from this module, not a closure)."""
+    root = next(folder for folder in Path(path).parents if folder.name.startswith("portraits"))
+    with open(root / "pids", "a") as handle:
+        handle.write(f"{os.getpid()}\n")
+    return _ANALYSE(path, models)
+
+
+def test_the_checks_on_worker_processes_find_what_one_process_does(portrait_set, monkeypatch):
     (one, two), (rows_one, rows_two) = portrait_set
-    pids = tmp_path / "pids"
-    analyse = lora_core.dataset.orient._analyse
-
-    def analyse_and_note(path, models):
-        with open(pids, "a") as handle:
-            handle.write(f"{os.getpid()}\n")
-        return analyse(path, models)
-
-    monkeypatch.setattr(lora_core.dataset.orient, "_analyse", analyse_and_note)
+    pids = one.root.parents[1] / "pids"
+    monkeypatch.setattr(lora_core.dataset.orient, "_analyse", _analyse_and_note)
     settings = CheckSettings()
     reports: list[str] = []
     alone = orient_subject(one, rows_one, settings, show_progress=False, workers=1)
@@ -273,7 +290,7 @@ def test_the_checks_on_worker_processes_find_what_one_process_does(portrait_set,
     shared = orient_subject(
         two, rows_two, settings, show_progress=False, workers=2, on_photo=lambda name, *_: reports.append(name)
     )
-    if workers._can_fork():
+    if workers._can_use_processes():
         seen = set(pids.read_text().split())
         assert len(seen) == 2 and str(os.getpid()) not in seen, "two worker processes analysed the photos"
     assert sorted(reports) == sorted(row["source"] for row in rows_two if row["status"] == "accepted")
