@@ -104,21 +104,12 @@ def train_subject(
     """
     named = {"base_model": base_model, "caption_model": caption_model, "subject_type": subject_type}
     named |= {"mirror_policy": mirror_policy, "quality_policy": quality_policy}
-    given = config is not None
+    origin = COMMAND_LINE if config else FORM  # errors name flags, or the UI form's fields
     config = config or subject_config(preset, config_file, overrides, **named, origin=str(FORM))
     workdir, report = Path(workdir), Report(stop_after)
     share_cpu()  # several subjects on this worker: each its share of the cores
-    # A missing model or a bad starting LoRA fails now, not after captioning; named as the form's fields
-    # when the run came from the UI or a deployment, as flags when the command line checked it already.
-    origin = COMMAND_LINE if given else FORM
-    preflight(
-        config,
-        device,
-        origin,
-        photos=Path(photos),
-        captions=report.reaches("captions"),
-        training=report.reaches("train"),
-    )
+    stages = {"captions": report.reaches("captions"), "training": report.reaches("train")}
+    preflight(config, device, origin, photos=Path(photos), **stages)  # a missing model: now, not after captions
     layout = SubjectLayout(workdir, token)
     with subject_lock(layout.lock, layout.root), stage_results(layout.prefect_results, report.cached):
         layout.move_old_bookkeeping()  # a folder from before `.pipeline/` keeps its caches
