@@ -133,3 +133,34 @@ def test_a_full_disk_while_prefect_writes_a_result_is_named_and_not_retried(
         run(3)
     assert calls == [1, 2, 3] and exit_code(caught.value) == 2 and caught.value.stage == "toy"
     assert str(caught.value).startswith(f"the disk is full: could not write {tmp_path / 'model.bin'}")
+
+
+def test_the_round_s_loss_chart_is_drawn_once_per_set_of_numbers(prefect_harness, monkeypatch):
+    """A cached re-run publishes the same loss chart for its own run, without drawing it again; new numbers
+    are drawn."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    import tasks.artifacts
+
+    drawn = []
+    real = tasks.artifacts.loss_figure
+    monkeypatch.setattr(tasks.artifacts, "loss_figure", lambda *a, **k: drawn.append(1) or real(*a, **k))
+
+    @flow
+    def round_of(losses: list[float]) -> None:
+        progress = tasks.artifacts.TrainingProgress("ch4rt", 1, 2)
+        progress.epoch_done(1, losses[:2], [1e-4, 1e-4])
+        progress.epoch_done(2, losses[2:], [1e-4, 1e-4])
+        progress.round_done()
+
+    round_of([1.0, 0.9, 0.8, 0.7])
+    round_of([1.0, 0.9, 0.8, 0.7])  # the cached re-run: the same numbers
+    assert len(drawn) == 1
+    round_of([1.0, 0.9, 0.8, 0.6])
+    assert len(drawn) == 2
+    with get_client(sync_client=True) as client:
+        key = artifact_key("ch4rt", "training-loss")
+        versions = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    assert len(versions) == 3 and all("data:image/png;base64," in v.data for v in versions)
+    assert len({v.flow_run_id for v in versions}) == 3  # each run has its chart

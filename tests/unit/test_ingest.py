@@ -380,3 +380,27 @@ def test_layout_intact_notices_a_deleted_image(tmp_path, good_folder):
     assert layout_intact(layout)
     next(result.class_dir.glob("*.png")).unlink()
     assert not layout_intact(layout)
+
+
+def test_a_manifest_is_validated_once_per_version_of_the_file(tmp_path, good_folder, monkeypatch):
+    """A cached re-run checks the manifest at every stage: validated once, and again whenever the file changed,
+    an edit in place of the same length included."""
+    import lora_core.dataset.manifest as manifest
+
+    layout = SubjectLayout(tmp_path / "work", "t0k3n")
+    ingest(good_folder, layout, show_progress=False)
+    reads = []
+    real = manifest._read_manifest
+    monkeypatch.setattr(manifest, "_read_manifest", lambda path: reads.append(path) or real(path))
+    first = read_manifest(layout.manifest)
+    second = read_manifest(layout.manifest)
+    assert len(reads) == 1 and first.equals(second)
+    second.loc[0, "status"] = "changed by the caller"  # each caller gets its own copy
+    assert read_manifest(layout.manifest).equals(first)
+    text = layout.manifest.read_text()
+    damaged = text.replace(",accepted,", ",acceptex,", 1)
+    assert len(damaged) == len(text) and damaged != text
+    layout.manifest.write_text(damaged)  # in place, same length
+    with pytest.raises(Exception, match="acceptex"):
+        read_manifest(layout.manifest)
+    assert not layout_intact(layout)
