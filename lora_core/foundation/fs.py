@@ -128,10 +128,10 @@ def _disk_full_named(path: Path) -> Iterator[None]:
 def disk_full(err: BaseException, path: Path | str | None = None) -> DiskFullError | None:
     """The `DiskFullError` naming `path` (default: the file the error names) that `err` is, when it says the disk
     or quota is full; None for any other error. For writes that are not ours (Prefect's result records)."""
-    if not isinstance(err, OSError) or err.errno not in _DISK_FULL:
-        return None
     if isinstance(err, DiskFullError):
         return err
+    if not isinstance(err, OSError) or err.errno not in _DISK_FULL:
+        return None
     path = Path(path if path is not None else err.filename or ".")
     try:
         free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
