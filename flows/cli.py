@@ -260,6 +260,7 @@ def check_args(args: argparse.Namespace) -> LoraConfig:
             config,
             args.device,
             photos=args.photos,
+            workdir=args.workdir,
             captions=stages.reaches("captions"),
             training=stages.reaches("train"),
         )

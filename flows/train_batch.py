@@ -24,7 +24,8 @@ from uuid import UUID
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.client.schemas.responses import SetStateStatus
 from prefect.deployments import run_deployment
 from prefect.states import Cancelled, Cancelling, Completed, Failed, State
 
@@ -92,12 +93,14 @@ def wait_for(
                     done[run_id] = run
                     waiting.discard(run_id)
                 elif run_id in cancelled and time.monotonic() - cancelled[run_id] > grace:
-                    client.set_flow_run_state(run_id, Cancelled(message=run.state.message), force=True)
+                    if run.state is not None and run.state.type == StateType.CANCELLING:  # still: nobody stops it
+                        client.set_flow_run_state(run_id, Cancelled(message=run.state.message), force=True)
                 elif run_id not in cancelled and overdue(run, limits.get(run_id), now=datetime.now(UTC)):
                     message = f"over its timeout_minutes ({limits[run_id]:g}): cancelled by the batch"
-                    client.set_flow_run_state(run_id, Cancelling(message=message), force=True)
-                    get_run_logger().warning("batch: %s %s", run.name, message)
-                    cancelled[run_id] = time.monotonic()
+                    # Not forced, as `prefect flow-run cancel` does: a run that finished meanwhile stays finished.
+                    if client.set_flow_run_state(run_id, Cancelling(message=message)).status == SetStateStatus.ACCEPT:
+                        get_run_logger().warning("batch: %s %s", run.name, message)
+                        cancelled[run_id] = time.monotonic()
             if waiting:
                 time.sleep(poll)
     return done, set(cancelled)

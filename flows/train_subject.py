@@ -51,7 +51,7 @@ from lora_core.families.loading import require_base_model
 from lora_core.foundation.fs import remove_stale_temps, sha256_file
 from lora_core.foundation.layout import BOOKKEEPING, SubjectLayout
 from lora_core.foundation.lock import subject_lock
-from lora_core.foundation.origin import COMMAND_LINE, FORM
+from lora_core.foundation.origin import COMMAND_LINE, FORM, Origin
 from lora_core.setup.preflight import preflight
 from lora_core.setup.resolve import subject_config
 from tasks.artifacts import TrainingProgress
@@ -104,12 +104,12 @@ def train_subject(
     """
     named = {"base_model": base_model, "caption_model": caption_model, "subject_type": subject_type}
     named |= {"mirror_policy": mirror_policy, "quality_policy": quality_policy}
-    origin = COMMAND_LINE if config else FORM  # errors name flags, or the UI form's fields
+    origin = COMMAND_LINE if config else _form_or_batch(token)  # errors name flags, form fields or batch keys
     config = config or subject_config(preset, config_file, overrides, **named, origin=str(FORM))
     workdir, report = Path(workdir), Report(stop_after)
     share_cpu()  # several subjects on this worker: each its share of the cores
     stages = {"captions": report.reaches("captions"), "training": report.reaches("train")}
-    preflight(config, device, origin, photos=Path(photos), **stages)  # a missing model: now, not after captions
+    preflight(config, device, origin, photos=Path(photos), workdir=workdir, **stages)  # now, not after captions
     layout = SubjectLayout(workdir, token)
     with subject_lock(layout.lock, layout.root), stage_results(layout.prefect_results, report.cached):
         layout.move_old_bookkeeping()  # a folder from before `.pipeline/` keeps its caches
@@ -136,6 +136,16 @@ def train_subject(
             return report.summary
         train_and_select(start_run(layout, config, device, base_model_config), report)
     return report.summary
+
+
+def _form_or_batch(token: str) -> Origin:
+    """A run from the UI's form or a deployment's parameters; or, started by a train-batch run (a subflow of
+    it), that batch file's entry for `token`."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    started_by_a_batch = context is not None and context.flow_run.parent_task_run_id is not None
+    return Origin.batch(f"the batch file's entry for {token}") if started_by_a_batch else FORM
 
 
 def train_and_select(run: TrainRequest, report: Report) -> None:

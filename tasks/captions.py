@@ -13,11 +13,7 @@ from tasks.artifacts import publish_captions
 from tasks.caching import CodeVersion
 from tasks.stage import stage
 
-CAPTIONS_CACHE = (
-    TASK_SOURCE
-    + INPUTS
-    + CodeVersion.of_task(__name__)
-)
+CAPTIONS_CACHE = TASK_SOURCE + INPUTS + CodeVersion.of_task(__name__)
 
 
 def _outputs_intact(

@@ -17,10 +17,7 @@ from tasks.caching import CodeVersion, InputContent
 from tasks.stage import stage
 
 INGEST_CACHE = (
-    TASK_SOURCE
-    + INPUTS
-    + InputContent(parameter="photos", exclude_parameter="layout")
-    + CodeVersion.of_task(__name__)
+    TASK_SOURCE + INPUTS + InputContent(parameter="photos", exclude_parameter="layout") + CodeVersion.of_task(__name__)
 )
 
 

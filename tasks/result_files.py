@@ -46,11 +46,16 @@ class AtomicResultFiles(LocalFileSystem):
 
 def result_files(folder: Path) -> AtomicResultFiles:
     """The saved storage block for `folder` on the current Prefect API (saved on first use in this process)."""
+    from prefect.exceptions import ObjectAlreadyExists
     from prefect.settings import PREFECT_API_URL
 
     key = (str(folder), str(PREFECT_API_URL.value()))
     if key not in _SAVED:
         block = AtomicResultFiles(basepath=str(folder))
-        block.save(f"lora-results-{hashlib.sha256(str(folder).encode()).hexdigest()[:12]}", overwrite=True)
+        name = f"lora-results-{hashlib.sha256(str(folder).encode()).hexdigest()[:12]}"
+        try:
+            block.save(name, overwrite=True)
+        except ObjectAlreadyExists:  # another subject registered the block type at the same moment: it is there now
+            block.save(name, overwrite=True)
         _SAVED[key] = block
     return _SAVED[key]

@@ -35,11 +35,7 @@ from tasks.caching import CodeVersion
 from tasks.stage import stage, step
 from tasks.train import lend_trainer
 
-SELECT_CACHE = (
-    TASK_SOURCE
-    + INPUTS
-    + CodeVersion.of_task(__name__)
-)
+SELECT_CACHE = TASK_SOURCE + INPUTS + CodeVersion.of_task(__name__)
 
 # The loaded base model with a LoRA network on it, shared by the samples and txt2img tasks of one run
 # (keyed by its folder first): subjects running in one process never share or free each other's.

@@ -40,7 +40,8 @@ class _DiskFullRecord(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if (named := disk_full(error)) is not None:
+        committing = str(record.msg).startswith("An error was encountered while committing transaction")
+        if committing and (named := disk_full(error)) is not None:
             record.msg, record.args, record.exc_info, record.exc_text = f"{named}", (), None, None
             record.msg += " (this stage's result is kept; only its cache record is missing: it runs again next time)"
             record.levelno, record.levelname = logging.WARNING, "WARNING"

@@ -46,11 +46,7 @@ from tasks.stage import stage
 # running in one process never share or free each other's models.
 _TRAINERS: dict[str, Trainer] = {}
 
-TRAIN_CACHE = (
-    TASK_SOURCE
-    + INPUTS
-    + CodeVersion.of_task(__name__)
-)
+TRAIN_CACHE = TASK_SOURCE + INPUTS + CodeVersion.of_task(__name__)
 
 
 def release_trainers(run_key: str) -> None:

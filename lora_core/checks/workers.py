@@ -8,13 +8,14 @@ worker processes. These come from a fork server (`multiprocessing`'s
 "forkserver"), never from a fork of this process: here Prefect's threads
 (its API client, its log and event senders) run, and a fork beside threads
 can copy a lock one of them holds, which the child then waits on forever.
-The fork server is a fresh interpreter with the work's module imported once;
+The fork server is a fresh interpreter (no Prefect, no stage code running) with
+the work's module imported once;
 each pool's workers fork from it and get the work (a module-level function,
 or a partial of one, with picklable arguments; the face models pickle as "this
 process's own", loaded once per worker) when they start. Only each photo's
 item (a path) and its small result are pickled after that. Results are placed
-by index, so a parallel run writes exactly what a sequential one does. Where
-there is no fork server (Windows) process work runs here, one photo after another.
+by index, so a parallel run writes exactly what a sequential one does. Off Linux
+(untested there) process work runs here, one photo after another.
 
 How many workers: the cores this process may run on (`os.sched_getaffinity`:
 taskset, cpusets), and no more than torch's thread count once torch is loaded,
@@ -28,8 +29,10 @@ import itertools
 import multiprocessing
 import os
 import sys
+import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -69,9 +72,25 @@ def photo_workers(photos: int, workers: int | None = None) -> int:
 
 
 def _can_use_processes() -> bool:
-    """A fork server here (Linux, macOS), and not itself a daemonic worker (which may not start processes)."""
-    forkserver = "forkserver" in multiprocessing.get_all_start_methods()
-    return forkserver and not multiprocessing.current_process().daemon
+    """Linux (its fork server is tested here; elsewhere the work runs in this process), and not itself a
+    daemonic worker (which may not start processes)."""
+    linux = sys.platform.startswith("linux") and "forkserver" in multiprocessing.get_all_start_methods()
+    return linux and not multiprocessing.current_process().daemon
+
+
+@contextmanager
+def _plain_main() -> Iterator[None]:
+    """`__main__` as an empty module while the pool starts its workers. A worker runs the parent's main module
+    again (multiprocessing does, for work defined there); ours is the command line's
+    (`python -m flows.train_subject`), whose imports (torch, Prefect, every stage) a worker does not need:
+    3.3 s and hundreds of MB each. The work is never in `__main__`: it is pickled by its module's name."""
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if main is not None:
+            sys.modules["__main__"] = main
 
 
 def _process_context(work: Callable[[Any], Any]) -> multiprocessing.context.BaseContext:
@@ -128,8 +147,9 @@ def run_per_photo(
     pending: dict[Future, int] = {}
     try:
         while True:
-            for index, item in itertools.islice(ahead, IN_FLIGHT_PER_WORKER * count - len(pending)):
-                pending[pool.submit(_run_one, job, item)] = index
+            with nullcontext() if threads else _plain_main():  # a submit may start a worker process
+                for index, item in itertools.islice(ahead, IN_FLIGHT_PER_WORKER * count - len(pending)):
+                    pending[pool.submit(_run_one, job, item)] = index
             if not pending:
                 return
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)

@@ -31,16 +31,20 @@ class CaptionModelError(UserError, RuntimeError):
     """The captioning model cannot be loaded; the message says how to fix it."""
 
 
-def check_caption_model(spec: str, origin: Origin = COMMAND_LINE) -> None:
+def check_caption_model(spec: str, origin: Origin = COMMAND_LINE, *, hub: bool = True) -> None:
     """The caption model is there, before any work: a builtin, a local model folder, or a hub id in the local
-    Hugging Face cache or on a hub that answers. Nothing is loaded. Raises the `CaptionModelError` that
-    captioning would raise after ingest, checks and crop, naming the setting as `origin` spells it."""
+    Hugging Face cache or on a hub that answers (`hub` False: not looked for here). Nothing is loaded.
+    Raises the `CaptionModelError` that captioning would raise after ingest, checks and crop, naming the
+    setting as `origin` spells it."""
     if is_builtin(spec):
         if spec != TINY:
             raise CaptionModelError(f"caption model {spec!r} ({origin.name('caption_model')}): the builtin is {TINY}")
         return
-    source, local = BlipCaptioner(spec)._folder_or_id()  # a bad local path raises here
-    if local:
+    try:
+        source, local = BlipCaptioner(spec)._folder_or_id()  # a bad local path raises here
+    except CaptionModelError as err:
+        raise CaptionModelError(f"{err} ({origin.name('caption_model')})") from None
+    if local or not hub:
         return
     from huggingface_hub import try_to_load_from_cache
 
@@ -53,8 +57,8 @@ def check_caption_model(spec: str, origin: Origin = COMMAND_LINE) -> None:
         ) from None
     why = hub_unreachable(source)
     if why:
-        message = offline_help("caption model", source, "caption_model", "captioning.model", TINY, origin)
-        raise CaptionModelError(f"{message} ({why})")
+        message = offline_help("caption model", source, why, "caption_model", "captioning.model", TINY, origin)
+        raise CaptionModelError(message)
 
 
 class BlipCaptioner:
@@ -117,8 +121,9 @@ class BlipCaptioner:
                 raise CaptionModelError(f"caption model {self.spec!r}: cannot load it: {err}") from err
             why = hub_unreachable(source)
             if why:
-                message = offline_help("caption model", source, "caption_model", "captioning.model", TINY, COMMAND_LINE)
-                raise CaptionModelError(f"{message} ({why})") from None
+                field = "captioning.model"
+                message = offline_help("caption model", source, why, "caption_model", field, TINY, COMMAND_LINE)
+                raise CaptionModelError(message) from None
             try:
                 processor, model = from_pretrained()
             except OSError as err:  # a typo'd or private repo: the hub answers, but not with a model

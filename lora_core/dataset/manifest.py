@@ -7,6 +7,8 @@ accepted).
 
 from __future__ import annotations
 
+import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -163,24 +165,24 @@ def write_manifest(path: Path, rows: list[dict]) -> pd.DataFrame:
     return frame
 
 
-# Validated manifests of this process, by file: (inode, mtime, size) and the frame. A cached re-run checks the
-# manifest once per stage, and pandera's validation took 0.2 s each time (`bench.rerun`); every write is an
-# atomic rename (a new inode), and an edit in place changes the mtime.
-_VALIDATED: dict[Path, tuple[tuple[int, int, int], pd.DataFrame]] = {}
+# Validated manifests of this process, by file: the digest of its bytes and the frame. A cached re-run checks
+# the manifest once per stage, and pandera's validation took 0.2 s each time (`bench.rerun`); hashing the
+# bytes takes microseconds, and no edit, whatever its length or time stamp, goes unseen.
+_VALIDATED: dict[Path, tuple[str, pd.DataFrame]] = {}
 
 
 def read_manifest(path: Path) -> pd.DataFrame:
-    """Read and validate a manifest written by `write_manifest` (validated once per version of the file)."""
+    """Read and validate a manifest written by `write_manifest` (validated once per content of the file)."""
     path = Path(path).absolute()
-    stat = path.stat()
-    version = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    data = path.read_bytes()
+    version = hashlib.sha256(data).hexdigest()
     known = _VALIDATED.get(path)
     if known is None or known[0] != version:
-        known = _VALIDATED[path] = (version, _read_manifest(path))
+        known = _VALIDATED[path] = (version, _read_manifest(io.BytesIO(data)))
     return known[1].copy()
 
 
-def _read_manifest(path: Path) -> pd.DataFrame:
+def _read_manifest(path: Path | io.BytesIO) -> pd.DataFrame:
     numeric = _INT_COLUMNS + _FLOAT_COLUMNS
     frame = pd.read_csv(
         path,

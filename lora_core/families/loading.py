@@ -65,12 +65,15 @@ def require_base_model(spec: str | None, origin: Origin = COMMAND_LINE) -> str:
     return spec
 
 
-def check_base_model(spec: str | None, family: str | None = None, origin: Origin = COMMAND_LINE) -> None:
+def check_base_model(
+    spec: str | None, family: str | None = None, origin: Origin = COMMAND_LINE, *, hub: bool = True
+) -> None:
     """The base model is there, before any work: one of our builtins, a local diffusers folder or
     checkpoint of the named family, or a hub id in the local Hugging Face cache or on a hub that answers.
 
     Raises the `BaseModelError` that loading it would raise after the dataset stages, at once instead,
-    naming the setting as `origin` (command line, form, batch file) spells it.
+    naming the setting as `origin` (command line, form, batch file) spells it. `hub` False: a hub id is not
+    looked for in this machine's cache or on the hub (another machine trains).
     """
     spec = require_base_model(spec, origin)
     named = family_named(family) if family else None
@@ -84,15 +87,18 @@ def check_base_model(spec: str | None, family: str | None = None, origin: Origin
             raise BaseModelError(_mismatch(spec, found, named.name))
         return
     path = Path(spec).expanduser()
-    found, _ = _recognise(spec, path, spec, named)
+    try:
+        found, _ = _recognise(spec, path, spec, named)
+    except BaseModelError as err:  # not there, or not a model: named as the setting it came from
+        raise BaseModelError(f"{err} ({origin.name('base_model')})") from None
     if named is not None and found is not None and found is not named:
         raise BaseModelError(_mismatch(spec, found, named.name))
-    if path.exists() or _cached(spec):
+    if path.exists() or not hub or _cached(spec):
         return
     why = hub_unreachable(spec)
     if why:
-        message = offline_help("base model", spec, "base_model", "pretrained_model_name_or_path", _BUILTINS, origin)
-        raise BaseModelError(f"{message} ({why})")
+        field = "pretrained_model_name_or_path"
+        raise BaseModelError(offline_help("base model", spec, why, "base_model", field, _BUILTINS, origin))
 
 
 def _cached(repo_id: str) -> bool:
@@ -186,8 +192,8 @@ def load_base_model(
             why = hub_unreachable(source)
             if why:
                 field = "pretrained_model_name_or_path"
-                message = offline_help("base model", source, "base_model", field, _BUILTINS, COMMAND_LINE)
-                raise BaseModelError(f"{message} ({why})") from None
+                message = offline_help("base model", source, why, "base_model", field, _BUILTINS, COMMAND_LINE)
+                raise BaseModelError(message) from None
             model = chosen.load(source, loader, options, parts or {})
     except BaseModelError:
         raise

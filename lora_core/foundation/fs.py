@@ -132,9 +132,15 @@ def disk_full(err: BaseException, path: Path | str | None = None) -> DiskFullErr
         return err
     if not isinstance(err, OSError) or err.errno not in _DISK_FULL:
         return None
-    path = Path(path if path is not None else err.filename or ".")
+    where = path if path is not None else err.filename
+    if where is None:  # a write() or flush() names no file
+        return DiskFullError(
+            "the disk is full: a write failed; the files written before are intact: free some space and run the "
+            "same command again to continue"
+        )
+    path = Path(where)
     try:
-        free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
+        free = f"{shutil.disk_usage(path if path.is_dir() else path.parent).free / 2**20:.0f} MiB free there"
     except OSError:
         free = "free space unknown"
     return DiskFullError(

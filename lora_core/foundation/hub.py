@@ -56,12 +56,14 @@ def hub_unreachable(repo_id: str, timeout: float = 5.0) -> str | None:
     return None
 
 
-def offline_help(what: str, repo_id: str, setting: Setting, field: str, builtin: str, origin: Origin) -> str:
-    """The message for a model that is neither cached nor downloadable; `setting` named as `origin` spells it,
-    `field` the config file's name for it."""
+def offline_help(what: str, repo_id: str, why: str, setting: Setting, field: str, builtin: str, origin: Origin) -> str:
+    """The message for a model that is neither cached nor downloadable (`why`: `hub_unreachable`'s answer);
+    `setting` named as `origin` spells it, `field` the config file's name for it."""
+    if why.endswith(f"answered 404 for {repo_id}"):  # the hub answers: no such model, most likely a typo
+        return f"{what} {repo_id!r} ({origin.name(setting)}): the hub has no such model (404): check the id"
     return (
         f"{what} {repo_id!r} is not in the local Hugging Face cache and the hub is unreachable. On a machine "
         f"with network, run `hf download {repo_id} --local-dir DIR`, copy DIR here, and "
         f"{origin.give(setting, 'DIR')} (or set {field} in the config). For a run with no model at all, "
-        f"{origin.give(setting, builtin)}."
+        f"{origin.give(setting, builtin)}. ({why})"
     )

@@ -29,11 +29,11 @@ _FIELDS: dict[str, str] = {
     "device": "device",
     "network_weights": "overrides.network_weights",
 }
-# A batch file's subject keys (`lora_core.setup.subjects.BatchSubject`).
+# A batch file's subject keys (`lora_core.setup.subjects.BatchSubject`); the device is the worker's own.
 _KEYS: dict[str, str] = {
     "base_model": "base_model",
     "caption_model": "caption_model",
-    "device": "device",
+    "device": "device (of the worker's train-subject deployment: a batch does not set it)",
     "network_weights": "overrides: {network_weights: ...}",
 }
 

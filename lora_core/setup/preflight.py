@@ -27,12 +27,17 @@ def preflight(
     origin: Origin = COMMAND_LINE,
     *,
     photos: Path | None = None,
+    workdir: Path | None = None,
     captions: bool = True,
     training: bool = True,
+    hub: bool = True,
 ) -> None:
     """The device; the base model and the starting LoRA when the run reaches training; the caption model when
-    it reaches captions (and `photos` do not all come captioned). Raises the `UserError` that says what to
-    fix. torch loads here (the device), so the command line calls this after its cheap checks."""
+    it reaches captions (and `photos`, the work folder inside them left out, do not all come captioned).
+    `hub`: False checks only what is the same on every machine (paths, builtins, a model named at all), not
+    this machine's Hugging Face cache or network: a batch is checked where it runs, not where it trains.
+    Raises the `UserError` that says what to fix. torch loads here (the device), so the command line calls
+    this after its cheap checks."""
     from lora_core.training.precision import DeviceError, resolve_device
     from lora_core.training.state import check_starting_lora
 
@@ -41,9 +46,9 @@ def preflight(
     except DeviceError as err:
         raise DeviceError(f"{origin.name('device')}: {err}") from None
     if training:
-        check_base_model(config.pretrained_model_name_or_path, config.model_family, origin)
+        check_base_model(config.pretrained_model_name_or_path, config.model_family, origin, hub=hub)
         if config.network_weights:
             check_starting_lora(Path(config.network_weights), config.model_family)
-    needs_blip = config.captioning.recaption or photos is None or not all_captioned(photos)
+    needs_blip = config.captioning.recaption or photos is None or not all_captioned(photos, workdir)
     if captions and needs_blip:
-        check_caption_model(config.captioning.model, origin)
+        check_caption_model(config.captioning.model, origin, hub=hub)

@@ -135,8 +135,9 @@ def _check(subject: BatchSubject, where: str) -> list[str]:
             config = subject.lora_config(origin=where)
     except UserError as err:
         return [*problems, str(err)]
-    try:  # the models, before any subject starts; the device is each worker's own (its run checks it)
-        preflight(config, None, Origin.batch(""), photos=subject.photos if subject.photos.exists() else None)
+    try:  # the models as far as every machine sees them alike; each subject's run checks the rest where it trains
+        photos = subject.photos if subject.photos.exists() else None
+        preflight(config, None, Origin.batch(""), photos=photos, workdir=subject.workdir, hub=False)
     except UserError as err:
         problems.append(f"{where}: {err}")
     return problems

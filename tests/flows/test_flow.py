@@ -320,3 +320,21 @@ def test_a_run_from_the_form_is_refused_at_its_start_naming_the_form_s_fields(pr
         train_subject(photos=good_folder, token="f0rm", workdir=work, stop_after="captions")
     assert "set train-subject's caption_model field to DIR" in str(caught.value)
     assert not (work / "f0rm").exists()  # refused before ingest
+
+
+def test_a_subject_started_by_a_batch_names_the_batch_file_s_keys(prefect_harness):
+    """train-batch starts each subject as its subflow: a subject's errors then name batch keys, not form fields."""
+    from prefect import flow
+
+    from flows.train_subject import _form_or_batch
+
+    @flow
+    def subject() -> str:
+        return _form_or_batch("b4tch").give("base_model", "DIR")
+
+    @flow
+    def batch() -> str:
+        return subject()
+
+    assert batch() == "set `base_model: DIR` in the batch file's entry for b4tch (or in the batch's defaults)"
+    assert subject() == "set train-subject's base_model field to DIR"  # from the form: no parent run

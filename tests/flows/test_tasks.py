@@ -164,3 +164,15 @@ def test_the_round_s_loss_chart_is_drawn_once_per_set_of_numbers(prefect_harness
         versions = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
     assert len(versions) == 3 and all("data:image/png;base64," in v.data for v in versions)
     assert len({v.flow_run_id for v in versions}) == 3  # each run has its chart
+
+
+def test_a_full_disk_without_a_file_name_says_no_path():
+    """ENOSPC from a write() or flush() carries no file name: the message names none, rather than '.'."""
+    import errno
+
+    from lora_core.foundation.fs import DiskFullError, disk_full
+
+    named = disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert isinstance(named, DiskFullError) and str(named).startswith("the disk is full: a write failed;")
+    assert disk_full(OSError(errno.EACCES, "Permission denied", "/x")) is None  # only a full disk
+    assert disk_full(named) is named

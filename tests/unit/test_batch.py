@@ -74,7 +74,8 @@ def test_every_problem_is_reported_at_once_naming_the_entry(tmp_path, photo_dirs
                 {"photos": "photos/cleo", "token": "cl3o", "overrides": {"selection": {"max_resumes": -1}}},
                 {"photos": "photos/cleo", "token": "cl3o2", "colour": "blue"},
                 {"photos": "photos/anna", "token": "ann4"},
-                {"photos": "photos/ben", "token": "b3n", "base_model": "someone/not-downloaded"},
+                {"photos": "photos/ben", "token": "b3n", "base_model": "models/sd15/missing.safetensors"},
+                {"photos": "photos/ben", "token": "b3n3", "base_model": "someone/not-downloaded-here"},
                 {"photos": "photos/ben", "token": "b3n2", "caption_model": "./no/blip/here"},
             ],
         },
@@ -90,9 +91,11 @@ def test_every_problem_is_reported_at_once_naming_the_entry(tmp_path, photo_dirs
     assert "subjects[5] (ann4): token 'ann4'" in message and "also subjects[0]" in message
     assert "subjects[0]" not in message.replace("also subjects[0]", "")  # the good entry is not blamed
     # The models are checked too, before anything starts, and named as batch keys, not as flags.
-    assert "subjects[6] (b3n): base model 'someone/not-downloaded' is not in the local Hugging Face cache" in message
-    assert "set `base_model: DIR` (or in the batch's defaults)" in message and "--base-model" not in message
-    assert "subjects[7] (b3n2): caption model './no/blip/here'" in message
+    assert "subjects[6] (b3n): base model 'models/sd15/missing.safetensors'" in message
+    assert "(the batch key base_model)" in message and "--base-model" not in message
+    # A hub id is looked for where each subject trains (its cache, its network), not on the batch's machine.
+    assert "subjects[7]" not in message
+    assert "subjects[8] (b3n2): caption model './no/blip/here'" in message and "the batch key caption_model" in message
 
 
 @pytest.mark.parametrize(

@@ -237,6 +237,20 @@ def test_worker_processes_are_not_forks_of_this_process():
     assert os.getpid() not in parents and len(parents) == 1, parents
 
 
+@pytest.mark.skipif(not workers._can_use_processes(), reason="no worker processes on this platform")
+def test_worker_processes_do_not_run_the_command_line_s_module_again():
+    """`python -m flows.train_subject` imports torch, Prefect and every stage: a check worker needs none of it."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.unit.worker_main"], cwd=root, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[False]", done.stdout + done.stderr
+
+
 def test_run_per_photo_takes_items_a_few_ahead_of_the_workers():
     """A generator that reads files is read only as far as the workers have work in hand."""
     pulled: list[int] = []

@@ -112,3 +112,22 @@ def test_a_bad_device_names_the_setting(tmp_path):
         preflight(config, "gpu0", FORM, captions=False)
     with pytest.raises(DeviceError, match=r"^--device: "):
         preflight(config, "tpu", COMMAND_LINE, captions=False)
+
+
+def test_a_hub_id_the_hub_does_not_know_says_check_the_id(monkeypatch, tmp_path):
+    """A typo'd id (the hub answers 404) is not "the hub is unreachable"."""
+    import huggingface_hub.constants
+
+    import lora_core.families.loading
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(
+        lora_core.families.loading, "hub_unreachable", lambda repo: f"https://hf.co answered 404 for {repo}"
+    )
+    with pytest.raises(BaseModelError) as caught:
+        check_base_model("stabilityai/stable-difusion-xl-base-1.0", "sdxl", FORM)
+    message = str(caught.value)
+    assert message == (
+        "base model 'stabilityai/stable-difusion-xl-base-1.0' (train-subject's base_model field): the hub has no "
+        "such model (404): check the id"
+    )
