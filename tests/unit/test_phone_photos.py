@@ -213,8 +213,24 @@ def _square_and_pid(value: int) -> tuple[int, int]:
     return value * value, os.getpid()
 
 
-def test_run_per_photo_uses_worker_processes_and_keeps_the_order():
-    results = dict(run_per_photo(_square_and_pid, list(range(12)), workers=2))
+def _meet_then_square(item: tuple[int, str]) -> tuple[int, int]:
+    """`_square_and_pid`, once two workers have each noted their pid in the folder (or 60 s passed): a worker
+    that starts late (it imports this module first) still gets its share, so the test sees both."""
+    value, folder = item
+    (Path(folder) / str(os.getpid())).touch()
+    deadline = time.monotonic() + 60
+    while len(list(Path(folder).iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return _square_and_pid(value)
+
+
+def _square_alone(item: tuple[int, str]) -> tuple[int, int]:
+    return _square_and_pid(item[0])
+
+
+def test_run_per_photo_uses_worker_processes_and_keeps_the_order(tmp_path):
+    work = _meet_then_square if workers._can_use_processes() else _square_alone  # no waiting for a second one
+    results = dict(run_per_photo(work, [(i, str(tmp_path)) for i in range(12)], workers=2))
     assert [results[i][0] for i in range(12)] == [i * i for i in range(12)]
     pids = {pid for _, pid in results.values()}
     if workers._can_use_processes():
