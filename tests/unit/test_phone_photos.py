@@ -306,12 +306,17 @@ def _analyse_and_note(path: Path, models):
     root = next(folder for folder in Path(path).parents if folder.name.startswith("portraits"))
     with open(root / "pids", "a") as handle:
         handle.write(f"{os.getpid()}\n")
+    if str(os.getpid()) != (root / "test-pid").read_text():  # a worker: wait for the other (see _meet_then_square)
+        deadline = time.monotonic() + 60
+        while len(set((root / "pids").read_text().split())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
     return _ANALYSE(path, models)
 
 
 def test_the_checks_on_worker_processes_find_what_one_process_does(portrait_set, monkeypatch):
     (one, two), (rows_one, rows_two) = portrait_set
     pids = one.root.parents[1] / "pids"
+    (one.root.parents[1] / "test-pid").write_text(str(os.getpid()))
     monkeypatch.setattr(lora_core.dataset.orient, "_analyse", _analyse_and_note)
     settings = CheckSettings()
     reports: list[str] = []
